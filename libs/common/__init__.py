@@ -1,0 +1,1 @@
+"""Mechanisms shared by every ChatFLOW service: settings, events, bus, outbox, storage, ops."""

@@ -1,0 +1,302 @@
+"""Redis Streams bus: publish, consumer groups with reclaim and dead-lettering, broadcast readers.
+
+One stream per event type (``<prefix><type>``). A consumer acks an entry only after its handler
+returned; a crashed consumer's pending entries are reclaimed by XAUTOCLAIM once idle long enough;
+an entry delivered ``max_deliveries`` times, or one that can never validate, moves to the
+dead-letter stream with its error, so nothing is dropped in silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from libs.common import metrics
+from libs.common.events import Envelope, EventError
+
+log = logging.getLogger("chatflow.bus")
+
+Handler = Callable[[Envelope, str], Awaitable[None]]
+DEAD_LETTER = "deadletter"
+
+
+def connect(url: str, ca: str | None = None) -> aioredis.Redis:
+    """A client for ``redis://`` or ``rediss://`` (TLS, verified against ``ca``)."""
+    kwargs: dict[str, Any] = {"decode_responses": False, "health_check_interval": 30}
+    if url.startswith("rediss://") and ca:
+        kwargs["ssl_ca_certs"] = ca
+    return aioredis.from_url(url, **kwargs)
+
+
+class Bus:
+    def __init__(self, redis: aioredis.Redis, prefix: str, maxlen: int = 1_000_000) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.maxlen = maxlen
+
+    def stream(self, type_: str) -> str:
+        return f"{self.prefix}{type_}"
+
+    @property
+    def dead_letter(self) -> str:
+        return self.stream(DEAD_LETTER)
+
+    async def publish(self, env: Envelope) -> str:
+        ids = await self.publish_raw([(self.stream(env.type), env.to_json())])
+        return ids[0]
+
+    async def publish_raw(self, entries: Sequence[tuple[str, str]]) -> list[str]:
+        """XADD pre-serialized envelopes in one round trip; returns the entry ids."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, data in entries:
+            pipe.xadd(stream, {"e": data}, maxlen=self.maxlen, approximate=True)
+        return [i.decode() for i in await pipe.execute()]
+
+    async def dead_letter_entry(
+        self, stream: str, entry_id: str, data: bytes | None, reason: str, group: str
+    ) -> None:
+        fields = {
+            "stream": stream,
+            "entry_id": entry_id,
+            "group": group,
+            "reason": reason[:2000],
+            "e": data or b"",
+            "at": str(time.time()),
+        }
+        await self.redis.xadd(self.dead_letter, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+        metrics.DEAD_LETTERED.labels(stream=stream, group=group).inc()
+        log.warning(
+            "dead-lettered entry",
+            extra={"stream": stream, "entry_id": entry_id, "group": group, "reason": reason[:300]},
+        )
+
+    async def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
+        try:
+            await self.redis.xgroup_create(stream, group, id=start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Consumer:
+    """One consumer-group subscription: ``handler`` runs for each entry of ``types``.
+
+    Entries are handled one at a time per stream in order; the handler must be idempotent (see
+    ``libs.common.inbox``) because a reclaimed entry may already have had its effects.
+    """
+
+    bus: Bus
+    group: str
+    types: Iterable[str]
+    handler: Handler
+    name: str = field(default_factory=consumer_name)
+    block_ms: int = 1000
+    batch: int = 100
+    claim_idle_ms: int = 30_000
+    claim_interval_ms: int = 5_000
+    max_deliveries: int = 5
+    start: str = "0"
+
+    def __post_init__(self) -> None:
+        self.streams = [self.bus.stream(t) for t in self.types]
+        self._stopping = asyncio.Event()
+        self.last_loop_at = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """The read loop came round recently (used by /readyz)."""
+        return time.monotonic() - self.last_loop_at < max(5.0, 3 * self.block_ms / 1000)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        for s in self.streams:
+            await self.bus.ensure_group(s, self.group, self.start)
+        reclaim = asyncio.create_task(self._reclaim_loop())
+        try:
+            await self._read_loop()
+        finally:
+            reclaim.cancel()
+            await asyncio.gather(reclaim, return_exceptions=True)
+
+    async def _read_loop(self) -> None:
+        redis = self.bus.redis
+        # Our own pending entries first (a restart with the same name), then new ones.
+        cursor = dict.fromkeys(self.streams, "0")
+        while not self._stopping.is_set():
+            self.last_loop_at = time.monotonic()
+            new_only = all(c == ">" for c in cursor.values())
+            try:
+                resp = await redis.xreadgroup(
+                    self.group,
+                    self.name,
+                    cursor,  # type: ignore[arg-type]
+                    count=self.batch,
+                    block=self.block_ms if new_only else None,
+                )
+            except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
+                log.warning("redis read failed, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    for s in self.streams:
+                        await self.bus.ensure_group(s, self.group, self.start)
+                    continue
+                raise
+            last: dict[str, str] = {}
+            for stream_b, entries in resp or []:
+                stream = stream_b.decode()
+                for entry_id_b, fields in entries:
+                    last[stream] = entry_id_b.decode()
+                    await self._handle(stream, last[stream], fields)
+            for s in self.streams:
+                if cursor[s] != ">":
+                    # Page through our own backlog once; failures there wait for the reclaimer.
+                    cursor[s] = last.get(s, ">")
+
+    async def _handle(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> bool:
+        """Run the handler; ack on success or after dead-lettering. Returns True if acked."""
+        data = fields.get(b"e")
+        try:
+            if data is None:
+                raise EventError("entry has no 'e' field")
+            env = Envelope.from_json(data)
+        except EventError as exc:
+            await self.bus.dead_letter_entry(stream, entry_id, data, str(exc), self.group)
+            await self.bus.redis.xack(stream, self.group, entry_id)
+            metrics.EVENTS_FAILED.labels(stream=stream, group=self.group).inc()
+            return True
+        started = time.perf_counter()
+        try:
+            await self.handler(env, entry_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            metrics.EVENTS_FAILED.labels(stream=stream, group=self.group).inc()
+            log.exception(
+                "handler failed; entry stays pending",
+                extra={"stream": stream, "entry_id": entry_id, "correlation_id": env.correlation_id},
+            )
+            return False
+        metrics.HANDLER_SECONDS.labels(group=self.group, type=env.type).observe(
+            time.perf_counter() - started
+        )
+        await self.bus.redis.xack(stream, self.group, entry_id)
+        metrics.EVENTS_CONSUMED.labels(stream=stream, group=self.group).inc()
+        return True
+
+    async def _reclaim_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.claim_interval_ms / 1000)
+                return
+            except TimeoutError:
+                pass
+            try:
+                for s in self.streams:
+                    await self.reclaim_once(s)
+            except Exception:
+                log.exception("reclaim pass failed")
+
+    async def reclaim_once(self, stream: str) -> int:
+        """Claim entries idle for ``claim_idle_ms`` (a dead consumer's, or failed ones) and retry."""
+        redis = self.bus.redis
+        handled = 0
+        start = "0-0"
+        while True:
+            resp = await redis.xautoclaim(
+                stream, self.group, self.name, self.claim_idle_ms, start_id=start, count=self.batch
+            )
+            start = resp[0].decode() if isinstance(resp[0], bytes) else resp[0]
+            entries = resp[1]
+            for entry_id_b, fields in entries:
+                entry_id = entry_id_b.decode()
+                if fields is None:  # trimmed away while pending
+                    await redis.xack(stream, self.group, entry_id)
+                    continue
+                info = await redis.xpending_range(stream, self.group, entry_id, entry_id, 1)
+                delivered = int(info[0]["times_delivered"]) if info else 1
+                if delivered > self.max_deliveries:
+                    await self.bus.dead_letter_entry(
+                        stream,
+                        entry_id,
+                        fields.get(b"e"),
+                        f"handler failed {delivered - 1} times (max_deliveries={self.max_deliveries})",
+                        self.group,
+                    )
+                    await redis.xack(stream, self.group, entry_id)
+                    continue
+                metrics.RECLAIMED.labels(stream=stream, group=self.group).inc()
+                if await self._handle(stream, entry_id, fields):
+                    handled += 1
+            if start in ("0-0", "0"):
+                return handled
+
+
+@dataclass
+class BroadcastReader:
+    """Every replica sees every entry (no group): for fan-out such as the notifier's frames."""
+
+    bus: Bus
+    types: Iterable[str]
+    handler: Callable[[str, str, dict[bytes, bytes]], Awaitable[None]]
+    start: str = "$"
+    block_ms: int = 1000
+    batch: int = 500
+
+    def __post_init__(self) -> None:
+        self.streams = [self.bus.stream(t) for t in self.types]
+        self.cursor: dict[str, str] = {}
+        self._stopping = asyncio.Event()
+        self.last_loop_at = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() - self.last_loop_at < max(5.0, 3 * self.block_ms / 1000)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        redis = self.bus.redis
+        if self.start == "$":
+            # Resolve "$" to concrete ids so nothing between two reads is skipped.
+            for s in self.streams:
+                last = await redis.xrevrange(s, count=1)
+                self.cursor[s] = last[0][0].decode() if last else "0-0"
+        else:
+            self.cursor = dict.fromkeys(self.streams, self.start)
+        while not self._stopping.is_set():
+            self.last_loop_at = time.monotonic()
+            try:
+                resp = await redis.xread(self.cursor, count=self.batch, block=self.block_ms)  # type: ignore[arg-type]
+            except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
+                log.warning("redis read failed, retrying", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for stream_b, entries in resp or []:
+                stream = stream_b.decode()
+                for entry_id_b, fields in entries:
+                    entry_id = entry_id_b.decode()
+                    self.cursor[stream] = entry_id
+                    try:
+                        await self.handler(stream, entry_id, fields)
+                    except Exception:
+                        log.exception("broadcast handler failed", extra={"entry_id": entry_id})

@@ -1,0 +1,279 @@
+"""The event envelope of the contract and the registry of payload schemas.
+
+Every stream entry is one JSON envelope. Payload models are registered by ``(type, version)`` so a
+consumer validates what it reads and a producer cannot publish what it could not read back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+P = TypeVar("P", bound=BaseModel)
+_REGISTRY: dict[tuple[str, int], type[BaseModel]] = {}
+
+
+class EventError(ValueError):
+    """An entry that can never be handled: bad JSON, unknown type or a payload that fails its schema."""
+
+
+def register(type_: str, version: int = 1) -> Callable[[type[P]], type[P]]:
+    def deco(model: type[P]) -> type[P]:
+        _REGISTRY[(type_, version)] = model
+        model.event_type = type_  # type: ignore[attr-defined]
+        model.event_version = version  # type: ignore[attr-defined]
+        return model
+
+    return deco
+
+
+def registered() -> dict[tuple[str, int], type[BaseModel]]:
+    return dict(_REGISTRY)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    type: str
+    version: int = 1
+    occurred_at: datetime = Field(default_factory=now)
+    producer: str
+    correlation_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    payload: dict[str, Any]
+
+    @classmethod
+    def of(cls, payload: BaseModel, producer: str, correlation_id: str | None = None) -> Envelope:
+        type_ = getattr(payload, "event_type", None)
+        if type_ is None:
+            raise EventError(f"{type(payload).__name__} is not a registered event payload")
+        env = cls(
+            type=type_,
+            version=payload.event_version,  # type: ignore[attr-defined]
+            producer=producer,
+            payload=payload.model_dump(mode="json"),
+        )
+        if correlation_id:
+            env.correlation_id = correlation_id
+        return env
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Envelope:
+        try:
+            env = cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise EventError(f"invalid envelope: {_short(exc)}") from exc
+        env.parsed()  # validates the payload as well
+        return env
+
+    def parsed(self) -> BaseModel:
+        model = _REGISTRY.get((self.type, self.version))
+        if model is None:
+            raise EventError(f"unknown event type {self.type!r} version {self.version}")
+        try:
+            return model.model_validate(self.payload)
+        except ValidationError as exc:
+            raise EventError(f"invalid {self.type} v{self.version} payload: {_short(exc)}") from exc
+
+    def payload_as(self, model: type[P]) -> P:
+        parsed = self.parsed()
+        if not isinstance(parsed, model):
+            raise EventError(f"{self.type} is not {model.__name__}")
+        return parsed
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
+    )
+
+
+# ---- payload schemas ---------------------------------------------------------------------------
+
+
+class _Payload(BaseModel):
+    # ``from`` is a keyword in Python: fields named ``from_`` travel as "from".
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, serialize_by_alias=True)
+
+
+class Address(_Payload):
+    name: str = ""
+    address: str
+
+
+class AttachmentRef(_Payload):
+    id: str
+    filename: str
+    content_type: str
+    size: int
+    content_id: str | None = None
+    inline: bool = False
+
+
+@register("auth.jwks")
+class JwksPublished(_Payload):
+    """The public signing keys; verifiers follow the newest entry of this stream."""
+
+    keys: list[dict[str, Any]]
+
+
+@register("mailbox.changed")
+class MailboxChanged(_Payload):
+    mailbox_id: str
+    address: str
+    name: str = ""
+    active: bool = True
+
+
+@register("user.changed")
+class UserChanged(_Payload):
+    user_id: str
+    email: str
+    name: str = ""
+    roles: list[str] = []
+    active: bool = True
+
+
+@register("membership.changed")
+class MembershipChanged(_Payload):
+    user_id: str
+    mailbox_id: str
+    active: bool = True
+
+
+class MailFlags(_Payload):
+    generated_message_id: bool = False
+    date_fallback: bool = False
+    auto_submitted: bool = False
+    bounce: bool = False
+
+
+@register("mail.received")
+class MailReceived(_Payload):
+    """An inbound email, stored raw by ingest and read into the channel-neutral message fields."""
+
+    ingest_id: str
+    mailbox_id: str
+    mailbox_address: str
+    channel: Literal["email"] = "email"
+    message_id: str
+    in_reply_to: list[str] = []
+    references: list[str] = []
+    from_: Address = Field(alias="from")
+    to: list[Address] = []
+    cc: list[Address] = []
+    reply_to: list[Address] = []
+    subject: str = ""
+    date: datetime
+    received_at: datetime
+    text: str = ""
+    html: str = ""
+    attachments: list[AttachmentRef] = []
+    flags: MailFlags = MailFlags()
+
+
+
+
+class MessageSummary(_Payload):
+    id: str
+    message_id: str
+    direction: Literal["in", "out"]
+    from_: Address = Field(alias="from")
+    to: list[Address] = []
+    cc: list[Address] = []
+    subject: str = ""
+    date: datetime
+    snippet: str = ""
+    in_reply_to: list[str] = []
+    references: list[str] = []
+
+
+
+
+class ConversationState(_Payload):
+    id_conversa: str
+    mailbox_id: str
+    channel: str = "email"
+    subject: str = ""
+    status: Literal["open", "pending", "closed"] = "open"
+    message_count: int = 0
+    last_message_at: datetime
+    participants: list[Address] = []
+
+
+@register("conversation.message_added")
+class ConversationMessageAdded(_Payload):
+    id_conversa: str
+    mailbox_id: str
+    channel: str = "email"
+    message: MessageSummary
+    conversation: ConversationState
+
+
+
+@register("conversation.updated")
+class ConversationUpdated(ConversationState):
+    pass
+
+
+@register("conversation.merged")
+class ConversationMerged(_Payload):
+    mailbox_id: str
+    into: str
+    merged: list[str]
+
+
+@register("mail.send")
+class MailSend(_Payload):
+    """A command: send this reply (or first message) of a conversation."""
+
+    send_id: str
+    client_id: str = ""
+    id_conversa: str
+    mailbox_id: str
+    user_id: str = ""
+    html: str
+    attachments: list[str] = []
+    to: list[Address] | None = None
+    cc: list[Address] | None = None
+    subject: str | None = None
+
+
+class SentMessage(_Payload):
+    message_id: str
+    from_: Address = Field(alias="from")
+    to: list[Address] = []
+    cc: list[Address] = []
+    subject: str = ""
+    date: datetime
+    text: str = ""
+    html: str = ""
+    in_reply_to: list[str] = []
+    references: list[str] = []
+
+
+
+@register("mail.status")
+class MailStatus(_Payload):
+    send_id: str
+    client_id: str = ""
+    id_conversa: str
+    mailbox_id: str
+    user_id: str = ""
+    status: Literal["queued", "sent", "deferred", "failed"]
+    detail: str = ""
+    attempt: int = 0
+    next_attempt_at: datetime | None = None
+    message: SentMessage | None = None
+

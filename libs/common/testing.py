@@ -1,0 +1,130 @@
+"""Test support: a database and a Redis key prefix of the run's own, and service processes.
+
+Each pytest worker creates ``chatflow_t_<hex>`` and uses the stream prefix ``t<hex>:`` so runs,
+``make run`` and CI never collide; both are removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from libs.common.settings import ROOT
+
+ADMIN_URL = os.environ.get("CHATFLOW_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("CHATFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_db(admin_url: str, db: str) -> str:
+    base, _, _ = admin_url.rpartition("/")
+    return f"{base}/{db}"
+
+
+async def create_database(name: str) -> str:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_db(ADMIN_URL, name)
+
+
+async def drop_database(name: str) -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def drop_prefix(prefix: str) -> None:
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await r.delete(*keys[i : i + 500])
+    finally:
+        await r.aclose()
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def service_env(database_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATFLOW_")}
+    env.update(
+        CHATFLOW_DATABASE_URL=database_url,
+        CHATFLOW_REDIS_URL=REDIS_URL,
+        CHATFLOW_STREAM_PREFIX=prefix,
+        CHATFLOW_TLS_CERT=str(ROOT / "var/certs/server.pem"),
+        CHATFLOW_TLS_KEY=str(ROOT / "var/certs/server.key"),
+        CHATFLOW_TLS_CA=str(ROOT / "var/certs/ca.pem"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def start_python(module_args: list[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", *module_args], env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open in {timeout}s")
+
+
+async def eventually(fn, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll ``fn`` (sync or async) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met in {timeout}s (last value {last!r})")
+
+
+def stop(procs: Iterator[subprocess.Popen[bytes]] | list[subprocess.Popen[bytes]]) -> None:
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

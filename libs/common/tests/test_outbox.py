@@ -1,0 +1,64 @@
+"""The outbox against real PostgreSQL and Redis, including a relay killed mid-pass."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from libs.common import outbox, testing
+from libs.common.bus import Bus
+from libs.common.tests.helpers import SCHEMA, sample, setup_schema
+
+
+async def test_state_and_event_commit_together(bus: Bus, database_url: str) -> None:
+    pool = await setup_schema(database_url)
+    try:
+        await pool.execute("DELETE FROM outbox")
+        env = sample(10)
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await outbox.add(conn, env)
+                raise RuntimeError("rolled back")
+        except RuntimeError:
+            pass
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, env)
+        relay = outbox.OutboxRelay(pool, bus, SCHEMA)
+        assert await relay.publish_once() == 1
+        [(_, fields)] = await bus.redis.xrange(bus.stream("mailbox.changed"))
+        assert b'"' + env.id.encode() + b'"' in fields[b"e"]
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+    finally:
+        await pool.close()
+
+
+async def test_relay_killed_before_publishing_publishes_after_restart(
+    bus: Bus, database_url: str, tmp_path: Path
+) -> None:
+    pool = await setup_schema(database_url)
+    try:
+        await pool.execute("DELETE FROM outbox")
+        ready = tmp_path / "ready"
+        proc = testing.start_python(
+            ["libs.common.tests.helpers", "outbox", database_url, testing.REDIS_URL, bus.prefix,
+             str(ready), "7"],
+            os.environ,
+            tmp_path / "proc.log",
+        )
+        try:
+            await testing.eventually(ready.exists, timeout=15)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert await bus.redis.xlen(bus.stream("mailbox.changed")) == 0
+        relay = outbox.OutboxRelay(pool, bus, SCHEMA)
+        await testing.eventually(lambda: pool.fetchval("SELECT count(*) = 7 FROM outbox"))
+        assert await relay.publish_once() == 7
+        entries = await bus.redis.xrange(bus.stream("mailbox.changed"))
+        addresses = [e[1][b"e"] for e in entries]
+        assert len(addresses) == 7
+        assert all(f"box{i}@".encode() in addresses[i] for i in range(7))  # in commit order
+    finally:
+        await pool.close()
