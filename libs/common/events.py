@@ -204,6 +204,7 @@ class MessageSummary(_Payload):
 class ConversationState(_Payload):
     id_conversa: str
     mailbox_id: str
+    number: int | None = None  # the short ticket number shown as [#number] in subjects
     channel: str = "email"
     subject: str = ""
     status: Literal["open", "pending", "closed"] = "open"

@@ -7,9 +7,10 @@ service elsewhere without touching the others.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
@@ -56,10 +57,12 @@ class ServiceSettings(BaseSettings):
         """Read shared ``CHATFLOW_*`` values, then the service's ``CHATFLOW_<SERVICE>_*`` ones."""
         values: dict[str, Any] = {}
         own = f"CHATFLOW_{cls.service.upper()}_"
-        for name in cls.model_fields:
+        for name, info in cls.model_fields.items():
             for key in (f"CHATFLOW_{name.upper()}", f"{own}{name.upper()}"):
                 if key in os.environ:
-                    values[name] = os.environ[key]
+                    raw = os.environ[key]
+                    complex_ = get_origin(info.annotation) in (list, dict, set, tuple)
+                    values[name] = json.loads(raw) if complex_ else raw
         values.update(overrides)
         return cls.model_validate(values)
 

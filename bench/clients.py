@@ -1,0 +1,205 @@
+"""Benchmark client processes: agents holding WebSockets, observers timing frames, SMTP load.
+
+Each runs as ``python -m bench.clients <role> ...``, prints ``READY`` once connected, waits for a
+line on stdin, then prints one JSON result line. Times are CLOCK_MONOTONIC, which every process
+on the machine shares, so the SMTP 250 in one process and the frame in another compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+import time
+import uuid
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+from websockets.asyncio.client import ClientConnection, connect
+
+
+def _ctx(ca: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca)
+
+
+async def _stdin_line() -> str:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, sys.stdin.readline)
+
+
+async def _open(url: str, token: str, ctx: ssl.SSLContext, origin: str) -> ClientConnection:
+    for attempt in range(5):
+        try:
+            return await connect(
+                url, subprotocols=["chatflow.v1", f"bearer.{token}"],  # type: ignore[list-item]
+                ssl=ctx, origin=origin, compression=None, open_timeout=30,  # type: ignore[arg-type]
+                max_queue=None,
+            )
+        except Exception:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def agents(a: argparse.Namespace) -> dict[str, Any]:
+    """Hold connections and count message.added frames (no timing: that is the observers' job)."""
+    tokens = [json.loads(line)["token"] for line in open(a.tokens).read().splitlines()]
+    tokens = tokens[a.start : a.start + a.count]
+    ctx = _ctx(a.ca)
+    sem = asyncio.Semaphore(50)
+
+    async def one(tok: str) -> ClientConnection:
+        async with sem:
+            return await _open(a.url, tok, ctx, a.origin)
+
+    conns = await asyncio.gather(*(one(t) for t in tokens))
+    counts = [0] * len(conns)
+
+    async def reader(i: int, ws: ClientConnection) -> None:
+        async for raw in ws:
+            if b'"message.added"' in (raw if isinstance(raw, bytes) else raw.encode()):
+                counts[i] += 1
+
+    tasks = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
+    print("READY", flush=True)
+    await _stdin_line()
+    closed_early = sum(1 for t in tasks if t.done())
+    for ws in conns:
+        await ws.close()
+    return {"connections": len(conns), "frames": sum(counts), "closed_early": closed_early}
+
+
+async def observers(a: argparse.Namespace) -> dict[str, Any]:
+    """Time every message.added frame on each connection; also time send → send.ack."""
+    tokens = [json.loads(line)["token"] for line in open(a.tokens).read().splitlines()]
+    tokens = tokens[a.start : a.start + a.count]
+    ctx = _ctx(a.ca)
+    conns = [await _open(a.url, t, ctx, a.origin) for t in tokens]
+    seen: list[dict[str, float]] = [{} for _ in conns]
+    acks: dict[str, float] = {}
+    convs: list[str] = []
+
+    async def reader(i: int, ws: ClientConnection) -> None:
+        async for raw in ws:
+            now = time.monotonic()
+            f = json.loads(raw)
+            if f.get("type") == "message.added":
+                seen[i][f["message"]["message_id"]] = now
+                if i == 0 and len(convs) < 1000:
+                    convs.append(f["id_conversa"])
+            elif f.get("type") == "send.ack" and i == 0:
+                acks[f["client_id"]] = now
+
+    tasks = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
+    print("READY", flush=True)
+    line = (await _stdin_line()).strip()
+    send_lat: list[float] = []
+    if line.startswith("SENDS"):
+        n = int(line.split()[1])
+        for k in range(min(n, len(convs))):
+            cid = uuid.uuid4().hex
+            t0 = time.monotonic()
+            await conns[0].send(json.dumps({"type": "send", "client_id": cid, "id_conversa": convs[k],
+                                            "html": "<p>bench reply</p>", "attachments": []}))
+            deadline = t0 + 5
+            while cid not in acks and time.monotonic() < deadline:
+                await asyncio.sleep(0.0005)
+            if cid in acks:
+                send_lat.append(acks[cid] - t0)
+            await asyncio.sleep(0.02)
+        await _stdin_line()
+    for ws in conns:
+        await ws.close()
+    for t in tasks:
+        t.cancel()
+    return {"seen": seen, "send_ack": send_lat}
+
+
+def _mail(size: int, i: int, run: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Customer {i} <customer{i}@load.test>"
+    msg["To"] = "support@chatflow.test"
+    msg["Subject"] = f"Bench {run} message {i}"
+    msg["Message-ID"] = f"<bench-{run}-{i}@load.test>"
+    line = "The quick brown fox jumps over the lazy dog, again and again. "
+    body = (line * (size // len(line) + 1))[:size]
+    msg.set_content(body)
+    return msg
+
+
+async def smtp(a: argparse.Namespace) -> dict[str, Any]:
+    """Send ``count`` messages at ``rate``/s (0 = as fast as possible) over ``conns`` sessions."""
+    ctx = _ctx(a.ca)
+    clients = []
+    for _ in range(a.conns):
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=a.port, start_tls=True, tls_context=ctx,
+                            timeout=60)
+        await c.connect()
+        clients.append(c)
+    mails = [_mail(a.size, i, a.run) for i in range(a.count)]
+    print("READY", flush=True)
+    await _stdin_line()
+    accepted: dict[str, float] = {}
+    failed = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    start = time.monotonic()
+
+    async def producer() -> None:
+        for i in range(a.count):
+            if a.rate > 0:
+                target = start + i / a.rate
+                delay = target - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await queue.put(i)
+        for _ in clients:
+            await queue.put(-1)
+
+    async def worker(c: aiosmtplib.SMTP) -> None:
+        nonlocal failed
+        while (i := await queue.get()) >= 0:
+            m = mails[i]
+            try:
+                await c.send_message(m)
+                accepted[m["Message-ID"]] = time.monotonic()
+            except Exception:
+                failed += 1
+
+    await asyncio.gather(producer(), *(worker(c) for c in clients))
+    elapsed = time.monotonic() - start
+    for c in clients:
+        try:
+            await c.quit()
+        except Exception:  # noqa: S110
+            pass
+    return {"accepted": accepted, "failed": failed, "elapsed": elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=["agents", "observers", "smtp"])
+    p.add_argument("--url", default="")
+    p.add_argument("--origin", default="")
+    p.add_argument("--tokens", default="")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--count", type=int, default=0)
+    p.add_argument("--ca", required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--conns", type=int, default=10)
+    p.add_argument("--rate", type=float, default=0)
+    p.add_argument("--size", type=int, default=5000)
+    p.add_argument("--run", default="x")
+    a = p.parse_args()
+    fn = {"agents": agents, "observers": observers, "smtp": smtp}[a.role]
+    import uvloop
+
+    result = uvloop.run(fn(a))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

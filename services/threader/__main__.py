@@ -1,0 +1,4 @@
+from libs.common.service import main
+from services.threader.service import ThreaderService
+
+main(ThreaderService)

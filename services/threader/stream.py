@@ -1,0 +1,121 @@
+"""Threader's stream handlers: inbound mail and our own sent mail join their conversations."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from libs.common import inbox, outbox
+from libs.common.events import (
+    ConversationMerged,
+    ConversationMessageAdded,
+    ConversationUpdated,
+    Envelope,
+    MailReceived,
+    MailStatus,
+)
+from services.threader import storage
+
+if TYPE_CHECKING:
+    from services.threader.service import ThreaderService
+
+CONSUMER = "threader"
+
+
+async def _announce(conn: object, env: Envelope, placed: storage.Placed) -> None:
+    conv = storage.state(placed.conversation)
+    events = [
+        Envelope.of(
+            ConversationMessageAdded(
+                id_conversa=conv.id_conversa,
+                mailbox_id=conv.mailbox_id,
+                channel=conv.channel,
+                message=storage.summary(placed.message),
+                conversation=conv,
+            ),
+            producer="threader",
+            correlation_id=env.correlation_id,
+        ),
+        Envelope.of(
+            ConversationUpdated(**conv.model_dump(by_alias=False)),
+            producer="threader",
+            correlation_id=env.correlation_id,
+        ),
+    ]
+    if placed.merged:
+        events.append(
+            Envelope.of(
+                ConversationMerged(mailbox_id=conv.mailbox_id, into=conv.id_conversa, merged=placed.merged),
+                producer="threader",
+                correlation_id=env.correlation_id,
+            )
+        )
+    await outbox.add(conn, *events)  # type: ignore[arg-type]
+
+
+def handlers(svc: ThreaderService):  # type: ignore[no-untyped-def]
+    async def on_mail_received(env: Envelope, entry_id: str) -> None:
+        mail = env.payload_as(MailReceived)
+        async with svc.pool.acquire() as conn, conn.transaction():
+            if not await inbox.first_time(conn, CONSUMER, env.id):
+                return
+            placed = await storage.place_message(
+                conn,
+                mailbox_id=mail.mailbox_id,
+                channel=mail.channel,
+                message_id=mail.message_id,
+                in_reply_to=mail.in_reply_to,
+                references=mail.references,
+                direction="in",
+                sender=mail.from_,
+                to=mail.to,
+                cc=mail.cc,
+                subject=mail.subject,
+                date=mail.date,
+                text=mail.text,
+                html=mail.html,
+                attachments=[a.model_dump() for a in mail.attachments],
+                status=None,
+                flags=mail.flags.model_dump(),
+            )
+            if placed is not None:
+                await _announce(conn, env, placed)
+        svc.relay.wake()
+
+    async def on_mail_status(env: Envelope, entry_id: str) -> None:
+        st = env.payload_as(MailStatus)
+        if st.status != "sent" or st.message is None:
+            return
+        m = st.message
+        async with svc.pool.acquire() as conn, conn.transaction():
+            if not await inbox.first_time(conn, CONSUMER, env.id):
+                return
+            conv = await conn.fetchrow(
+                "SELECT mailbox_id FROM conversations WHERE id_conversa = $1::uuid", st.id_conversa
+            )
+            if conv is None:
+                return
+            placed = await storage.place_message(
+                conn,
+                mailbox_id=conv["mailbox_id"],
+                channel="email",
+                message_id=m.message_id,
+                in_reply_to=m.in_reply_to,
+                references=m.references,
+                direction="out",
+                sender=m.from_,
+                to=m.to,
+                cc=m.cc,
+                subject=m.subject,
+                date=m.date,
+                text=m.text,
+                html=m.html,
+                attachments=[],
+                status="sent",
+                flags={},
+                id_conversa=st.id_conversa,
+            )
+            if placed is not None:
+                await _announce(conn, env, placed)
+        svc.relay.wake()
+
+    return on_mail_received, on_mail_status

@@ -1,0 +1,145 @@
+"""The walking skeleton end to end, through real processes and sockets.
+
+Mail in over SMTP+STARTTLS → conversation → ``message.added`` on the agent's WebSocket → reply
+frame → ``send.ack`` → ``send.status`` sent → the reply at the SMTP sink, threaded → the
+customer's answer lands in the same ``id_conversa``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import uuid
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from email.utils import make_msgid
+
+import aiosmtplib
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from libs.common import testing
+from tests.conftest import maildir_messages
+from tools.devstack import Stack
+
+pytestmark = pytest.mark.xdist_group("stack")
+
+
+async def next_frame(ws: ClientConnection, type_: str, timeout: float = 15.0) -> dict:  # type: ignore[type-arg]
+    async def loop() -> dict:  # type: ignore[type-arg]
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame.get("type") == type_:
+                return frame  # type: ignore[no-any-return]
+
+    return await asyncio.wait_for(loop(), timeout)
+
+
+async def smtp_send(stack: Stack, msg: EmailMessage, ca: ssl.SSLContext) -> None:
+    await aiosmtplib.send(
+        msg, hostname="127.0.0.1", port=stack.ports.smtp, start_tls=True, tls_context=ca,
+        timeout=15,
+    )
+
+
+def customer_mail(subject: str, body: str, **headers: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "Zoë Customer <zoe@customer.test>"
+    msg["To"] = "support@chatflow.test"
+    msg["Subject"] = subject
+    msg["Message-ID"] = make_msgid(domain="customer.test")
+    for k, v in headers.items():
+        msg[k.replace("_", "-")] = v
+    msg.set_content(body)
+    return msg
+
+
+async def test_mail_in_reply_out_answer_threads(
+    stack: Stack, agent_token: str, ca_context: ssl.SSLContext
+) -> None:
+    async with connect(
+        f"wss://127.0.0.1:{stack.ports.gateway}/ws",
+        subprotocols=["chatflow.v1", f"bearer.{agent_token}"],  # type: ignore[list-item]
+        ssl=ca_context,
+        origin=stack.origin,  # type: ignore[arg-type]
+    ) as ws:
+        assert ws.subprotocol == "chatflow.v1"
+        first = customer_mail(f"Order {uuid.uuid4().hex[:6]} never arrived", "Where is my order?")
+        await smtp_send(stack, first, ca_context)
+        added = await next_frame(ws, "message.added")
+        assert added["message"]["message_id"] == first["Message-ID"]
+        assert added["message"]["subject"] == first["Subject"]
+        assert added["message"]["from"]["address"] == "zoe@customer.test"
+        assert added["event_id"]
+        id_conversa = added["id_conversa"]
+
+        client_id = uuid.uuid4().hex
+        await ws.send(json.dumps({"type": "send", "client_id": client_id, "id_conversa": id_conversa,
+                                  "html": "<p>Hello Zoë, it <b>ships</b> today.</p>",
+                                  "attachments": []}))
+        ack = await next_frame(ws, "send.ack")
+        assert ack["client_id"] == client_id and ack["send_id"]
+        while True:
+            status = await next_frame(ws, "send.status", timeout=30)
+            assert status["send_id"] == ack["send_id"]
+            assert status["status"] in ("queued", "sent"), status
+            if status["status"] == "sent":
+                break
+
+        sent = await testing.eventually(lambda: maildir_messages(stack.sink_dir), timeout=10)
+        reply = message_from_bytes(sent[-1], policy=policy.default)
+        assert reply["In-Reply-To"] == first["Message-ID"]
+        assert first["Message-ID"] in reply["References"]
+        assert reply["Subject"].startswith("Re: ")
+        assert reply["To"].addresses[0].addr_spec == "zoe@customer.test"
+        body = reply.get_body(("plain",))
+        assert body is not None and "ships" in body.get_content()
+
+        answer = customer_mail(
+            f"Re: {reply['Subject']}", "Thanks!",
+            In_Reply_To=reply["Message-ID"], References=f"{first['Message-ID']} {reply['Message-ID']}",
+        )
+        await smtp_send(stack, answer, ca_context)
+        while True:
+            frame = await next_frame(ws, "message.added")
+            if frame["message"]["message_id"] == answer["Message-ID"]:
+                break
+        assert frame["id_conversa"] == id_conversa
+
+    async with httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http:
+        r = await http.get(f"/api/conversations/{id_conversa}",
+                           headers={"Authorization": f"Bearer {agent_token}"})
+        assert r.status_code == 200, r.text
+        conv = r.json()
+        ids = [m["message_id"] for m in conv["messages"]]
+        assert ids == [first["Message-ID"], reply["Message-ID"], answer["Message-ID"]]
+        assert [m["direction"] for m in conv["messages"]] == ["in", "out", "in"]
+        listing = await http.get("/api/conversations", headers={"Authorization": f"Bearer {agent_token}"})
+        assert listing.status_code == 200
+        assert listing.json()["items"][0]["id_conversa"] == id_conversa
+
+
+async def test_smtp_requires_starttls_and_refuses_relay(stack: Stack, ca_context: ssl.SSLContext) -> None:
+    plain = aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.ports.smtp, start_tls=False, timeout=10)
+    await plain.connect()
+    with pytest.raises(aiosmtplib.SMTPResponseException) as exc:
+        await plain.mail("x@customer.test")
+    assert exc.value.code == 530
+    await plain.quit()
+    tls = aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.ports.smtp, start_tls=True,
+                          tls_context=ca_context, timeout=10)
+    await tls.connect()
+    await tls.mail("x@customer.test")
+    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+        await tls.rcpt("someone@elsewhere.test")
+    assert refused.value.code == 550
+    await tls.quit()
+
+
+async def test_api_needs_a_token(stack: Stack, ca_context: ssl.SSLContext) -> None:
+    async with httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http:
+        r = await http.get("/api/conversations")
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "unauthorized"
