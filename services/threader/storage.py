@@ -72,13 +72,15 @@ async def place_message(
     owners = {r["message_id"]: (str(r["id_conversa"]), r["created_at"]) for r in rows}
     decision = decide(message_id, in_reply_to, references, owners)
     target = id_conversa or decision.id_conversa
-    merged = [m for m in decision.merge if m != target]
+    # A forced conversation (our own outbound mail) absorbs whatever the links also point at.
+    linked = [decision.id_conversa, *decision.merge] if id_conversa else decision.merge
+    merged = [m for m in dict.fromkeys(linked) if m and m != target]
     if target is None:
         target = str(uuid.uuid4())
         await conn.execute(
             """INSERT INTO conversations (id_conversa, mailbox_id, channel, subject, created_at,
                                           last_message_at)
-               VALUES ($1, $2, $3, $4, $5, $5)""",
+               VALUES ($1, $2, $3, $4, clock_timestamp(), $5)""",
             uuid.UUID(target),
             mailbox_id,
             channel,
