@@ -140,6 +140,8 @@ class Service:
         await self.on_stop()
         await self.pool.close()
         await self.redis.aclose()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         log.info("stopped")
 
     async def before_stop(self) -> None:

@@ -1,0 +1,4 @@
+from libs.common.service import main
+from services.notifier.service import NotifierService
+
+main(NotifierService)

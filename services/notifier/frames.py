@@ -1,0 +1,113 @@
+"""The WebSocket contract: the ``notifier.frame`` event, client frames, and server frame builders.
+
+Server frames are plain dicts built here once per event; the replica that delivers them adds
+``event_id`` (the frame's entry id in ``<prefix>notifier.frame``), which a client hands back in
+``resume`` after a reconnect.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from libs.common.events import (
+    ConversationMessageAdded,
+    ConversationState,
+    MailStatus,
+    register,
+)
+
+FRAME_TYPE = "notifier.frame"
+STREAM_ID = r"^\d{1,20}-\d{1,20}$"
+
+
+@register(FRAME_TYPE)
+class NotifierFrame(BaseModel):
+    """One server frame and its audience: members of ``mailbox_id`` (only ``user_id`` if set)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mailbox_id: str
+    user_id: str | None = None
+    frame: dict[str, Any]
+
+
+# ---- client → server ---------------------------------------------------------------------------
+
+
+class _ClientFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+
+class AuthFrame(_ClientFrame):
+    type: Literal["auth"]
+    token: str = Field(min_length=1, max_length=8192)
+
+
+class SendFrame(_ClientFrame):
+    type: Literal["send"]
+    client_id: str = Field(min_length=1, max_length=128)
+    id_conversa: str = Field(min_length=1, max_length=200)
+    html: str = Field(min_length=1)
+    attachments: list[str] = Field(default_factory=list, max_length=50)
+
+
+class ResumeFrame(_ClientFrame):
+    type: Literal["resume"]
+    after: str = Field(pattern=STREAM_ID)
+
+
+class PingFrame(_ClientFrame):
+    type: Literal["ping"]
+
+
+CLIENT_FRAMES: dict[str, type[_ClientFrame]] = {
+    "send": SendFrame,
+    "resume": ResumeFrame,
+    "ping": PingFrame,
+}
+
+
+# ---- server → client ---------------------------------------------------------------------------
+
+
+def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
+    m = ev.message.model_dump(mode="json", by_alias=True)
+    return {
+        "type": "message.added",
+        "id_conversa": ev.id_conversa,
+        "message": {
+            k: m[k] for k in ("id", "message_id", "direction", "from", "subject", "date", "snippet")
+        },
+    }
+
+
+def conversation_updated(state: ConversationState) -> dict[str, Any]:
+    fields = state.model_dump(mode="json", by_alias=True)
+    return {"type": "conversation.updated", **fields}
+
+
+def send_status(ev: MailStatus) -> dict[str, Any]:
+    return {
+        "type": "send.status",
+        "send_id": ev.send_id,
+        "client_id": ev.client_id,
+        "status": ev.status,
+        "detail": ev.detail,
+    }
+
+
+def send_ack(client_id: str, send_id: str) -> dict[str, Any]:
+    return {"type": "send.ack", "client_id": client_id, "send_id": send_id}
+
+
+def error(code: str, message: str, client_id: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if client_id:
+        out["client_id"] = client_id  # lets the client tie a failed send to its draft
+    return out
+
+
+RESYNC: dict[str, Any] = {"type": "resync"}
+PONG: dict[str, Any] = {"type": "pong"}

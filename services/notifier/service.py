@@ -1,0 +1,77 @@
+"""The notifier: conversation and send events in, live WebSocket frames out, sends in.
+
+Events are handled once by the consumer group, which turns each into one ``notifier.frame``
+(through the outbox); every replica reads that stream with a BroadcastReader and writes the
+frame to its own agents, so an agent gets it once whichever replica it is connected to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import cast
+
+from libs.common import web
+from libs.common.bus import BroadcastReader
+from libs.common.service import Service
+from services.notifier.frames import FRAME_TYPE
+from services.notifier.hub import Hub
+from services.notifier.settings import NotifierSettings
+from services.notifier.stream import TYPES, StreamHandlers
+from services.notifier.ws import LiveServer
+
+log = logging.getLogger("chatflow.notifier")
+
+
+class NotifierService(Service):
+    name = "notifier"
+    settings_cls = NotifierSettings
+    migrations = Path(__file__).parent / "migrations"
+
+    hub: Hub
+    live: LiveServer
+
+    @property
+    def cfg(self) -> NotifierSettings:
+        return cast(NotifierSettings, self.settings)
+
+    async def on_start(self) -> None:
+        s = self.cfg
+        # Upgrade requests carry the token in a header; keep websockets' debug logging off.
+        logging.getLogger("websockets.server").setLevel(logging.WARNING)
+        self.hub = Hub(s.ws_slow_consumer_bytes, s.resume_max_entries)
+        self.consumer(TYPES, StreamHandlers(self.pool, self.relay).handle)
+        self.live = LiveServer(s, self.verifier, self.pool, self.relay, self.bus, self.hub)
+        reader = BroadcastReader(
+            self.bus, [FRAME_TYPE], self.live.on_frame, block_ms=s.consumer_block_ms
+        )
+        self.consumers.append(reader)  # readiness covers it; stopped with the consumers
+        self.background.append(self._trim_frames)
+        await self.live.start()
+
+    async def before_stop(self) -> None:
+        await self.live.close()
+
+    def extra_checks(self) -> dict[str, web.Check]:
+        async def websocket() -> bool:
+            return self.live.serving
+
+        return {"websocket": websocket}
+
+    async def _trim_frames(self) -> None:
+        """Frames are kept for resume only; older ones go (a client that far behind resyncs)."""
+        s = self.cfg
+        stream = self.bus.stream(FRAME_TYPE)
+        while not self.stop_event.is_set():
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), s.frames_trim_interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                cutoff_ms = int((time.time() - s.frames_retention_s) * 1000)
+                await self.redis.xtrim(stream, minid=f"{cutoff_ms}-0", approximate=True)
+            except Exception as exc:
+                log.warning("trimming frames failed", extra={"error": str(exc)})

@@ -1,0 +1,107 @@
+"""Pure parts: frame shapes, stream-id rules, settings parsing, the hub's fan-out bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from libs.common.events import Envelope, MailStatus
+from libs.common.tokens import Identity
+from services.notifier import frames
+from services.notifier import hub as hub_module
+from services.notifier.domain.rules import in_audience, is_after, needs_resync, status_rank
+from services.notifier.frames import NotifierFrame
+from services.notifier.hub import Client, Hub
+from services.notifier.settings import NotifierSettings
+from services.notifier.ws import render
+
+from .conftest import message_added
+
+
+def ident(sub: str, *mailboxes: str) -> Identity:
+    return Identity(sub, ("agent",), frozenset(mailboxes), frozenset(), "spa", "j", 0, {})
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.closed: tuple[int, str] | None = None
+        self.transport = None
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+def test_stream_id_rules() -> None:
+    assert is_after("10-1", "9-9") and is_after("10-10", "10-9") and not is_after("10-1", "10-1")
+    assert is_after("1-0", None)
+    assert not needs_resync("5-0", "5-0") and not needs_resync("6-0", "5-0")
+    assert needs_resync("4-9", "5-0") and needs_resync("4-9", None)
+    assert status_rank("sent") > status_rank("deferred") > status_rank("queued")
+
+
+def test_audience() -> None:
+    assert in_audience({"a"}, "u", "a", None) and in_audience({"a"}, "u", "a", "u")
+    assert not in_audience({"a"}, "u", "a", "v") and not in_audience({"b"}, "u", "a", None)
+
+
+def test_frame_is_a_registered_event_that_round_trips() -> None:
+    nf = NotifierFrame(mailbox_id="m", user_id=None, frame={"type": "resync"})
+    env = Envelope.from_json(Envelope.of(nf, producer="notifier").to_json())
+    assert env.type == "notifier.frame" and env.payload_as(NotifierFrame) == nf
+
+
+def test_message_added_shape_and_render() -> None:
+    ev = message_added("mb")
+    frame = frames.message_added(ev)
+    text = render("17-0", frame)
+    assert text.startswith('{"type":"message.added","event_id":"17-0"')
+    data = json.loads(text)
+    assert data["message"]["from"]["address"] == "ana@customer.test"
+    assert "to" not in data["message"]
+
+
+def test_send_status_shape() -> None:
+    st = MailStatus(send_id="s", client_id="c", id_conversa="x", mailbox_id="m",
+                    status="failed", detail="550 no", next_attempt_at=datetime.now(UTC))
+    assert frames.send_status(st) == {"type": "send.status", "send_id": "s", "client_id": "c",
+                                      "status": "failed", "detail": "550 no"}
+
+
+def test_allowed_origins_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATFLOW_NOTIFIER_ALLOWED_ORIGINS", '["https://a.test", "https://b.test"]')
+    assert NotifierSettings.load().allowed_origins == ["https://a.test", "https://b.test"]
+
+
+def test_defaults() -> None:
+    s = NotifierSettings.load()
+    assert (s.http_port, s.ws_port, s.ws_path) == (8106, 8116, "/ws")
+    assert not s.allow_missing_origin and "https://localhost:8443" in s.allowed_origins
+
+
+async def test_hub_index_holds_during_resume_and_kicks_on_overflow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[tuple[list[Any], str]] = []
+    monkeypatch.setattr(hub_module.websockets, "broadcast", lambda c, t: sent.append((list(c), t)))
+    h = Hub(slow_bytes=100, max_held=2)
+    a, b, c = (Client(FakeConn(), ident(s, *m)) for s, m in  # type: ignore[arg-type]
+               (("ua", ("m1",)), ("ub", ("m1", "m2")), ("uc", ("m2",))))
+    for cl in (a, b, c):
+        h.add(cl)
+    assert h.deliver("m1", None, "1-0", "x") == 2
+    assert {id(x) for x in sent[0][0]} == {id(a.conn), id(b.conn)}
+    assert h.deliver("m2", "uc", "2-0", "y") == 1 and sent[-1][0] == [c.conn]
+    b.resuming = True
+    assert h.deliver("m1", None, "3-0", "z") == 1 and b.held == [("3-0", "z")]
+    h.deliver("m2", None, "4-0", "w")
+    h.deliver("m2", None, "5-0", "v")  # third held frame: over max_held
+    import asyncio
+
+    await asyncio.sleep(0)
+    assert b.closing and b.conn.closed == (4008, "slow consumer")  # type: ignore[attr-defined]
+    assert b not in h.clients and b not in h.by_mailbox["m1"]
+    h.remove(a)
+    assert "m1" not in h.by_mailbox

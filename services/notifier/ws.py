@@ -1,0 +1,344 @@
+"""The agents' live connection: WSS ``/ws``, authenticated at the upgrade, frames both ways.
+
+Auth: the browser can't set headers on a WebSocket, so the access token rides in a
+``bearer.<token>`` subprotocol (we select ``chatflow.v1``, never echo the token); without it the
+first frame must be ``{"type":"auth","token":...}`` within ``ws_auth_timeout_s``. A bad token
+closes with 4401 so the client knows to refresh rather than retry, and so does token expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Coroutine, Sequence
+from http import HTTPStatus
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import asyncpg
+from pydantic import ValidationError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Data, Subprotocol
+
+from libs.common import outbox, tls
+from libs.common.bus import Bus
+from libs.common.events import Envelope, EventError, MailSend
+from libs.common.outbox import OutboxRelay
+from libs.common.tokens import Identity, InvalidToken, TokenVerifier, bearer_from_subprotocols
+from services.notifier import frames, storage
+from services.notifier.domain.rules import in_audience, is_after, needs_resync
+from services.notifier.frames import (
+    CLIENT_FRAMES,
+    FRAME_TYPE,
+    AuthFrame,
+    NotifierFrame,
+    ResumeFrame,
+    SendFrame,
+)
+from services.notifier.hub import Client, Hub
+from services.notifier.settings import NotifierSettings
+
+log = logging.getLogger("chatflow.notifier.ws")
+
+PROTOCOL: Final = Subprotocol("chatflow.v1")
+UNAUTHORIZED: Final = 4401
+_REJECTED: Final = object()  # the upgrade carried a token that failed verification
+_PAGE = 500
+
+
+def render(entry_id: str, frame: dict[str, Any]) -> str:
+    """The frame as sent: ``type`` first, then the ``event_id`` a client resumes from."""
+    body = {"type": frame.get("type"), "event_id": entry_id}
+    body.update((k, v) for k, v in frame.items() if k != "type")
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def _dump(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def offered_subprotocols(headers: Headers) -> list[str]:
+    return [
+        p.strip()
+        for value in headers.get_all("Sec-WebSocket-Protocol")
+        for p in value.split(",")
+        if p.strip()
+    ]
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'frame'}: {e['msg']}" for e in exc.errors()[:3]
+    )
+
+
+class LiveServer:
+    def __init__(
+        self,
+        settings: NotifierSettings,
+        verifier: TokenVerifier,
+        pool: asyncpg.Pool,
+        relay: OutboxRelay,
+        bus: Bus,
+        hub: Hub,
+    ) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.pool = pool
+        self.relay = relay
+        self.bus = bus
+        self.hub = hub
+        self.stream = bus.stream(FRAME_TYPE)
+        self.server: Server | None = None
+        self._pending: weakref.WeakKeyDictionary[ServerConnection, object] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        origins: list[str | None] = list(s.allowed_origins)
+        if s.allow_missing_origin:
+            origins.append(None)
+        self.server = await serve(
+            self._handle,
+            s.http_host,
+            s.ws_port,
+            ssl=tls.server_context(s.tls_cert, s.tls_key),
+            origins=origins,  # type: ignore[arg-type]
+            select_subprotocol=self._select_subprotocol,
+            process_request=self._process_request,
+            compression=None,  # per-connection deflate state costs far more memory than it saves
+            max_size=s.ws_max_size,
+            write_limit=s.ws_write_limit,
+            ping_interval=s.ws_ping_interval_s,
+            ping_timeout=s.ws_ping_timeout_s,
+            close_timeout=s.ws_close_timeout_s,
+            server_header=None,
+        )
+        log.info("websocket listening", extra={"ws_port": s.ws_port})
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            await self.server.wait_closed()
+
+    @property
+    def serving(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- opening handshake ---------------------------------------------------------------------
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path != self.settings.ws_path:
+            return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        token = bearer_from_subprotocols(offered_subprotocols(request.headers))
+        if token is None:
+            return None  # the first frame must authenticate
+        try:
+            self._pending[conn] = await self.verifier.verify(token)
+        except InvalidToken:
+            self._pending[conn] = _REJECTED  # closed with 4401 right after the upgrade
+        except Exception:
+            log.exception("token verification unavailable")
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        return None
+
+    def _select_subprotocol(
+        self, conn: ServerConnection, offered: Sequence[Subprotocol]
+    ) -> Subprotocol | None:
+        # Never select bearer.*: that would echo the token in the response.
+        return PROTOCOL if PROTOCOL in offered else None
+
+    # ---- connection ----------------------------------------------------------------------------
+    async def _handle(self, conn: ServerConnection) -> None:
+        state = self._pending.pop(conn, None)
+        identity: Identity | None
+        if state is _REJECTED:
+            identity = None
+        elif isinstance(state, Identity):
+            identity = state
+        else:
+            identity = await self._first_frame_auth(conn)
+        if identity is None:
+            await conn.close(UNAUTHORIZED, "unauthorized")
+            return
+        client = Client(conn, identity)
+        self.hub.add(client)
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, identity.exp - time.time()), self._expire, client
+        )
+        try:
+            async for raw in conn:
+                await self._on_message(client, raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            expiry.cancel()
+            self.hub.remove(client)
+
+    async def _first_frame_auth(self, conn: ServerConnection) -> Identity | None:
+        try:
+            async with asyncio.timeout(self.settings.ws_auth_timeout_s):
+                raw = await conn.recv()
+            frame = AuthFrame.model_validate_json(raw)
+            return await self.verifier.verify(frame.token)
+        except (TimeoutError, ConnectionClosed, ValidationError, InvalidToken):
+            return None
+
+    def _expire(self, client: Client) -> None:
+        """Tokens live 15 minutes; the client reconnects with a fresh one and resumes."""
+        if client.closing:
+            return
+        client.closing = True
+        self.hub.remove(client)
+        self._spawn(client.conn.close(UNAUTHORIZED, "token expired"))
+
+    async def _reply(self, client: Client, frame: dict[str, Any]) -> None:
+        await client.conn.send(_dump(frame))
+
+    async def _on_message(self, client: Client, raw: Data) -> None:
+        if not isinstance(raw, str):
+            await self._reply(client, frames.error("bad_request", "frames are JSON text"))
+            return
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            await self._reply(client, frames.error("bad_request", "invalid JSON"))
+            return
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            await self._reply(client, frames.error("bad_request", "a frame is a typed object"))
+            return
+        client_id = data.get("client_id") if isinstance(data.get("client_id"), str) else None
+        model = CLIENT_FRAMES.get(data["type"])
+        if model is None:
+            await self._reply(client, frames.error("unknown_type", "unknown frame type"))
+            return
+        try:
+            frame = model.model_validate(data)
+        except ValidationError as exc:
+            await self._reply(client, frames.error("bad_request", _short(exc), client_id))
+            return
+        try:
+            if isinstance(frame, SendFrame):
+                await self._send(client, frame)
+            elif isinstance(frame, ResumeFrame):
+                await self._resume(client, frame.after)
+            else:
+                await self._reply(client, frames.PONG)
+        except ConnectionClosed:
+            raise
+        except Exception:
+            log.exception("frame handling failed", extra={"frame_type": data["type"]})
+            await self._reply(client, frames.error("internal", "internal error", client_id))
+
+    # ---- send ----------------------------------------------------------------------------------
+    async def _send(self, client: Client, f: SendFrame) -> None:
+        send_id = await self._take_send(client.identity, f)
+        if send_id is None:
+            # The same answer for "absent" and "not yours": no probing of other mailboxes.
+            reply = frames.error("not_found", "conversation not found", f.client_id)
+        else:
+            reply = frames.send_ack(f.client_id, send_id)
+        await self._reply(client, reply)
+
+    async def _take_send(self, identity: Identity, f: SendFrame) -> str | None:
+        """Record the send and outbox its ``mail.send`` once per (user, client_id)."""
+        sub = identity.sub
+        async with self.pool.acquire() as conn:
+            mailbox_id = await storage.conversation_mailbox(conn, f.id_conversa)
+            if mailbox_id is None or mailbox_id not in identity.mailboxes:
+                return None
+            async with conn.transaction():
+                send_id = await storage.insert_send(
+                    conn, str(uuid.uuid4()), sub, f.client_id, f.id_conversa, mailbox_id
+                )
+                if send_id is None:  # a retry of a send we already took: same id, no new command
+                    return await storage.existing_send(conn, sub, f.client_id)
+                cmd = MailSend(
+                    send_id=send_id,
+                    client_id=f.client_id,
+                    id_conversa=f.id_conversa,
+                    mailbox_id=mailbox_id,
+                    user_id=sub,
+                    html=f.html,
+                    attachments=f.attachments,
+                )
+                await outbox.add(conn, Envelope.of(cmd, producer="notifier"))
+        self.relay.wake()
+        return send_id
+
+    # ---- resume --------------------------------------------------------------------------------
+    async def _resume(self, client: Client, after: str) -> None:
+        """Replay frames after ``after`` for this client, then the live ones held meanwhile."""
+        redis = self.bus.redis
+        client.resuming = True
+        try:
+            head = await redis.xrange(self.stream, "-", "+", count=1)
+            first = head[0][0].decode() if head else None
+            last: str | None = None
+            if needs_resync(after, first):
+                await self._reply(client, frames.RESYNC)
+            else:
+                last = after
+                scanned = 0
+                while True:
+                    page = await redis.xrange(self.stream, f"({last}", "+", count=_PAGE)
+                    for entry_id_b, fields in page:
+                        last = entry_id_b.decode()
+                        text = self._text_for(client, last, fields)
+                        if text is not None:
+                            await client.conn.send(text)
+                    scanned += len(page)
+                    if len(page) < _PAGE:
+                        break
+                    if scanned >= self.settings.resume_max_entries:
+                        await self._reply(client, frames.RESYNC)
+                        break
+            # Live frames that arrived during the replay; those it already covered are skipped.
+            while client.held:
+                held, client.held = client.held, []
+                for entry_id, text in held:
+                    if is_after(entry_id, last):
+                        await client.conn.send(text)
+        finally:
+            client.resuming = False
+
+    def _text_for(self, client: Client, entry_id: str, fields: dict[bytes, bytes]) -> str | None:
+        nf = _parse(fields)
+        if nf is None or not in_audience(
+            client.mailboxes, client.identity.sub, nf.mailbox_id, nf.user_id
+        ):
+            return None
+        return render(entry_id, nf.frame)
+
+    # ---- broadcast -----------------------------------------------------------------------------
+    async def on_frame(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        """BroadcastReader handler: every replica delivers each frame to its own connections."""
+        nf = _parse(fields)
+        if nf is None or not self.hub.by_mailbox.get(nf.mailbox_id):
+            return
+        self.hub.deliver(nf.mailbox_id, nf.user_id, entry_id, render(entry_id, nf.frame))
+
+
+def _parse(fields: dict[bytes, bytes]) -> NotifierFrame | None:
+    data = fields.get(b"e")
+    if data is None:
+        return None
+    try:
+        return Envelope.from_json(data).payload_as(NotifierFrame)
+    except EventError:
+        log.warning("skipping invalid frame entry")
+        return None
