@@ -20,7 +20,7 @@ class NotifierSettings(ServiceSettings):
     allow_missing_origin: bool = field(
         False, "also accept upgrades without an Origin header (non-browser clients, tests)"
     )
-    ws_max_size: int = field(64 * 1024, "largest client frame in bytes (bigger: close 1009)")
+    ws_max_size: int = field(4 * 1024 * 1024, "largest client frame in bytes (bigger: close 1009)")
     ws_write_limit: int = field(64 * 1024, "high-water mark of a connection's write buffer")
     ws_slow_consumer_bytes: int = field(
         1024 * 1024, "a connection whose transport buffers more than this is closed (4008)"
