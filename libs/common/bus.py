@@ -143,7 +143,7 @@ class Consumer:
             self.last_loop_at = time.monotonic()
             new_only = all(c == ">" for c in cursor.values())
             try:
-                resp = await redis.xreadgroup(
+                resp: Any = await redis.xreadgroup(
                     self.group,
                     self.name,
                     cursor,  # type: ignore[arg-type]
@@ -221,7 +221,7 @@ class Consumer:
         handled = 0
         start = "0-0"
         while True:
-            resp = await redis.xautoclaim(
+            resp: Any = await redis.xautoclaim(
                 stream, self.group, self.name, self.claim_idle_ms, start_id=start, count=self.batch
             )
             start = resp[0].decode() if isinstance(resp[0], bytes) else resp[0]
@@ -231,7 +231,7 @@ class Consumer:
                 if fields is None:  # trimmed away while pending
                     await redis.xack(stream, self.group, entry_id)
                     continue
-                info = await redis.xpending_range(stream, self.group, entry_id, entry_id, 1)
+                info: Any = await redis.xpending_range(stream, self.group, entry_id, entry_id, 1)
                 delivered = int(info[0]["times_delivered"]) if info else 1
                 if delivered > self.max_deliveries:
                     await self.bus.dead_letter_entry(
@@ -279,14 +279,14 @@ class BroadcastReader:
         if self.start == "$":
             # Resolve "$" to concrete ids so nothing between two reads is skipped.
             for s in self.streams:
-                last = await redis.xrevrange(s, count=1)
+                last: Any = await redis.xrevrange(s, count=1)
                 self.cursor[s] = last[0][0].decode() if last else "0-0"
         else:
             self.cursor = dict.fromkeys(self.streams, self.start)
         while not self._stopping.is_set():
             self.last_loop_at = time.monotonic()
             try:
-                resp = await redis.xread(self.cursor, count=self.batch, block=self.block_ms)  # type: ignore[arg-type]
+                resp: Any = await redis.xread(self.cursor, count=self.batch, block=self.block_ms)  # type: ignore[arg-type]
             except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
                 log.warning("redis read failed, retrying", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)

@@ -6,8 +6,8 @@ consumer validates what it reads and a producer cannot publish what it could not
 
 from __future__ import annotations
 
+import builtins
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -21,14 +21,21 @@ class EventError(ValueError):
     """An entry that can never be handled: bad JSON, unknown type or a payload that fails its schema."""
 
 
-def register(type_: str, version: int = 1) -> Callable[[type[P]], type[P]]:
-    def deco(model: type[P]) -> type[P]:
-        _REGISTRY[(type_, version)] = model
-        model.event_type = type_  # type: ignore[attr-defined]
-        model.event_version = version  # type: ignore[attr-defined]
-        return model
+class register:  # noqa: N801 (used as a decorator)
+    """``@register("mail.received", 1)`` on a payload model adds it to the registry.
 
-    return deco
+    A class, not a closure, so type checkers keep the decorated model's own type.
+    """
+
+    def __init__(self, type_: str, version: int = 1) -> None:
+        self.type_ = type_
+        self.version = version
+
+    def __call__(self, model: type[P]) -> type[P]:
+        _REGISTRY[(self.type_, self.version)] = model
+        model.event_type = self.type_  # type: ignore[attr-defined]
+        model.event_version = self.version  # type: ignore[attr-defined]
+        return model
 
 
 def registered() -> dict[tuple[str, int], type[BaseModel]]:
@@ -86,7 +93,7 @@ class Envelope(BaseModel):
         except ValidationError as exc:
             raise EventError(f"invalid {self.type} v{self.version} payload: {_short(exc)}") from exc
 
-    def payload_as(self, model: type[P]) -> P:
+    def payload_as(self, model: builtins.type[P]) -> P:  # `type` is a field here
         parsed = self.parsed()
         if not isinstance(parsed, model):
             raise EventError(f"{self.type} is not {model.__name__}")

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,7 +42,7 @@ class Service:
         self.relay: OutboxRelay
         self.verifier: TokenVerifier
         self.consumers: list[Consumer | BroadcastReader] = []
-        self.background: list[Callable[[], Awaitable[Any]]] = []
+        self.background: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self.stop_event = asyncio.Event()
         self._http: Any = None
 
@@ -80,11 +80,11 @@ class Service:
     async def connect(self) -> None:
         s = self.settings
         self.pool = await db.connect_pool(
-            s.own_database_url, s.schema, s.db_pool_min, s.db_pool_max, ca=s.tls_ca
+            s.own_database_url, s.db_schema, s.db_pool_min, s.db_pool_max, ca=s.tls_ca
         )
         self.redis = connect(s.redis_url, str(s.tls_ca))
         self.bus = Bus(self.redis, s.stream_prefix, s.stream_maxlen)
-        self.relay = OutboxRelay(self.pool, self.bus, s.schema, s.outbox_poll_ms)
+        self.relay = OutboxRelay(self.pool, self.bus, s.db_schema, s.outbox_poll_ms)
         self.verifier = TokenVerifier(self.bus, s.jwt_issuer, s.jwt_audience, s.jwt_leeway_s)
 
     def app(self) -> FastAPI:
@@ -154,7 +154,7 @@ def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd")
     sub.add_parser("run", help="run the service (default)")
     sub.add_parser("migrate", help="create the role and schema, apply migrations")
-    extra: dict[str, Callable[[argparse.Namespace, ServiceSettings], Awaitable[int | None]]] = {}
+    extra: dict[str, Callable[[argparse.Namespace, ServiceSettings], Coroutine[Any, Any, int | None]]] = {}
     register = getattr(service_cls, "commands", None)
     if register:
         extra = register(sub)
@@ -168,7 +168,7 @@ def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
                 settings.database_url,
                 settings.own_database_url,
                 settings.db_role,
-                settings.schema,
+                settings.db_schema,
                 service_cls.migrations,
             )
         )
@@ -179,5 +179,5 @@ def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
 
         uvloop.run(service_cls(settings).run())
         return
-    rc = asyncio.run(extra[cmd](args, settings))
+    rc: int | None = asyncio.run(extra[cmd](args, settings))
     sys.exit(rc or 0)

@@ -67,7 +67,7 @@ class ServiceSettings(BaseSettings):
         return cls.model_validate(values)
 
     @property
-    def schema(self) -> str:
+    def db_schema(self) -> str:
         return self.service
 
     @property

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from typing import Any
 from pathlib import Path
 
 import asyncpg
@@ -103,7 +104,7 @@ def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | 
     raise TimeoutError(f"port {port} did not open in {timeout}s")
 
 
-async def eventually(fn, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+async def eventually(fn: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
     """Poll ``fn`` (sync or async) until it returns a truthy value."""
     deadline = time.monotonic() + timeout
     last = None

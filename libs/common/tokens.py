@@ -60,7 +60,7 @@ class TokenVerifier:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def refresh(self) -> None:
-        entries = await self.bus.redis.xrevrange(self.bus.stream("auth.jwks"), count=1)
+        entries: Any = await self.bus.redis.xrevrange(self.bus.stream("auth.jwks"), count=1)
         self._fetched_at = time.monotonic()
         if not entries:
             return

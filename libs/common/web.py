@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -137,5 +138,6 @@ def server(app: Any, host: str, port: int, cert: str, key: str) -> uvicorn.Serve
         ws="websockets-sansio",
     )
     srv = uvicorn.Server(config)
-    srv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # The service owns SIGTERM/SIGINT (it drains consumers first); uvicorn must not take them.
+    srv.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     return srv

@@ -103,7 +103,7 @@ class Ctx:
 
     async def deliver(self) -> int:
         """Publish what we committed to the outbox (this process runs no relay)."""
-        relay = OutboxRelay(self.pool, self.bus, self.settings.schema)
+        relay = OutboxRelay(self.pool, self.bus, self.settings.db_schema)
         total = 0
         while n := await relay.publish_once():
             total += n
@@ -113,7 +113,7 @@ class Ctx:
 @asynccontextmanager
 async def connected(settings: ServiceSettings) -> AsyncIterator[Ctx]:
     s = cast(AuthSettings, settings)
-    pool = await db.connect_pool(s.own_database_url, s.schema, 1, 2, ca=s.tls_ca)
+    pool = await db.connect_pool(s.own_database_url, s.db_schema, 1, 2, ca=s.tls_ca)
     redis = connect(s.redis_url, str(s.tls_ca))
     try:
         yield Ctx(s, pool, Bus(redis, s.stream_prefix, s.stream_maxlen))

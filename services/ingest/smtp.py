@@ -38,7 +38,7 @@ class IngestHandler:
     async def handle_RCPT(  # noqa: N802 (aiosmtpd's hook name)
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.service.settings.smtp_max_recipients:  # type: ignore[attr-defined]
+        if len(envelope.rcpt_tos) >= self.service.settings.smtp_max_recipients:
             return "452 4.5.3 Too many recipients"
         if base_address(address) not in self.service.mailboxes:
             return f"550 5.1.1 <{address}>: no such mailbox here; this server does not relay"
@@ -123,10 +123,10 @@ def smtp_factory(service: IngestService, tls: ssl.SSLContext) -> SMTP:
     s = service.settings
     return SMTP(
         IngestHandler(service),
-        hostname=s.smtp_hostname,  # type: ignore[attr-defined]
+        hostname=s.smtp_hostname,
         tls_context=tls,
-        require_starttls=s.smtp_require_starttls,  # type: ignore[attr-defined]
-        data_size_limit=s.smtp_max_message_bytes,  # type: ignore[attr-defined]
+        require_starttls=s.smtp_require_starttls,
+        data_size_limit=s.smtp_max_message_bytes,
         enable_SMTPUTF8=True,
         decode_data=False,
         ident="ChatFLOW ingest",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from libs.common import inbox, outbox
+from libs.common.bus import Handler
 from libs.common.events import (
     ConversationMessageAdded,
     Envelope,
@@ -88,7 +89,7 @@ def plan(cmd: MailSend, box: asyncpg.Record, thread: list[asyncpg.Record], now: 
     return draft, ctx
 
 
-def handlers(svc: SenderService):  # type: ignore[no-untyped-def]
+def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
     async def on_mailbox(env: Envelope, entry_id: str) -> None:
         box = env.payload_as(MailboxChanged)
         async with svc.pool.acquire() as conn, conn.transaction():

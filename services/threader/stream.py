@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from libs.common import inbox, outbox
+from libs.common.bus import Handler
 from libs.common.events import (
     ConversationMerged,
     ConversationMessageAdded,
@@ -49,10 +50,10 @@ async def _announce(conn: object, env: Envelope, placed: storage.Placed) -> None
                 correlation_id=env.correlation_id,
             )
         )
-    await outbox.add(conn, *events)  # type: ignore[arg-type]
+    await outbox.add(conn, *events)
 
 
-def handlers(svc: ThreaderService):  # type: ignore[no-untyped-def]
+def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
     async def on_mail_received(env: Envelope, entry_id: str) -> None:
         mail = env.payload_as(MailReceived)
         async with svc.pool.acquire() as conn, conn.transaction():

@@ -46,7 +46,7 @@ async def migrated(database_url: str, stream_prefix: str) -> AuthSettings:
     )
     assert isinstance(s, AuthSettings)
     await db.migrate(
-        s.database_url, s.own_database_url, s.db_role, s.schema, AuthService.migrations
+        s.database_url, s.own_database_url, s.db_role, s.db_schema, AuthService.migrations
     )
     return s
 

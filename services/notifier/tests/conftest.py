@@ -43,7 +43,7 @@ def signing_key() -> OKPKey:
 async def migrated(database_url: str) -> str:
     s = NotifierSettings.load(database_url=database_url)
     await db.migrate(
-        s.database_url, s.own_database_url, s.db_role, s.schema, NotifierService.migrations
+        s.database_url, s.own_database_url, s.db_role, s.db_schema, NotifierService.migrations
     )
     return database_url
 

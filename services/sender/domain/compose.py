@@ -1,0 +1,833 @@
+"""Compose outbound helpdesk replies as RFC 5322 / MIME messages.
+
+Pure domain code: no I/O, no clock, no randomness except the MIME boundaries the
+stdlib picks.  Everything that ends up in a header is validated *before* it is
+handed to :mod:`email`, because the Python 3.11.7 ``email`` package decodes
+RFC 2047 encoded-words while parsing header values and re-emits decoded CR/LF
+verbatim on serialization (CVE-2024-6923).  As a second line of defence the
+serialized message is parsed back and its headers compared with what we meant
+to write.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email import policy as email_policy
+from email.errors import MessageError
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime
+from html.parser import HTMLParser
+from typing import NamedTuple
+
+import idna
+import nh3
+
+__all__ = [
+    "Addr",
+    "Attachment",
+    "Draft",
+    "HeaderInjection",
+    "InvalidDraft",
+    "ThreadContext",
+    "build_references",
+    "compose",
+    "html_to_text",
+    "reply_subject",
+    "sanitize",
+]
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class Addr:
+    """A mailbox: display name (may be empty) and a bare addr-spec."""
+
+    name: str
+    address: str
+
+
+@dataclass
+class Attachment:
+    """A file; ``content_id`` set means an inline image referenced as ``cid:`` in the html."""
+
+    filename: str
+    content_type: str
+    data: bytes
+    content_id: str | None = None
+
+
+@dataclass
+class ThreadContext:
+    """What we know about the conversation we are writing into."""
+
+    subject: str
+    last_message_id: str | None
+    references: list[str]
+    token: str
+
+
+@dataclass
+class Draft:
+    """An agent's (or automation's) message, ready to be turned into bytes."""
+
+    mailbox: Addr
+    to: list[Addr]
+    cc: list[Addr]
+    html: str
+    attachments: list[Attachment]
+    message_id: str
+    reply_to: Addr | None
+    date: datetime
+    auto_generated: bool = False
+
+
+class HeaderInjection(ValueError):
+    """A header value would contain a line break or NUL (or would grow extra headers)."""
+
+
+class InvalidDraft(ValueError):
+    """The draft cannot be turned into a valid message; the message says why."""
+
+
+# ------------------------------------------------------------------ header hygiene
+
+# Everything ``str.splitlines`` treats as a line break, plus NUL.  Only CR and LF
+# break the wire format, but the others break lines in logs and in naive code
+# downstream, so they are refused the same way.
+_LINE_BREAKS = frozenset("\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# Other control characters have no business in a header either.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_NEUTRALIZE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+# SMTP policy (CRLF, 78-column folding, RFC 2047 for non-ASCII) restricted to
+# 7bit transfer encodings so the message is deliverable without 8BITMIME.
+_POLICY = email_policy.SMTP.clone(cte_type="7bit")
+_MAX_LINE = 998
+_MAX_ID_LEN = 250  # keeps a lone msg-id well inside the 998-octet line limit
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_DOT_ATOM_RE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
+_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# Lenient msg-id: printable ASCII without whitespace, angle brackets, quotes,
+# backslashes, parens, commas or semicolons.  Foreign MUAs produce odd ids; what
+# matters here is that the id is one unfoldable token that cannot change meaning.
+_MSGID_RE = re.compile(r"<[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@\[\]:-]+>")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MIME_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"
+_CONTENT_TYPE_RE = re.compile(rf"({_MIME_NAME})/({_MIME_NAME})")
+
+
+def _reject_raw(value: str, field: str) -> None:
+    """Refuse line breaks/NUL (injection) and other controls or lone surrogates (garbage)."""
+    if not isinstance(value, str):
+        raise InvalidDraft(f"{field}: expected str, got {type(value).__name__}")
+    if any(ch in _LINE_BREAKS for ch in value):
+        raise HeaderInjection(f"{field}: line break or NUL in header value")
+    if _CONTROL_RE.search(value):
+        raise InvalidDraft(f"{field}: control character in header value")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidDraft(f"{field}: not encodable as UTF-8 ({exc.reason})") from None
+
+
+def _collapse(value: str) -> str:
+    """Collapse whitespace runs: header parsers unfold/collapse them anyway."""
+    return " ".join(value.split())
+
+
+def _decoded_like_stdlib(value: str) -> str:
+    """What the stdlib header parser turns ``value`` into (it decodes encoded-words)."""
+    return str(_POLICY.header_factory("X-Probe", value))
+
+
+def _clean_text(value: str, field: str) -> str:
+    """Validate free text (subject, display name, filename) and neutralize encoded-words.
+
+    Raw CR/LF/NUL are refused: they cannot come out of a correctly parsed inbound
+    header, so they mean a bug or an attack in our own pipeline.  Text that merely
+    *looks like* RFC 2047 (``=?UTF-8?Q?hi=0ABcc:...?=``) is customer-controlled
+    and must not make a conversation unrepliable, so it is decoded the way every
+    receiver would decode it, line breaks become spaces, and this repeats until
+    the stdlib parser leaves the value unchanged -- only then is it safe to assign.
+    """
+    _reject_raw(value, field)
+    text = _collapse(value)
+    for _ in range(8):
+        decoded = _collapse(_NEUTRALIZE_RE.sub(" ", _decoded_like_stdlib(text)))
+        if decoded == text:
+            return text
+        text = decoded
+    raise HeaderInjection(f"{field}: nested encoded-words do not settle")
+
+
+def _check_msg_id(value: str, field: str, *, ours: bool = False) -> str:
+    """Validate a ``<id>`` token; our own ids must also have ``left@right``."""
+    _reject_raw(value, field)
+    if not _MSGID_RE.fullmatch(value) or "=?" in value or len(value) > _MAX_ID_LEN:
+        raise InvalidDraft(f"{field}: not a valid message id: {value!r}")
+    if ours:
+        left, _, right = value[1:-1].partition("@")
+        if not left or not right or "@" in right:
+            raise InvalidDraft(f"{field}: message id must look like <left@right>: {value!r}")
+    return value
+
+
+def _ascii_domain(domain: str, field: str) -> str:
+    """IDNA-encode (UTS 46 / IDNA 2008) and check LDH syntax; SMTP needs A-labels."""
+    try:
+        ascii_domain = idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise InvalidDraft(f"{field}: invalid domain {domain!r}: {exc}") from None
+    labels = ascii_domain.split(".")
+    if (
+        len(ascii_domain) > 253
+        or len(labels) < 2
+        or not all(_LABEL_RE.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise InvalidDraft(f"{field}: invalid domain {domain!r}")
+    return ascii_domain
+
+
+def _address(addr: Addr, field: str) -> Address:
+    """Turn an :class:`Addr` into a validated stdlib ``Address`` (IDN domain → A-labels)."""
+    _reject_raw(addr.address, f"{field} address")
+    spec = addr.address.strip()
+    local, at, domain = spec.rpartition("@")
+    if not at or not local or not domain:
+        raise InvalidDraft(f"{field}: {spec!r} is not an address (need local@domain)")
+    if not local.isascii():
+        raise InvalidDraft(f"{field}: non-ASCII local part needs SMTPUTF8, unsupported: {spec!r}")
+    if len(local) > 64 or not _DOT_ATOM_RE.fullmatch(local) or "=?" in local:
+        raise InvalidDraft(f"{field}: invalid local part in {spec!r}")
+    name = _clean_text(addr.name, f"{field} name")
+    return Address(display_name=name, username=local, domain=_ascii_domain(domain, field))
+
+
+def _tag(token: str) -> str:
+    """The subject tag for a conversation token, e.g. ``[#1042]``."""
+    _reject_raw(token, "token")
+    if not _TOKEN_RE.fullmatch(token):
+        raise InvalidDraft(f"token: invalid conversation token {token!r}")
+    return f"[#{token}]"
+
+
+# ---------------------------------------------------------------------- subjects
+
+# Reply/forward prefixes seen in the wild (en, de, nl, nordic, fr, it, es/pt, pl,
+# tr, zh), optionally counted ("Re[2]:", "Re(2):", "Re^2:"), ASCII or full-width colon.
+_PREFIX_RE = re.compile(
+    r"^\s*(?:re|aw|antw|sv|vs|fw|fwd|wg|tr|rif|res|odp|ynt|回复|回覆|答复|转发|轉寄)"
+    r"\s*(?:\[\d+\]|\(\d+\)|\^\d+)?\s*[:：]\s*",
+    re.IGNORECASE,
+)
+
+
+def _tag_once(subject: str, tag: str) -> str:
+    """Keep the first occurrence of ``tag`` where the customer put it, else append it."""
+    head, found, tail = subject.partition(tag)
+    if not found:
+        return _collapse(f"{subject} {tag}")
+    return _collapse(f"{head}{tag}{tail.replace(tag, ' ')}")
+
+
+def _strip_reply_prefixes(subject: str, tag: str) -> tuple[str, bool]:
+    """Strip leading reply prefixes, also those hiding behind a leading tag."""
+    rest = _collapse(subject)
+    lead_tag = False
+    while True:
+        before = rest
+        rest = _PREFIX_RE.sub("", rest, count=1)
+        if rest.startswith(tag):
+            lead_tag = True
+            rest = rest[len(tag) :].lstrip()
+        if rest == before:
+            return rest, lead_tag
+
+
+def reply_subject(subject: str, token: str) -> str:
+    """``Re: <subject>`` with exactly one ``Re:`` and exactly one ``[#token]``.
+
+    Mail clients pile up prefixes ("Re: AW: Re:") and some drop or duplicate the
+    tag; one canonical form keeps threads readable and the tag matchable.  The
+    subject is customer text: raw CR/LF/NUL raise :class:`HeaderInjection`,
+    encoded-word look-alikes are neutralized (see :func:`_clean_text`), so the
+    result is exactly what :func:`compose` puts in the Subject header.
+    """
+    tag = _tag(token)
+    rest, lead_tag = _strip_reply_prefixes(_clean_text(subject, "Subject"), tag)
+    if lead_tag:
+        rest = _collapse(f"{tag} {rest.replace(tag, ' ')}")
+    return f"Re: {_tag_once(rest, tag)}"
+
+
+def _new_subject(subject: str, token: str) -> str:
+    """Subject for a new conversation: as written, plus the tag exactly once."""
+    tag = _tag(token)
+    return _tag_once(_clean_text(subject, "Subject"), tag)
+
+
+# -------------------------------------------------------------------- references
+
+
+def build_references(
+    parent_id: str | None, parent_refs: list[str], limit: int = 20
+) -> tuple[list[str], list[str]]:
+    """Threading headers for a reply: ``(in_reply_to, references)``.
+
+    References = parent's References + parent's Message-ID, de-duplicated, parent
+    last.  Long chains are trimmed as RFC 5322 §3.6.4 suggests: keep the first id
+    (the thread root) and the last ``limit - 1``.  Ancestor ids with bad syntax
+    come from foreign MUAs and are only advisory, so they are dropped rather than
+    blocking the reply; line breaks anywhere are still refused.
+    """
+    if limit < 1:
+        raise ValueError("limit must be >= 1")
+    for ref in parent_refs:
+        _reject_raw(ref, "References")
+    if parent_id is None:
+        return [], []
+    parent = _check_msg_id(parent_id, "In-Reply-To")
+    refs: list[str] = []
+    seen = {parent}
+    for ref in parent_refs:
+        if ref in seen:
+            continue
+        try:
+            _check_msg_id(ref, "References")
+        except InvalidDraft:
+            continue
+        seen.add(ref)
+        refs.append(ref)
+    refs.append(parent)
+    if len(refs) > limit:
+        refs = refs[-1:] if limit == 1 else [refs[0], *refs[-(limit - 1) :]]
+    return [parent], refs
+
+
+# ---------------------------------------------------------------------- sanitize
+
+_ALLOWED_TAGS = frozenset(
+    {
+        "a", "b", "blockquote", "br", "caption", "code", "col", "colgroup", "div", "em",
+        "h1", "h2", "h3", "h4", "hr", "i", "img", "li", "ol", "p", "pre", "s", "span",
+        "strong", "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "u",
+        "ul",
+    }
+)  # fmt: skip
+_ALLOWED_ATTRIBUTES = {
+    "a": {"href"},
+    "img": {"src", "alt", "width", "height"},
+    "td": {"colspan", "rowspan"},
+    "th": {"colspan", "rowspan"},
+}
+# Dropped together with their content (a <script>'s text is not message text).
+_DROP_CONTENT = frozenset(
+    {
+        "applet", "audio", "canvas", "embed", "frame", "frameset", "head", "iframe", "math",
+        "noembed", "noframes", "noscript", "object", "script", "select", "style", "svg",
+        "template", "textarea", "title", "video", "xmp",
+    }
+)  # fmt: skip
+_LINK_SCHEMES = ("http://", "https://", "mailto:")
+_DATA_IMAGE_RE = re.compile(r"data:image/(?:png|gif|jpe?g|webp|bmp);base64,")
+_SIZE_RE = re.compile(r"\d{1,4}", re.ASCII)
+
+
+def _attribute_filter(tag: str, attr: str, value: str) -> str | None:
+    """Per-tag URL rules nh3's global scheme list cannot express.
+
+    Links may only be http(s)/mailto; images only cid: (our inline parts) or
+    base64 raster data: -- no remote images (tracking pixels), no SVG (scripts).
+    """
+    if attr in ("href", "src"):
+        probe = re.sub(r"[\x00-\x20]", "", value).lower()
+        if tag == "a" and attr == "href":
+            return value if probe.startswith(_LINK_SCHEMES) else None
+        if tag == "img" and attr == "src":
+            ok = probe.startswith("cid:") or _DATA_IMAGE_RE.match(probe)
+            return value if ok else None
+        return None
+    if attr in ("width", "height", "colspan", "rowspan"):
+        return value.strip() if _SIZE_RE.fullmatch(value.strip()) else None
+    return value
+
+
+def sanitize(html: str) -> str:
+    """Allow-list sanitize agent HTML for email: formatting only, no script/on*/javascript:.
+
+    The agent UI sanitizes too, but the send command crosses a trust boundary.
+    """
+    return nh3.clean(
+        html,
+        tags=set(_ALLOWED_TAGS),
+        clean_content_tags=set(_DROP_CONTENT),
+        attributes={tag: set(attrs) for tag, attrs in _ALLOWED_ATTRIBUTES.items()},
+        attribute_filter=_attribute_filter,
+        url_schemes={"http", "https", "mailto", "cid", "data"},
+        url_relative="deny",
+        link_rel="noopener noreferrer",
+        strip_comments=True,
+    )
+
+
+# ------------------------------------------------------------------ html → text
+
+_PARAGRAPH_TAGS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table"})
+_LINE_TAGS = frozenset(
+    {"div", "tr", "caption", "section", "article", "header", "footer", "address", "dl", "dt", "dd"}
+)
+_HTML_WS_RE = re.compile(r"[ \t\n\r\f]+")
+
+
+class _TextRenderer(HTMLParser):
+    """Line-oriented renderer; each output line carries the blockquote depth it started at."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.lines: list[str] = []
+        self._cur = ""
+        self._open = False
+        self._line_quote = 0
+        self._quote = 0
+        self._pre = 0
+        self._skip = 0
+        self._lists: list[list[int]] = []  # [ordered?, counter]
+        self._links: list[tuple[str | None, list[str]]] = []
+        self._cells = 0
+        self._blank_at: int | None = None
+
+    # -- line plumbing
+    def _start_line(self) -> None:
+        if self._open:
+            return
+        if self._blank_at is not None:
+            if self.lines:
+                self.lines.append("> " * self._blank_at)
+            self._blank_at = None
+        self._open = True
+        self._line_quote = self._quote
+        self._cur = ""
+
+    def _end_line(self, force: bool = False) -> None:
+        if self._open:
+            self.lines.append("> " * self._line_quote + self._cur)
+        elif force:
+            self._start_line()
+            self.lines.append("> " * self._line_quote)
+        self._open = False
+        self._cur = ""
+
+    def _blank(self) -> None:
+        self._end_line()
+        if self._blank_at is None or self._quote < self._blank_at:
+            self._blank_at = self._quote
+
+    def _write(self, text: str) -> None:
+        self._start_line()
+        self._cur += text
+
+    # -- parser callbacks
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _DROP_CONTENT:
+            self._skip += 1
+            return
+        if tag in _PARAGRAPH_TAGS:
+            self._blank()
+            self._pre += tag == "pre"
+            self._cells = 0
+        elif tag in _LINE_TAGS:
+            self._end_line()
+            self._cells = 0
+        elif tag == "blockquote":
+            self._blank()
+            self._quote += 1
+        elif tag in ("ul", "ol"):
+            self._blank() if not self._lists else self._end_line()
+            self._lists.append([tag == "ol", 0])
+        elif tag == "li":
+            self._end_line()
+            self._start_line()
+            depth = max(len(self._lists) - 1, 0)
+            marker = "- "
+            if self._lists and self._lists[-1][0]:
+                self._lists[-1][1] += 1
+                marker = f"{self._lists[-1][1]}. "
+            self._cur = "  " * depth + marker
+        elif tag == "br":
+            self._end_line(force=True)
+        elif tag == "hr":
+            self._blank()
+            self._write("----")
+            self._blank()
+        elif tag in ("td", "th"):
+            if self._cells:
+                self._write("")
+                self._cur = self._cur.rstrip() + " | "
+            self._cells += 1
+        elif tag == "a":
+            self._links.append((dict(attrs).get("href"), []))
+        elif tag == "img":
+            alt = _collapse(dict(attrs).get("alt") or "")
+            if alt:
+                self.handle_data(f"[{alt}]")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _DROP_CONTENT:
+            self._skip = max(self._skip - 1, 0)
+            return
+        if tag in _PARAGRAPH_TAGS:
+            if tag == "pre":
+                self._pre = max(self._pre - 1, 0)
+            self._blank()
+        elif tag in _LINE_TAGS:
+            self._end_line()
+        elif tag == "blockquote":
+            self._end_line()
+            self._quote = max(self._quote - 1, 0)
+            self._blank()
+        elif tag in ("ul", "ol") and self._lists:
+            self._lists.pop()
+            self._blank() if not self._lists else self._end_line()
+        elif tag == "li":
+            self._end_line()
+        elif tag == "a" and self._links:
+            href, parts = self._links.pop()
+            text = _collapse("".join(parts))
+            if href and href not in (text, f"mailto:{text}"):
+                self._write(f" <{href}>" if text else f"<{href}>")
+
+    def handle_data(self, data: str) -> None:
+        if self._skip:
+            return
+        for _href, parts in self._links:
+            parts.append(data)
+        if self._pre:
+            for i, chunk in enumerate(data.split("\n")):
+                if i:
+                    self._end_line(force=True)
+                if chunk:
+                    self._write(chunk)
+            return
+        text = _HTML_WS_RE.sub(" ", data).replace("\xa0", " ")
+        if not self._open or self._cur.endswith(" "):
+            text = text.lstrip(" ")
+        if text:
+            self._write(text)
+
+    def render(self) -> str:
+        self.close()
+        self._end_line()
+        out: list[str] = []
+        for line in (raw.rstrip() for raw in self.lines):
+            if out and not line.strip("> ") and not out[-1].strip("> "):
+                continue  # collapse runs of (quoted) blank lines
+            out.append(line)
+        while out and not out[0].strip("> "):
+            out.pop(0)
+        while out and not out[-1].strip("> "):
+            out.pop()
+        return "\n".join(out)
+
+
+def html_to_text(html: str) -> str:
+    """Readable text/plain alternative of the (sanitized) HTML.
+
+    Text-only clients, screen readers and spam filters read this part, so it has
+    to carry the same content: paragraphs, "- " / "1. " lists, ``text <url>``
+    links, ``> `` quotes.
+    """
+    renderer = _TextRenderer()
+    renderer.feed(html)
+    return renderer.render()
+
+
+# ------------------------------------------------------------ subject encoding
+
+_EW_MAX_BYTES = 39  # base64 → 52 chars → 64-char encoded-word: fits a 76-column line
+_EW_LINE = 76  # RFC 2047 §2: lines holding encoded-words are limited to 76 characters
+
+
+def _needs_encoding(word: str) -> bool:
+    """Words that cannot go on the wire as-is (or that a decoder might misread)."""
+    return not word.isascii() or "=?" in word or "?=" in word or len(word) > 70
+
+
+def _b_encoded_words(text: str) -> list[str]:
+    """RFC 2047 B encoded-words, each holding whole code points (never a split UTF-8)."""
+    words: list[str] = []
+    chunk = b""
+    for ch in text:
+        raw = ch.encode("utf-8")
+        if chunk and len(chunk) + len(raw) > _EW_MAX_BYTES:
+            words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode('ascii')}?=")
+            chunk = b""
+        chunk += raw
+    if chunk:
+        words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode('ascii')}?=")
+    return words
+
+
+def _fold_unstructured(name: str, text: str) -> str:
+    """Fold an unstructured header ourselves.
+
+    The 3.11 stdlib folder sometimes moves a space that separated two words out
+    of the encoded-words into the folding whitespace between them, where RFC 2047
+    decoders drop it ("Ação Ação" arrives as "AçãoAção").  Here runs of words
+    needing encoding become encoded-words *including* their inner spaces, and
+    only the single space between plain text and an encoded run is literal.
+    """
+    items: list[str] = []
+    run: list[str] = []
+    for word in text.split(" ") if text else []:
+        if _needs_encoding(word):
+            run.append(word)
+            continue
+        if run:
+            items += _b_encoded_words(" ".join(run))
+            run = []
+        items.append(word)
+    if run:
+        items += _b_encoded_words(" ".join(run))
+    lines: list[str] = []
+    cur = f"{name}:"
+    for item in items:
+        if len(cur) + 1 + len(item) > _EW_LINE and cur != f"{name}:":
+            lines.append(cur)
+            cur = ""
+        cur += f" {item}"
+    lines.append(cur)
+    return "\r\n".join(lines) + "\r\n"
+
+
+class _PreFolded:
+    """A header object the policy writes verbatim (``fold``), per the EmailPolicy contract.
+
+    ``header_store_parse`` keeps values that have a matching ``name`` attribute
+    and ``_fold`` calls their ``fold(policy=...)``; that is the documented way to
+    bypass the header factory, used here only for text validated by _clean_text.
+    """
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name = name
+        self._value = value
+
+    def fold(self, *, policy: email_policy.Policy) -> str:
+        return _fold_unstructured(self.name, self._value).replace("\r\n", policy.linesep)
+
+    def __str__(self) -> str:
+        return self._value
+
+
+# ----------------------------------------------------------------------- compose
+
+_PART_HEADERS = frozenset(
+    {"content-type", "content-transfer-encoding", "content-disposition", "content-id"}
+)
+
+
+def _body_cte(text: str) -> str:
+    """7bit when it is, quoted-printable otherwise: readable and needs no 8BITMIME."""
+    if text.isascii() and all(len(line) <= 78 for line in text.splitlines()):
+        return "7bit"
+    return "quoted-printable"
+
+
+def _content_type(att: Attachment) -> tuple[str, str]:
+    """Split and validate ``type/subtype``; composite types are not plain bytes."""
+    ctype = att.content_type.strip().lower() if isinstance(att.content_type, str) else ""
+    _reject_raw(ctype, "attachment content_type")
+    match = _CONTENT_TYPE_RE.fullmatch(ctype)
+    if not match:
+        raise InvalidDraft(
+            f"attachment {att.filename!r}: content_type must be type/subtype "
+            f"without parameters, got {att.content_type!r}"
+        )
+    maintype, subtype = match.groups()
+    if maintype in ("multipart", "message"):
+        raise InvalidDraft(f"attachment {att.filename!r}: {maintype}/* cannot be sent as bytes")
+    return maintype, subtype
+
+
+def _content_id(raw: str) -> str:
+    """Normalize ``id`` / ``<id>`` to ``<id>`` (the html refers to it as ``cid:id``)."""
+    _reject_raw(raw, "Content-ID")
+    value = raw.strip()
+    if not (value.startswith("<") and value.endswith(">")):
+        value = f"<{value}>"
+    return _check_msg_id(value, "Content-ID")
+
+
+class _Part(NamedTuple):
+    """A validated attachment, ready for the MIME tree."""
+
+    data: bytes
+    maintype: str
+    subtype: str
+    filename: str
+    cid: str | None
+
+
+def _check_attachment(att: Attachment) -> _Part:
+    """Validate one attachment (filename is header text, content type a MIME token pair)."""
+    filename = _clean_text(att.filename, "attachment filename")
+    if not filename:
+        raise InvalidDraft("attachment without filename")
+    if not isinstance(att.data, bytes | bytearray | memoryview):
+        raise InvalidDraft(f"attachment {filename!r}: data must be bytes")
+    maintype, subtype = _content_type(att)
+    cid = _content_id(att.content_id) if att.content_id is not None else None
+    return _Part(bytes(att.data), maintype, subtype, filename, cid)
+
+
+def _same_address(parsed: object, expected: Address) -> bool:
+    """Exact addr-spec; display name compared ignoring whitespace.
+
+    The stdlib folder encodes long names as several adjacent encoded-words
+    correctly, but the 3.11 *parser* keeps the folding whitespace between them
+    inside phrases (RFC 2047 §6.2 says to drop it), so whitespace is the one
+    thing a Python round trip cannot vouch for.
+    """
+    name = getattr(parsed, "display_name", None)
+    return (
+        isinstance(name, str)
+        and "".join(name.split()) == "".join(expected.display_name.split())
+        and getattr(parsed, "addr_spec", None) == expected.addr_spec
+    )
+
+
+def _verify(raw: bytes, expected: list[tuple[str, object]], filenames: list[str]) -> None:
+    """Re-parse the output: same headers, values and filenames; CRLF only; lines <= 998.
+
+    This is what catches anything the stdlib might still decode into a line break.
+    """
+    if not raw.isascii():
+        raise InvalidDraft("serialized message is not 7-bit clean")
+    if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
+        raise HeaderInjection("bare CR or LF in serialized message")
+    if not raw.endswith(b"\r\n"):
+        raise InvalidDraft("serialized message does not end with CRLF")
+    if any(len(line) > _MAX_LINE for line in raw.split(b"\r\n")):
+        raise InvalidDraft("a line exceeds 998 octets")
+
+    parsed = BytesParser(policy=email_policy.default).parsebytes(raw)
+    names = [name.lower() for name in parsed if name.lower() not in _PART_HEADERS]
+    if names != [name.lower() for name, _ in expected]:
+        raise HeaderInjection(f"serialized headers {names} differ from the intended set")
+    for name, want in expected:
+        got = parsed[name]
+        if isinstance(want, list):  # addresses
+            addrs = list(getattr(got, "addresses", ()))
+            ok = len(addrs) == len(want) and all(map(_same_address, addrs, want))
+        elif name in ("References", "In-Reply-To"):
+            ok = str(got).split() == str(want).split()
+        else:
+            ok = str(got) == str(want)
+        if not ok:
+            raise InvalidDraft(f"{name} does not survive serialization: {want!r} -> {str(got)!r}")
+    for part in parsed.walk():
+        part_names = [name.lower() for name in part]
+        if part is not parsed and set(part_names) - _PART_HEADERS:
+            raise HeaderInjection(f"unexpected MIME part headers {part_names}")
+        if any(part_names.count(name) > 1 for name in _PART_HEADERS):
+            raise HeaderInjection(f"duplicate MIME headers {part_names}")
+    got_names = [name for part in parsed.walk() if (name := part.get_filename()) is not None]
+    if sorted(got_names) != sorted(filenames):
+        raise InvalidDraft(f"attachment filenames do not survive serialization: {got_names!r}")
+
+
+def compose(draft: Draft, thread: ThreadContext) -> bytes:
+    """Build the complete message (CRLF line endings) for ``draft`` in ``thread``.
+
+    Structure: multipart/alternative(text/plain, text/html); the html part
+    becomes multipart/related when there are inline (cid) images; everything is
+    wrapped in multipart/mixed when there are regular attachments.
+    """
+    # ---- validate everything that becomes a header, before touching EmailMessage
+    sender = _address(draft.mailbox, "From")
+    to = [_address(a, "To") for a in draft.to]
+    cc = [_address(a, "Cc") for a in draft.cc]
+    if not to:
+        raise InvalidDraft("draft has no To recipient")
+    reply_to = _address(draft.reply_to, "Reply-To") if draft.reply_to is not None else None
+    message_id = _check_msg_id(draft.message_id, "Message-ID", ours=True)
+    if not isinstance(draft.date, datetime) or draft.date.utcoffset() is None:
+        raise InvalidDraft("date must be a timezone-aware datetime")
+
+    replying = thread.last_message_id is not None
+    if replying:
+        subject = reply_subject(thread.subject, thread.token)
+        in_reply_to, references = build_references(thread.last_message_id, thread.references)
+    else:
+        subject = _new_subject(thread.subject, thread.token)
+        in_reply_to, references = [], []
+    if _clean_text(subject, "Subject") != subject:
+        raise HeaderInjection("Subject changes meaning when parsed")
+
+    parts = [_check_attachment(att) for att in draft.attachments]
+    cids = [p.cid for p in parts if p.cid is not None]
+    if len(set(cids)) != len(cids):
+        raise InvalidDraft("duplicate content_id among attachments")
+
+    headers: list[tuple[str, object]] = [("From", [sender]), ("To", to)]
+    if cc:
+        headers.append(("Cc", cc))
+    headers += [
+        ("Subject", subject),
+        ("Date", format_datetime(draft.date)),
+        ("Message-ID", message_id),
+    ]
+    if replying:
+        headers += [("In-Reply-To", " ".join(in_reply_to)), ("References", " ".join(references))]
+    if reply_to is not None:
+        headers.append(("Reply-To", [reply_to]))
+    headers.append(("MIME-Version", "1.0"))
+    if draft.auto_generated:
+        headers.append(("Auto-Submitted", "auto-generated"))
+
+    try:
+        raw = _build(headers, sanitize(draft.html), parts)
+    except (HeaderInjection, InvalidDraft):
+        raise
+    except (ValueError, TypeError, LookupError, MessageError) as exc:
+        # Defensive: validation above should leave nothing for the stdlib to reject.
+        raise InvalidDraft(f"cannot serialize draft: {exc}") from exc
+    _verify(raw, headers, [p.filename for p in parts])
+    return raw
+
+
+def _build(headers: list[tuple[str, object]], html: str, parts: list[_Part]) -> bytes:
+    """Assemble headers and the MIME tree from already-validated values."""
+    msg = EmailMessage(policy=_POLICY)
+    for name, value in headers:
+        if name == "Subject":
+            msg[name] = _PreFolded(name, str(value))
+        else:
+            msg[name] = tuple(value) if isinstance(value, list) else value
+
+    text = html_to_text(html)
+    msg.set_content(text, cte=_body_cte(text))
+    msg.add_alternative(html, subtype="html", cte=_body_cte(html))
+    inline = [p for p in parts if p.cid is not None]
+    if inline:
+        html_part = msg.get_payload()[1]
+        for p in inline:
+            html_part.add_related(
+                p.data, p.maintype, p.subtype, cid=p.cid, filename=p.filename, disposition="inline"
+            )
+    for p in parts:
+        if p.cid is None:
+            msg.add_attachment(p.data, p.maintype, p.subtype, filename=p.filename)
+
+    for part in msg.walk():
+        if part is not msg:
+            del part["MIME-Version"]  # the stdlib adds one to every sub-part
+    return msg.as_bytes()
