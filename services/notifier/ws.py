@@ -286,7 +286,7 @@ class LiveServer:
         redis = self.bus.redis
         client.resuming = True
         try:
-            head = await redis.xrange(self.stream, "-", "+", count=1)
+            head: Any = await redis.xrange(self.stream, "-", "+", count=1)
             first = head[0][0].decode() if head else None
             last: str | None = None
             if needs_resync(after, first):
@@ -295,7 +295,7 @@ class LiveServer:
                 last = after
                 scanned = 0
                 while True:
-                    page = await redis.xrange(self.stream, f"({last}", "+", count=_PAGE)
+                    page: Any = await redis.xrange(self.stream, f"({last}", "+", count=_PAGE)
                     for entry_id_b, fields in page:
                         last = entry_id_b.decode()
                         text = self._text_for(client, last, fields)
