@@ -43,7 +43,7 @@ async def login(
         "response_type": "code",
         "client_id": client_id,
         "redirect_uri": redirect_uri,
-        "scope": "openid",
+        "scope": "chatflow",
         "state": state,
         "code_challenge": challenge,
         "code_challenge_method": "S256",

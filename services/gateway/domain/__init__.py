@@ -1,0 +1,1 @@
+"""Pure gateway logic: the route table and header rules, no I/O."""

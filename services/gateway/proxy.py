@@ -1,0 +1,254 @@
+"""The HTTP half of the gateway: check, then stream the request to its upstream and back.
+
+A plain ASGI app rather than a FastAPI route: bodies go through in chunks as they arrive (the size
+limit is enforced while streaming), headers stay raw so duplicates such as ``Set-Cookie`` survive,
+and there is no per-request framework work beyond what the edge needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from libs.common.tokens import Identity, InvalidToken
+from libs.common.web import error_body
+from services.gateway import metrics
+from services.gateway.domain.headers import (
+    downstream_response_headers,
+    header,
+    upstream_request_headers,
+)
+from services.gateway.domain.routing import has_dot_segments, resolve
+from services.gateway.ratelimit import RateLimiter
+from services.gateway.tokencache import Verifier
+
+log = logging.getLogger("chatflow.gateway.proxy")
+
+REQUEST_ID_KEY = "chatflow.request_id"
+
+
+class BodyTooLarge(Exception):
+    """The client sent more than ``max_body_bytes``."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+async def send_json(
+    send: Send,
+    status: int,
+    message: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    code: str | None = None,
+) -> None:
+    body = json.dumps(error_body(status, message, code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def client_ip(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def bearer(raw: list[tuple[bytes, bytes]]) -> str | None:
+    value = header(raw, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Proxy:
+    def __init__(
+        self,
+        upstreams: dict[str, str],
+        client: httpx.AsyncClient,
+        verifier: Verifier,
+        limiter: RateLimiter,
+        max_body_bytes: int,
+    ) -> None:
+        self.bases = {name: httpx.URL(url) for name, url in upstreams.items()}
+        self.client = client
+        self.verifier = verifier
+        self.limiter = limiter
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # a WebSocket on a path other than /ws
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        path: str = scope["path"]
+        target = resolve(path)
+        if target is None:
+            await send_json(send, 404, "not found")
+            return
+        if has_dot_segments(path):
+            await send_json(send, 400, "dot segments are not allowed in paths")
+            return
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        identity: Identity | None = None
+        problem = "missing bearer token"
+        if target.needs_token:
+            token = bearer(raw)
+            if token is not None:
+                try:
+                    identity = await self.verifier.verify(token)
+                except InvalidToken as exc:
+                    problem = str(exc)
+                except Exception as exc:  # Redis down while fetching keys, for instance
+                    log.warning("token verification failed", extra={"error": repr(exc)})
+                    await send_json(send, 503, "cannot verify tokens right now")
+                    return
+        ip = client_ip(scope)
+        retry_after = await self.limiter.check(ip, identity.sub if identity else None)
+        if retry_after is not None:
+            await send_json(
+                send,
+                429,
+                "too many requests",
+                [(b"retry-after", str(int(retry_after) + 1).encode())],
+            )
+            return
+        if target.needs_token and identity is None:
+            await send_json(
+                send, 401, problem, [(b"www-authenticate", b'Bearer error="invalid_token"')]
+            )
+            return
+        if target.upstream is None:
+            await send_json(send, 404, "no such API route")
+            return
+        await self.forward(target.upstream, scope, receive, send, ip)
+
+    def _body(
+        self, raw: list[tuple[bytes, bytes]], receive: Receive
+    ) -> AsyncIterator[bytes] | None:
+        """The request body as a stream that stops at the limit; None when there is none."""
+        length = header(raw, b"content-length")
+        if length is not None:
+            if length.strip() in (b"", b"0"):
+                return None
+            if int(length) > self.max_body:
+                raise BodyTooLarge
+        elif header(raw, b"transfer-encoding") is None:
+            return None
+        return self._stream(receive)
+
+    async def _stream(self, receive: Receive) -> AsyncIterator[bytes]:
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk: bytes = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body:
+                raise BodyTooLarge
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    async def forward(self, name: str, scope: Scope, receive: Receive, send: Send, ip: str) -> None:
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        base = self.bases[name]
+        query: bytes = scope.get("query_string", b"")
+        raw_path = base.raw_path.rstrip(b"/") + scope.get("raw_path", scope["path"].encode())
+        url = base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
+        rid = scope.get(REQUEST_ID_KEY, "")
+        try:
+            body = self._body(raw, receive)
+        except (BodyTooLarge, ValueError) as exc:
+            status = 413 if isinstance(exc, BodyTooLarge) else 400
+            metrics.REQUESTS.labels(upstream=name, status=str(status)).inc()
+            await send_json(
+                send, status, "request body too large" if status == 413 else "bad length"
+            )
+            return
+        headers = upstream_request_headers(
+            raw, client_ip=ip, request_id=rid, host=header(raw, b"host")
+        )
+        request = httpx.Request(scope["method"], url, headers=headers, content=body)
+        started = time.perf_counter()
+        try:
+            response = await self.client.send(request, stream=True)
+        except BodyTooLarge:
+            metrics.REQUESTS.labels(upstream=name, status="413").inc()
+            await send_json(send, 413, "request body too large")
+            return
+        except ClientGone:
+            return
+        except httpx.HTTPError as exc:
+            status, message, code = _failure(exc)
+            metrics.UPSTREAM_ERRORS.labels(upstream=name, kind=type(exc).__name__).inc()
+            metrics.REQUESTS.labels(upstream=name, status=str(status)).inc()
+            log.warning(
+                "upstream request failed",
+                extra={"upstream": name, "error": type(exc).__name__, "status": status},
+            )
+            await send_json(send, status, message, code=code)
+            return
+        metrics.UPSTREAM_SECONDS.labels(upstream=name).observe(time.perf_counter() - started)
+        metrics.REQUESTS.labels(upstream=name, status=str(response.status_code)).inc()
+        # The request body is complete by now, so ``receive`` only has a disconnect left to say;
+        # watching for it stops a large download from being read to the end for nobody.
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": downstream_response_headers(response.headers.raw),
+                }
+            )
+            async for chunk in response.aiter_raw():
+                if gone.done():
+                    return  # closing the response drops the upstream connection
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except httpx.HTTPError as exc:
+            # Headers are out: all that is left is to cut the connection so the client sees a
+            # truncated response rather than a complete-looking one.
+            metrics.UPSTREAM_ERRORS.labels(upstream=name, kind=type(exc).__name__).inc()
+            log.warning(
+                "upstream response broke off", extra={"upstream": name, "error": type(exc).__name__}
+            )
+            raise
+        finally:
+            gone.cancel()
+            await response.aclose()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _failure(exc: httpx.HTTPError) -> tuple[int, str, str]:
+    """Status, message and code for an upstream failure before any response header arrived."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return 503, "upstream busy", "unavailable"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return 502, "upstream unavailable", "bad_gateway"
+    if isinstance(exc, httpx.TimeoutException):
+        return 504, "upstream timed out", "upstream_timeout"
+    return 502, "upstream failed", "bad_gateway"
