@@ -84,7 +84,7 @@ async def test_mail_in_reply_out_answer_threads(
         while True:
             status = await next_frame(ws, "send.status", timeout=30)
             assert status["send_id"] == ack["send_id"]
-            assert status["status"] in ("queued", "sent"), status
+            assert status["status"] in ("queued", "sent"), status["detail"]
             if status["status"] == "sent":
                 break
 

@@ -23,8 +23,10 @@ from libs.common.tls import server_context
 
 class SinkHandler:
     def __init__(self, maildir: Path) -> None:
-        maildir.mkdir(parents=True, exist_ok=True)
+        maildir.parent.mkdir(parents=True, exist_ok=True)
         self.box = mailbox.Maildir(str(maildir), create=True)
+        for sub in ("tmp", "new", "cur"):  # Maildir(create=True) skips them if the folder exists
+            (maildir / sub).mkdir(parents=True, exist_ok=True)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
         raw = envelope.original_content or b""
