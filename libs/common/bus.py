@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from libs.common import metrics
 from libs.common.events import Envelope, EventError
+from libs.common.logs import correlation_id
 
 log = logging.getLogger("chatflow.bus")
 
@@ -184,6 +185,7 @@ class Consumer:
             metrics.EVENTS_FAILED.labels(stream=stream, group=self.group).inc()
             return True
         started = time.perf_counter()
+        token = correlation_id.set(env.correlation_id)
         try:
             await self.handler(env, entry_id)
         except asyncio.CancelledError:
@@ -195,6 +197,8 @@ class Consumer:
                 extra={"stream": stream, "entry_id": entry_id, "correlation_id": env.correlation_id},
             )
             return False
+        finally:
+            correlation_id.reset(token)
         metrics.HANDLER_SECONDS.labels(group=self.group, type=env.type).observe(
             time.perf_counter() - started
         )

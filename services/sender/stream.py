@@ -156,6 +156,7 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
                 try:
                     draft, ctx = plan(cmd, box, thread, datetime.now(UTC))
                     mime = c.compose(draft, ctx)
+                    clean = c.sanitize(draft.html)
                     irt, refs = c.build_references(ctx.last_message_id, ctx.references)
                     sent = SentMessage.model_validate(
                         {
@@ -165,8 +166,8 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
                             "cc": [{"name": a.name, "address": a.address} for a in draft.cc],
                             "subject": c.reply_subject(ctx.subject, ctx.token),
                             "date": draft.date,
-                            "text": c.html_to_text(draft.html),
-                            "html": c.sanitize(draft.html),
+                            "text": c.html_to_text(clean),
+                            "html": clean,
                             "in_reply_to": irt,
                             "references": refs,
                         }

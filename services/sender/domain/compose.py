@@ -4,15 +4,17 @@ Pure domain code: no I/O, no clock, no randomness except the MIME boundaries the
 stdlib picks.  Everything that ends up in a header is validated *before* it is
 handed to :mod:`email`, because the Python 3.11.7 ``email`` package decodes
 RFC 2047 encoded-words while parsing header values and re-emits decoded CR/LF
-verbatim on serialization (CVE-2024-6923).  As a second line of defence the
-serialized message is parsed back and its headers compared with what we meant
-to write.
+verbatim on serialization (CVE-2024-6923).  Subject and address headers are
+folded here (see "header encoding": the 3.11 folder loses spaces between
+encoded-words).  As a second line of defence the serialized message is parsed
+back and its headers compared with what we meant to write.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy as email_policy
@@ -98,13 +100,15 @@ class InvalidDraft(ValueError):
 
 # ------------------------------------------------------------------ header hygiene
 
-# Everything ``str.splitlines`` treats as a line break, plus NUL.  Only CR and LF
-# break the wire format, but the others break lines in logs and in naive code
-# downstream, so they are refused the same way.
-_LINE_BREAKS = frozenset("\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
-# Other control characters have no business in a header either.
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
-_NEUTRALIZE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# CR, LF and NUL are what header injection is made of: always refused.
+_INJECTION = frozenset("\r\n\x00")
+# The rest of what ``str.splitlines`` (and so parts of the stdlib) treats as a
+# line break.  Refused in structural values (addresses, ids, tokens); in free
+# text they are replaced by spaces with the other controls, because a customer
+# subject with a stray U+0085 (cp1252 "…" decoded as latin-1) must still be
+# repliable.
+_OTHER_BREAKS = frozenset("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # SMTP policy (CRLF, 78-column folding, RFC 2047 for non-ASCII) restricted to
 # 7bit transfer encodings so the message is deliverable without 8BITMIME.
@@ -124,13 +128,18 @@ _MIME_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"
 _CONTENT_TYPE_RE = re.compile(rf"({_MIME_NAME})/({_MIME_NAME})")
 
 
-def _reject_raw(value: str, field: str) -> None:
-    """Refuse line breaks/NUL (injection) and other controls or lone surrogates (garbage)."""
+def _reject_raw(value: str, field: str, *, free_text: bool = False) -> None:
+    """Refuse CR/LF/NUL (injection); outside free text also other breaks and controls.
+
+    Lone surrogates are refused everywhere: they cannot be encoded at all.
+    """
     if not isinstance(value, str):
         raise InvalidDraft(f"{field}: expected str, got {type(value).__name__}")
-    if any(ch in _LINE_BREAKS for ch in value):
-        raise HeaderInjection(f"{field}: line break or NUL in header value")
-    if _CONTROL_RE.search(value):
+    if any(ch in _INJECTION for ch in value):
+        raise HeaderInjection(f"{field}: CR, LF or NUL in header value")
+    if not free_text and any(ch in _OTHER_BREAKS for ch in value):
+        raise HeaderInjection(f"{field}: line break in header value")
+    if not free_text and _CONTROL_RE.search(value.replace("\t", "")):
         raise InvalidDraft(f"{field}: control character in header value")
     try:
         value.encode("utf-8")
@@ -149,19 +158,23 @@ def _decoded_like_stdlib(value: str) -> str:
 
 
 def _clean_text(value: str, field: str) -> str:
-    """Validate free text (subject, display name, filename) and neutralize encoded-words.
+    """Validate free text (subject, display name, filename) and neutralize the rest.
 
     Raw CR/LF/NUL are refused: they cannot come out of a correctly parsed inbound
-    header, so they mean a bug or an attack in our own pipeline.  Text that merely
-    *looks like* RFC 2047 (``=?UTF-8?Q?hi=0ABcc:...?=``) is customer-controlled
-    and must not make a conversation unrepliable, so it is decoded the way every
-    receiver would decode it, line breaks become spaces, and this repeats until
-    the stdlib parser leaves the value unchanged -- only then is it safe to assign.
+    header, so they mean a bug or an attack in our own pipeline.  Other control
+    characters become spaces.  Text that merely *looks like* RFC 2047
+    (``=?UTF-8?Q?hi=0ABcc:...?=``) is customer-controlled and must not make a
+    conversation unrepliable, so it is decoded the way receivers (and the 3.11
+    stdlib parser, CVE-2024-6923) would decode it, line breaks become spaces, and
+    this repeats until decoding no longer changes the value.  Our own folding
+    never re-parses subjects or names, but filenames go through the stdlib and
+    the text is also stored and re-used by other services, so nothing that
+    decodes to a line break leaves this function.
     """
-    _reject_raw(value, field)
-    text = _collapse(value)
+    _reject_raw(value, field, free_text=True)
+    text = _collapse(_CONTROL_RE.sub(" ", value))
     for _ in range(8):
-        decoded = _collapse(_NEUTRALIZE_RE.sub(" ", _decoded_like_stdlib(text)))
+        decoded = _collapse(_CONTROL_RE.sub(" ", _decoded_like_stdlib(text)))
         if decoded == text:
             return text
         text = decoded
@@ -550,10 +563,20 @@ def html_to_text(html: str) -> str:
     return renderer.render()
 
 
-# ------------------------------------------------------------ subject encoding
+# ------------------------------------------------------------ header encoding
+#
+# Subject and the address headers are folded here rather than by the stdlib:
+# the 3.11 folder sometimes moves a space that separated two words out of the
+# encoded-words into the folding whitespace between them, where RFC 2047 §6.2
+# decoders drop it ("Ação Ação" arrives as "AçãoAção", "Zoë :" as "Zoë:").
+# Runs of words that need encoding become B encoded-words *including* their
+# inner spaces; the only literal spaces are between plain words / encoded runs,
+# which decoders keep.  Values reaching this code are validated (_clean_text,
+# _address), so it never sees CR, LF or NUL.
 
 _EW_MAX_BYTES = 39  # base64 → 52 chars → 64-char encoded-word: fits a 76-column line
 _EW_LINE = 76  # RFC 2047 §2: lines holding encoded-words are limited to 76 characters
+_ATOM_RE = re.compile(rf"[{_ATEXT}]+")
 
 
 def _needs_encoding(word: str) -> bool:
@@ -576,19 +599,12 @@ def _b_encoded_words(text: str) -> list[str]:
     return words
 
 
-def _fold_unstructured(name: str, text: str) -> str:
-    """Fold an unstructured header ourselves.
-
-    The 3.11 stdlib folder sometimes moves a space that separated two words out
-    of the encoded-words into the folding whitespace between them, where RFC 2047
-    decoders drop it ("Ação Ação" arrives as "AçãoAção").  Here runs of words
-    needing encoding become encoded-words *including* their inner spaces, and
-    only the single space between plain text and an encoded run is literal.
-    """
+def _encode_words(text: str, plain: Callable[[str], bool]) -> list[str]:
+    """Split on spaces; words ``plain`` accepts stay literal, runs of others are encoded."""
     items: list[str] = []
     run: list[str] = []
     for word in text.split(" ") if text else []:
-        if _needs_encoding(word):
+        if not plain(word):
             run.append(word)
             continue
         if run:
@@ -597,6 +613,39 @@ def _fold_unstructured(name: str, text: str) -> str:
         items.append(word)
     if run:
         items += _b_encoded_words(" ".join(run))
+    return items
+
+
+def _unstructured_items(text: str) -> list[str]:
+    return _encode_words(text, lambda word: not _needs_encoding(word))
+
+
+def _phrase_items(name: str) -> list[str]:
+    """A display name as atoms, one quoted-string (plain ASCII), or encoded-words."""
+    if not name:
+        return []
+    words = name.split(" ")
+    if not any(map(_needs_encoding, words)):
+        if all(_ATOM_RE.fullmatch(word) for word in words):
+            return words
+        quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return quoted.split(" ")  # FWS inside a quoted-string unfolds back to the space
+    return _encode_words(name, lambda w: not _needs_encoding(w) and bool(_ATOM_RE.fullmatch(w)))
+
+
+def _address_items(addresses: list[Address]) -> list[str]:
+    items: list[str] = []
+    for i, addr in enumerate(addresses):
+        phrase = _phrase_items(addr.display_name)
+        mailbox = [*phrase, f"<{addr.addr_spec}>"] if phrase else [addr.addr_spec]
+        if i < len(addresses) - 1:
+            mailbox[-1] += ","
+        items += mailbox
+    return items
+
+
+def _fold(name: str, items: list[str]) -> str:
+    """Join items with single spaces, breaking lines (CRLF SP) before 76 columns."""
     lines: list[str] = []
     cur = f"{name}:"
     for item in items:
@@ -609,22 +658,34 @@ def _fold_unstructured(name: str, text: str) -> str:
 
 
 class _PreFolded:
-    """A header object the policy writes verbatim (``fold``), per the EmailPolicy contract.
+    """A header object the policy writes verbatim, per the documented EmailPolicy contract.
 
-    ``header_store_parse`` keeps values that have a matching ``name`` attribute
-    and ``_fold`` calls their ``fold(policy=...)``; that is the documented way to
-    bypass the header factory, used here only for text validated by _clean_text.
+    ``header_store_parse`` keeps values that carry a matching ``name`` attribute
+    and folding calls their ``fold(policy=...)`` -- so these values never pass
+    through the stdlib header parser/folder at all.
     """
 
-    def __init__(self, name: str, value: str) -> None:
+    def __init__(self, name: str, folded: str, text: str) -> None:
         self.name = name
-        self._value = value
+        self._folded = folded
+        self._text = text
 
     def fold(self, *, policy: email_policy.Policy) -> str:
-        return _fold_unstructured(self.name, self._value).replace("\r\n", policy.linesep)
+        return self._folded.replace("\r\n", policy.linesep)
 
     def __str__(self) -> str:
-        return self._value
+        return self._text
+
+
+def _header_value(name: str, value: object) -> object:
+    """What to store in the EmailMessage for one of our (validated) header values."""
+    if name == "Subject":
+        text = str(value)
+        return _PreFolded(name, _fold(name, _unstructured_items(text)), text)
+    if isinstance(value, list):
+        text = ", ".join(str(a) for a in value)
+        return _PreFolded(name, _fold(name, _address_items(value)), text)
+    return value
 
 
 # ----------------------------------------------------------------------- compose
@@ -643,8 +704,8 @@ def _body_cte(text: str) -> str:
 
 def _content_type(att: Attachment) -> tuple[str, str]:
     """Split and validate ``type/subtype``; composite types are not plain bytes."""
-    ctype = att.content_type.strip().lower() if isinstance(att.content_type, str) else ""
-    _reject_raw(ctype, "attachment content_type")
+    _reject_raw(att.content_type, "attachment content_type")
+    ctype = att.content_type.strip().lower()
     match = _CONTENT_TYPE_RE.fullmatch(ctype)
     if not match:
         raise InvalidDraft(
@@ -739,7 +800,7 @@ def _verify(raw: bytes, expected: list[tuple[str, object]], filenames: list[str]
             raise HeaderInjection(f"unexpected MIME part headers {part_names}")
         if any(part_names.count(name) > 1 for name in _PART_HEADERS):
             raise HeaderInjection(f"duplicate MIME headers {part_names}")
-    got_names = [name for part in parsed.walk() if (name := part.get_filename()) is not None]
+    got_names = [fn for part in parsed.walk() if (fn := part.get_filename()) is not None]
     if sorted(got_names) != sorted(filenames):
         raise InvalidDraft(f"attachment filenames do not survive serialization: {got_names!r}")
 
@@ -761,6 +822,8 @@ def compose(draft: Draft, thread: ThreadContext) -> bytes:
     message_id = _check_msg_id(draft.message_id, "Message-ID", ours=True)
     if not isinstance(draft.date, datetime) or draft.date.utcoffset() is None:
         raise InvalidDraft("date must be a timezone-aware datetime")
+    if not isinstance(draft.html, str):
+        raise InvalidDraft("html must be str")
 
     replying = thread.last_message_id is not None
     if replying:
@@ -808,17 +871,14 @@ def _build(headers: list[tuple[str, object]], html: str, parts: list[_Part]) -> 
     """Assemble headers and the MIME tree from already-validated values."""
     msg = EmailMessage(policy=_POLICY)
     for name, value in headers:
-        if name == "Subject":
-            msg[name] = _PreFolded(name, str(value))
-        else:
-            msg[name] = tuple(value) if isinstance(value, list) else value
+        msg[name] = _header_value(name, value)
 
     text = html_to_text(html)
     msg.set_content(text, cte=_body_cte(text))
     msg.add_alternative(html, subtype="html", cte=_body_cte(html))
     inline = [p for p in parts if p.cid is not None]
     if inline:
-        html_part = msg.get_payload()[1]
+        html_part = list(msg.iter_parts())[1]  # multipart/alternative: [plain, html]
         for p in inline:
             html_part.add_related(
                 p.data, p.maintype, p.subtype, cid=p.cid, filename=p.filename, disposition="inline"
