@@ -12,6 +12,9 @@ import asyncpg
 from libs.common import db, inbox, outbox
 from libs.common.bus import Bus, Consumer, connect
 from libs.common.events import Envelope, MailboxChanged
+from libs.common.service import Service
+from libs.common.service import main as service_main
+from libs.common.settings import ServiceSettings
 from urllib.parse import urlsplit, urlunsplit
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -68,9 +71,35 @@ async def _outbox_proc(admin_url: str, redis_url: str, prefix: str, ready_file: 
     await outbox.OutboxRelay(pool, bus, SCHEMA).publish_once()
 
 
+class SlowSettings(ServiceSettings):
+    service = "commontest"
+
+
+class SlowService(Service):
+    """A real service whose handler takes a second: for the graceful-stop test."""
+
+    name = "commontest"
+    settings_cls = SlowSettings
+    migrations = MIGRATIONS
+
+    async def on_start(self) -> None:
+        async def handle(env: Envelope, entry_id: str) -> None:
+            Path(os.environ["SLOW_STARTED"]).write_text(env.id)
+            await asyncio.sleep(1.0)
+            async with self.pool.acquire() as conn, conn.transaction():
+                if await inbox.first_time(conn, "effects", env.id):
+                    await conn.execute(
+                        "INSERT INTO effects (event_id, handled_by) VALUES ($1, 'slow')", env.id
+                    )
+
+        self.consumer(["mailbox.changed"], handle, group="g")
+
+
 if __name__ == "__main__":
     kind, *args = sys.argv[1:]
-    if kind == "consumer":
+    if kind == "service":
+        service_main(SlowService, ["run"])
+    elif kind == "consumer":
         asyncio.run(_consumer_proc(*args))
     elif kind == "outbox":
         asyncio.run(_outbox_proc(args[0], args[1], args[2], args[3], int(args[4])))
