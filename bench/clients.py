@@ -15,10 +15,12 @@ import sys
 import time
 import uuid
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Origin, Subprotocol
 
 
 def _ctx(ca: str) -> ssl.SSLContext:
@@ -34,8 +36,12 @@ async def _open(url: str, token: str, ctx: ssl.SSLContext, origin: str) -> Clien
     for attempt in range(5):
         try:
             return await connect(
-                url, subprotocols=["chatflow.v1", f"bearer.{token}"],  # type: ignore[list-item]
-                ssl=ctx, origin=origin, compression=None, open_timeout=30,  # type: ignore[arg-type]
+                url,
+                subprotocols=[Subprotocol("chatflow.v1"), Subprotocol(f"bearer.{token}")],
+                ssl=ctx,
+                origin=Origin(origin),
+                compression=None,
+                open_timeout=30,
                 max_queue=None,
             )
         except Exception:
@@ -45,10 +51,13 @@ async def _open(url: str, token: str, ctx: ssl.SSLContext, origin: str) -> Clien
     raise AssertionError("unreachable")
 
 
+def read_tokens(path: str) -> list[str]:
+    return [json.loads(line)["token"] for line in Path(path).read_text().splitlines()]
+
+
 async def agents(a: argparse.Namespace) -> dict[str, Any]:
     """Hold connections and count message.added frames (no timing: that is the observers' job)."""
-    tokens = [json.loads(line)["token"] for line in open(a.tokens).read().splitlines()]
-    tokens = tokens[a.start : a.start + a.count]
+    tokens = read_tokens(a.tokens)[a.start : a.start + a.count]
     ctx = _ctx(a.ca)
     sem = asyncio.Semaphore(50)
 
@@ -75,12 +84,12 @@ async def agents(a: argparse.Namespace) -> dict[str, Any]:
 
 async def observers(a: argparse.Namespace) -> dict[str, Any]:
     """Time every message.added frame on each connection; also time send → send.ack."""
-    tokens = [json.loads(line)["token"] for line in open(a.tokens).read().splitlines()]
-    tokens = tokens[a.start : a.start + a.count]
+    tokens = read_tokens(a.tokens)[a.start : a.start + a.count]
     ctx = _ctx(a.ca)
     conns = [await _open(a.url, t, ctx, a.origin) for t in tokens]
     seen: list[dict[str, float]] = [{} for _ in conns]
     acks: dict[str, float] = {}
+    ack_events: dict[str, asyncio.Event] = {}
     convs: list[str] = []
 
     async def reader(i: int, ws: ClientConnection) -> None:
@@ -93,6 +102,8 @@ async def observers(a: argparse.Namespace) -> dict[str, Any]:
                     convs.append(f["id_conversa"])
             elif f.get("type") == "send.ack" and i == 0:
                 acks[f["client_id"]] = now
+                if f["client_id"] in ack_events:
+                    ack_events[f["client_id"]].set()
 
     tasks = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
     print("READY", flush=True)
@@ -102,12 +113,23 @@ async def observers(a: argparse.Namespace) -> dict[str, Any]:
         n = int(line.split()[1])
         for k in range(min(n, len(convs))):
             cid = uuid.uuid4().hex
+            ack_events[cid] = asyncio.Event()
             t0 = time.monotonic()
-            await conns[0].send(json.dumps({"type": "send", "client_id": cid, "id_conversa": convs[k],
-                                            "html": "<p>bench reply</p>", "attachments": []}))
-            deadline = t0 + 5
-            while cid not in acks and time.monotonic() < deadline:
-                await asyncio.sleep(0.0005)
+            await conns[0].send(
+                json.dumps(
+                    {
+                        "type": "send",
+                        "client_id": cid,
+                        "id_conversa": convs[k],
+                        "html": "<p>bench reply</p>",
+                        "attachments": [],
+                    }
+                )
+            )
+            try:
+                await asyncio.wait_for(ack_events[cid].wait(), 5)
+            except TimeoutError:
+                pass
             if cid in acks:
                 send_lat.append(acks[cid] - t0)
             await asyncio.sleep(0.02)
@@ -136,8 +158,9 @@ async def smtp(a: argparse.Namespace) -> dict[str, Any]:
     ctx = _ctx(a.ca)
     clients = []
     for _ in range(a.conns):
-        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=a.port, start_tls=True, tls_context=ctx,
-                            timeout=60)
+        c = aiosmtplib.SMTP(
+            hostname="127.0.0.1", port=a.port, start_tls=True, tls_context=ctx, timeout=60
+        )
         await c.connect()
         clients.append(c)
     mails = [_mail(a.size, i, a.run) for i in range(a.count)]

@@ -43,8 +43,11 @@ def ms(v: float) -> float:
 class Child:
     def __init__(self, args: list[str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.clients", *args], cwd=ROOT, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "bench.clients", *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
 
     def ready(self, timeout: float = 180) -> None:
@@ -76,15 +79,27 @@ def machine() -> dict[str, Any]:
     cpu = ""
     try:
         cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-             if ln.startswith("model name")), "")
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "",
+        )
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_mb": mem,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_mb": mem,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
-def scenario(stack: Stack, tokens: Path, agents: int, rate: float, seconds: float, sends: int) -> dict[str, Any]:
+def scenario(
+    stack: Stack, tokens: Path, agents: int, rate: float, seconds: float, sends: int
+) -> dict[str, Any]:
     url = f"wss://127.0.0.1:{stack.ports.gateway}/ws"
     ca = str(stack.certs / "ca.pem")
     common = ["--url", url, "--origin", stack.origin, "--tokens", str(tokens), "--ca", ca]
@@ -104,8 +119,25 @@ def scenario(stack: Stack, tokens: Path, agents: int, rate: float, seconds: floa
     connect_s = time.monotonic() - t0
     count = int(rate * seconds)
     run = uuid.uuid4().hex[:8]
-    smtp = Child(["smtp", "--ca", ca, "--port", str(stack.ports.smtp), "--conns", "10", "--rate",
-                  str(rate), "--count", str(count), "--size", "5000", "--run", run])
+    smtp = Child(
+        [
+            "smtp",
+            "--ca",
+            ca,
+            "--port",
+            str(stack.ports.smtp),
+            "--conns",
+            "10",
+            "--rate",
+            str(rate),
+            "--count",
+            str(count),
+            "--size",
+            "5000",
+            "--run",
+            run,
+        ]
+    )
     smtp.ready()
     smtp.say()
     sent = smtp.result()
@@ -117,7 +149,12 @@ def scenario(stack: Stack, tokens: Path, agents: int, rate: float, seconds: floa
         h.say()
     held = [h.result() for h in holders]
     accepted: dict[str, float] = sent["accepted"]
-    lat = [conn[mid] - t for conn in seen["seen"] for mid, t in conn.items() if (t := accepted.get(mid))]
+    lat = [
+        t_frame - accepted[mid]
+        for conn in seen["seen"]
+        for mid, t_frame in conn.items()
+        if mid in accepted
+    ]
     due = len(accepted) * agents
     received = sum(len(c) for c in seen["seen"] if c) + sum(h["frames"] for h in held)
     received_obs = sum(1 for conn in seen["seen"] for mid in conn if mid in accepted)
@@ -150,12 +187,44 @@ def throughput(stack: Stack, tokens: Path, count: int, size: int) -> dict[str, A
     """SMTP messages/s accepted with the durable commit, and end to end to an observer."""
     url = f"wss://127.0.0.1:{stack.ports.gateway}/ws"
     ca = str(stack.certs / "ca.pem")
-    obs = Child(["observers", "--url", url, "--origin", stack.origin, "--tokens", str(tokens),
-                 "--ca", ca, "--start", "0", "--count", "1"])
+    obs = Child(
+        [
+            "observers",
+            "--url",
+            url,
+            "--origin",
+            stack.origin,
+            "--tokens",
+            str(tokens),
+            "--ca",
+            ca,
+            "--start",
+            "0",
+            "--count",
+            "1",
+        ]
+    )
     obs.ready()
     run = uuid.uuid4().hex[:8]
-    smtp = Child(["smtp", "--ca", ca, "--port", str(stack.ports.smtp), "--conns", "20",
-                  "--rate", "0", "--count", str(count), "--size", str(size), "--run", run])
+    smtp = Child(
+        [
+            "smtp",
+            "--ca",
+            ca,
+            "--port",
+            str(stack.ports.smtp),
+            "--conns",
+            "20",
+            "--rate",
+            "0",
+            "--count",
+            str(count),
+            "--size",
+            str(size),
+            "--run",
+            run,
+        ]
+    )
     smtp.ready()
     smtp.say()
     sent = smtp.result()
@@ -193,17 +262,34 @@ def main(argv: list[str] | None = None) -> None:
     db = f"chatflow_bench_{run_id}"
     url = asyncio.run(testing.create_database(db))
     var = ROOT / "var" / f"bench-{run_id}"
-    stack = Stack(database_url=url, stream_prefix=f"bench{run_id}:", ports=Ports.free(), var=var,
-                  log_file=var / "stack.log", echo=False,
-                  extra_env={"CHATFLOW_LOG_LEVEL": "WARNING"})
-    report: dict[str, Any] = {"machine": machine(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    stack = Stack(
+        database_url=url,
+        stream_prefix=f"bench{run_id}:",
+        ports=Ports.free(),
+        var=var,
+        log_file=var / "stack.log",
+        echo=False,
+        extra_env={"CHATFLOW_LOG_LEVEL": "WARNING"},
+    )
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
         var.mkdir(parents=True, exist_ok=True)
         stack.migrate()
         stack.seed(uuid.uuid4().hex)
         tokens = var / "tokens.jsonl"
-        stack.run_cmd("auth", "bench-agents", "--count", str(biggest), "--mailbox",
-                      "support@chatflow.test", "--out", str(tokens))
+        stack.run_cmd(
+            "auth",
+            "bench-agents",
+            "--count",
+            str(biggest),
+            "--mailbox",
+            "support@chatflow.test",
+            "--out",
+            str(tokens),
+        )
         stack.start()
         stack.wait_ready(90)
         time.sleep(1)

@@ -17,7 +17,9 @@ _ATTR = re.compile(r"(name|value)=[\"']([^\"']*)[\"']", re.I)
 
 def pkce_pair() -> tuple[str, str]:
     verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    challenge = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
     return verifier, challenge
 
 
@@ -33,7 +35,11 @@ def hidden_fields(html: str) -> dict[str, str]:
 
 
 async def login(
-    base_url: str, email: str, password: str, ca: ssl.SSLContext | str, client_id: str = "chatflow-web"
+    base_url: str,
+    email: str,
+    password: str,
+    ca: ssl.SSLContext | str,
+    client_id: str = "chatflow-web",
 ) -> dict[str, object]:
     """Runs the whole flow and returns the token response."""
     redirect_uri = f"{base_url}/callback"

@@ -39,7 +39,11 @@ async def next_frame(ws: ClientConnection, type_: str, timeout: float = 15.0) ->
 
 async def smtp_send(stack: Stack, msg: EmailMessage, ca: ssl.SSLContext) -> None:
     await aiosmtplib.send(
-        msg, hostname="127.0.0.1", port=stack.ports.smtp, start_tls=True, tls_context=ca,
+        msg,
+        hostname="127.0.0.1",
+        port=stack.ports.smtp,
+        start_tls=True,
+        tls_context=ca,
         timeout=15,
     )
 
@@ -76,9 +80,17 @@ async def test_mail_in_reply_out_answer_threads(
         id_conversa = added["id_conversa"]
 
         client_id = uuid.uuid4().hex
-        await ws.send(json.dumps({"type": "send", "client_id": client_id, "id_conversa": id_conversa,
-                                  "html": "<p>Hello Zoë, it <b>ships</b> today.</p>",
-                                  "attachments": []}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "send",
+                    "client_id": client_id,
+                    "id_conversa": id_conversa,
+                    "html": "<p>Hello Zoë, it <b>ships</b> today.</p>",
+                    "attachments": [],
+                }
+            )
+        )
         ack = await next_frame(ws, "send.ack")
         assert ack["client_id"] == client_id and ack["send_id"]
         while True:
@@ -98,8 +110,10 @@ async def test_mail_in_reply_out_answer_threads(
         assert body is not None and "ships" in body.get_content()
 
         answer = customer_mail(
-            f"Re: {reply['Subject']}", "Thanks!",
-            In_Reply_To=reply["Message-ID"], References=f"{first['Message-ID']} {reply['Message-ID']}",
+            f"Re: {reply['Subject']}",
+            "Thanks!",
+            In_Reply_To=reply["Message-ID"],
+            References=f"{first['Message-ID']} {reply['Message-ID']}",
         )
         await smtp_send(stack, answer, ca_context)
         while True:
@@ -109,27 +123,39 @@ async def test_mail_in_reply_out_answer_threads(
         assert frame["id_conversa"] == id_conversa
 
     async with httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http:
-        r = await http.get(f"/api/conversations/{id_conversa}",
-                           headers={"Authorization": f"Bearer {agent_token}"})
+        r = await http.get(
+            f"/api/conversations/{id_conversa}", headers={"Authorization": f"Bearer {agent_token}"}
+        )
         assert r.status_code == 200, r.text
         conv = r.json()
         ids = [m["message_id"] for m in conv["messages"]]
         assert ids == [first["Message-ID"], reply["Message-ID"], answer["Message-ID"]]
         assert [m["direction"] for m in conv["messages"]] == ["in", "out", "in"]
-        listing = await http.get("/api/conversations", headers={"Authorization": f"Bearer {agent_token}"})
+        listing = await http.get(
+            "/api/conversations", headers={"Authorization": f"Bearer {agent_token}"}
+        )
         assert listing.status_code == 200
         assert listing.json()["items"][0]["id_conversa"] == id_conversa
 
 
-async def test_smtp_requires_starttls_and_refuses_relay(stack: Stack, ca_context: ssl.SSLContext) -> None:
-    plain = aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.ports.smtp, start_tls=False, timeout=10)
+async def test_smtp_requires_starttls_and_refuses_relay(
+    stack: Stack, ca_context: ssl.SSLContext
+) -> None:
+    plain = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=stack.ports.smtp, start_tls=False, timeout=10
+    )
     await plain.connect()
     with pytest.raises(aiosmtplib.SMTPResponseException) as exc:
         await plain.mail("x@customer.test")
     assert exc.value.code == 530
     await plain.quit()
-    tls = aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.ports.smtp, start_tls=True,
-                          tls_context=ca_context, timeout=10)
+    tls = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=stack.ports.smtp,
+        start_tls=True,
+        tls_context=ca_context,
+        timeout=10,
+    )
     await tls.connect()
     await tls.mail("x@customer.test")
     with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:

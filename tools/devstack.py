@@ -26,8 +26,15 @@ import asyncpg
 from libs.common.settings import ROOT
 
 SERVICES = ("auth", "ingest", "threader", "sender", "notifier", "gateway")
-COLORS = {"auth": 35, "ingest": 32, "threader": 36, "sender": 33, "notifier": 34, "gateway": 31,
-          "smtp-sink": 37}
+COLORS = {
+    "auth": 35,
+    "ingest": 32,
+    "threader": 36,
+    "sender": 33,
+    "notifier": 34,
+    "gateway": 31,
+    "smtp-sink": 37,
+}
 
 
 @dataclass
@@ -160,8 +167,12 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         proc = subprocess.Popen(
-            [sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, *args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs[name] = proc
         assert proc.stdout is not None
@@ -174,9 +185,18 @@ class Stack:
         if with_sink:
             self._spawn(
                 "smtp-sink",
-                ["-m", "tools.smtp_sink", "--port", str(self.ports.sink), "--maildir",
-                 str(self.sink_dir), "--cert", str(self.certs / "server.pem"), "--key",
-                 str(self.certs / "server.key")],
+                [
+                    "-m",
+                    "tools.smtp_sink",
+                    "--port",
+                    str(self.ports.sink),
+                    "--maildir",
+                    str(self.sink_dir),
+                    "--cert",
+                    str(self.certs / "server.pem"),
+                    "--key",
+                    str(self.certs / "server.key"),
+                ],
                 self.env("sender"),
             )
         for s in SERVICES:

@@ -28,7 +28,7 @@ class SinkHandler:
         for sub in ("tmp", "new", "cur"):  # Maildir(create=True) skips them if the folder exists
             (maildir / sub).mkdir(parents=True, exist_ok=True)
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         key = self.box.add(mailbox.MaildirMessage(raw))
         msg = message_from_bytes(raw, policy=policy.default)
@@ -53,7 +53,9 @@ async def serve(host: str, port: int, maildir: Path, cert: Path, key: Path) -> N
     handler = SinkHandler(maildir)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="sink.chatflow.test", tls_context=ctx, require_starttls=True),
+        lambda: SMTP(
+            handler, hostname="sink.chatflow.test", tls_context=ctx, require_starttls=True
+        ),
         host=host,
         port=port,
     )

@@ -194,7 +194,11 @@ class Consumer:
             metrics.EVENTS_FAILED.labels(stream=stream, group=self.group).inc()
             log.exception(
                 "handler failed; entry stays pending",
-                extra={"stream": stream, "entry_id": entry_id, "correlation_id": env.correlation_id},
+                extra={
+                    "stream": stream,
+                    "entry_id": entry_id,
+                    "correlation_id": env.correlation_id,
+                },
             )
             return False
         finally:

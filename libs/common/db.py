@@ -82,7 +82,7 @@ async def ensure_role_and_schema(admin_url: str, role: str, schema: str) -> None
         if not exists:
             await conn.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
         db = await conn.fetchval("SELECT current_database()")
-        await conn.execute(f'REVOKE CREATE ON SCHEMA public FROM PUBLIC')
+        await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         await conn.execute(f'REVOKE ALL ON DATABASE "{db}" FROM PUBLIC')
         await conn.execute(f'GRANT CONNECT, TEMPORARY ON DATABASE "{db}" TO {role}')
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}")
@@ -120,7 +120,9 @@ async def migrate(admin_url: str, own_url: str, role: str, schema: str, folder: 
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
                 if version in done:
                     if done[version] != checksum:
-                        raise RuntimeError(f"migration {schema}/{version} changed after it was applied")
+                        raise RuntimeError(
+                            f"migration {schema}/{version} changed after it was applied"
+                        )
                     continue
                 await conn.execute(sql)
                 await conn.execute(

@@ -21,7 +21,7 @@ class EventError(ValueError):
     """An entry that can never be handled: bad JSON, unknown type or a payload that fails its schema."""
 
 
-class register:  # noqa: N801 (used as a decorator)
+class register:
     """``@register("mail.received", 1)`` on a payload model adds it to the registry.
 
     A class, not a closure, so type checkers keep the decorated model's own type.
@@ -190,8 +190,6 @@ class MailReceived(_Payload):
     flags: MailFlags = MailFlags()
 
 
-
-
 class MessageSummary(_Payload):
     id: str
     message_id: str
@@ -204,8 +202,6 @@ class MessageSummary(_Payload):
     snippet: str = ""
     in_reply_to: list[str] = []
     references: list[str] = []
-
-
 
 
 class ConversationState(_Payload):
@@ -227,7 +223,6 @@ class ConversationMessageAdded(_Payload):
     channel: str = "email"
     message: MessageSummary
     conversation: ConversationState
-
 
 
 @register("conversation.updated")
@@ -271,7 +266,6 @@ class SentMessage(_Payload):
     references: list[str] = []
 
 
-
 @register("mail.status")
 class MailStatus(_Payload):
     send_id: str
@@ -284,4 +278,3 @@ class MailStatus(_Payload):
     attempt: int = 0
     next_attempt_at: datetime | None = None
     message: SentMessage | None = None
-

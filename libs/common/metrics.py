@@ -9,10 +9,14 @@ EVENTS_FAILED = Counter(
     "chatflow_bus_events_failed_total", "Handler failures and invalid entries", ["stream", "group"]
 )
 DEAD_LETTERED = Counter(
-    "chatflow_bus_dead_lettered_total", "Entries moved to the dead-letter stream", ["stream", "group"]
+    "chatflow_bus_dead_lettered_total",
+    "Entries moved to the dead-letter stream",
+    ["stream", "group"],
 )
 RECLAIMED = Counter(
-    "chatflow_bus_reclaimed_total", "Pending entries reclaimed from idle consumers", ["stream", "group"]
+    "chatflow_bus_reclaimed_total",
+    "Pending entries reclaimed from idle consumers",
+    ["stream", "group"],
 )
 HANDLER_SECONDS = Histogram(
     "chatflow_bus_handler_seconds",

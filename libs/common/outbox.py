@@ -85,8 +85,8 @@ class OutboxRelay:
             rows = sorted(rows, key=lambda r: r["id"])
             oldest = rows[0]["created_at"].timestamp()
             metrics.OUTBOX_LAG.labels(schema=self.schema).set(max(0.0, time.time() - oldest))
-            await self.bus.publish_raw([(self.bus.stream(r["stream_type"]), r["envelope"]) for r in rows])
+            await self.bus.publish_raw(
+                [(self.bus.stream(r["stream_type"]), r["envelope"]) for r in rows]
+            )
         metrics.OUTBOX_PUBLISHED.labels(schema=self.schema).inc(len(rows))
         return len(rows)
-
-

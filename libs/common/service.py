@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -61,7 +61,9 @@ class Service:
         return {}
 
     # ---- helpers ------------------------------------------------------------------------------
-    def consumer(self, types: Sequence[str], handler: Handler, group: str | None = None) -> Consumer:
+    def consumer(
+        self, types: Sequence[str], handler: Handler, group: str | None = None
+    ) -> Consumer:
         s = self.settings
         c = Consumer(
             self.bus,
@@ -111,14 +113,20 @@ class Service:
         await self.connect()
         await self.on_start()
         s = self.settings
-        self._http = web.server(self.app(), s.http_host, s.http_port, str(s.tls_cert), str(s.tls_key))
+        self._http = web.server(
+            self.app(), s.http_host, s.http_port, str(s.tls_cert), str(s.tls_key)
+        )
         tasks = [asyncio.create_task(self.relay.run(), name="outbox-relay")]
-        tasks += [asyncio.create_task(c.run(), name=f"consumer-{i}") for i, c in enumerate(self.consumers)]
+        tasks += [
+            asyncio.create_task(c.run(), name=f"consumer-{i}") for i, c in enumerate(self.consumers)
+        ]
         tasks += [asyncio.create_task(fn(), name=f"bg-{i}") for i, fn in enumerate(self.background)]
         http_task = asyncio.create_task(self._http.serve(), name="http")
         log.info("started", extra={"http_port": s.http_port})
         stopper = asyncio.create_task(self.stop_event.wait())
-        done, _ = await asyncio.wait([stopper, http_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            [stopper, http_task, *tasks], return_when=asyncio.FIRST_COMPLETED
+        )
         for t in done:
             if t is not stopper and t.exception():
                 log.error("task crashed; stopping", exc_info=t.exception())
@@ -154,7 +162,9 @@ def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd")
     sub.add_parser("run", help="run the service (default)")
     sub.add_parser("migrate", help="create the role and schema, apply migrations")
-    extra: dict[str, Callable[[argparse.Namespace, ServiceSettings], Coroutine[Any, Any, int | None]]] = {}
+    extra: dict[
+        str, Callable[[argparse.Namespace, ServiceSettings], Coroutine[Any, Any, int | None]]
+    ] = {}
     register = getattr(service_cls, "commands", None)
     if register:
         extra = register(sub)

@@ -14,15 +14,17 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
 from libs.common.settings import ROOT
 
-ADMIN_URL = os.environ.get("CHATFLOW_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = os.environ.get(
+    "CHATFLOW_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("CHATFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -83,15 +85,22 @@ def service_env(database_url: str, prefix: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_python(module_args: list[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_python(
+    module_args: list[str], env: Mapping[str, str], log: Path
+) -> subprocess.Popen[bytes]:
     out = log.open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", *module_args], env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", *module_args],
+        env=dict(env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
 
 
-def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -104,7 +113,7 @@ def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | 
     raise TimeoutError(f"port {port} did not open in {timeout}s")
 
 
-async def eventually(fn: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+async def eventually(fn: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:  # noqa: ASYNC109
     """Poll ``fn`` (sync or async) until it returns a truthy value."""
     deadline = time.monotonic() + timeout
     last = None

@@ -56,7 +56,9 @@ def install_errors(app: FastAPI) -> None:
         headers = getattr(exc, "headers", None)
         if exc.status_code == 401:
             headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code), exc.status_code, headers)
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail), code), exc.status_code, headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

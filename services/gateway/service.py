@@ -31,6 +31,7 @@ from services.gateway.ws import WsBridge
 
 log = logging.getLogger("chatflow.gateway")
 
+
 def upstream_client(s: GatewaySettings) -> httpx.AsyncClient:
     """One shared HTTP/1.1 keep-alive client for every upstream.
 

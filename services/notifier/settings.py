@@ -34,4 +34,3 @@ class NotifierSettings(ServiceSettings):
     )
     frames_retention_s: int = field(3600, "frames older than this are trimmed from the stream")
     frames_trim_interval_s: float = field(60.0, "how often the frames stream is trimmed")
-

@@ -108,4 +108,3 @@ async def record_status(conn: asyncpg.Connection, s: MailStatus) -> bool:
         s.detail,
     )
     return bool(inserted)
-

@@ -87,7 +87,7 @@ class Delivery:
         async with self._sem:
             s = self.svc.settings
             try:
-                errors, reply = await aiosmtplib.send(
+                _refused, reply = await aiosmtplib.send(
                     bytes(row["mime"]),
                     sender=row["mail_from"],
                     recipients=list(row["recipients"]),

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 CONSUMER = "sender"
 
 
-def status_event(row: Any, status: str, detail: str, env: Envelope | None = None, **kw: Any) -> Envelope:
+def status_event(
+    row: Any, status: str, detail: str, env: Envelope | None = None, **kw: Any
+) -> Envelope:
     payload = MailStatus(
         send_id=str(row["send_id"]),
         client_id=row["client_id"],
@@ -40,7 +42,9 @@ def status_event(row: Any, status: str, detail: str, env: Envelope | None = None
         attempt=row["attempts"],
         **kw,
     )
-    return Envelope.of(payload, producer="sender", correlation_id=env.correlation_id if env else None)
+    return Envelope.of(
+        payload, producer="sender", correlation_id=env.correlation_id if env else None
+    )
 
 
 def _addr(d: dict[str, Any]) -> c.Addr:
@@ -50,12 +54,15 @@ def _addr(d: dict[str, Any]) -> c.Addr:
 async def _thread(conn: asyncpg.Connection, id_conversa: str) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT * FROM thread_messages WHERE id_conversa = $1 ORDER BY date, seen_at", id_conversa
+            "SELECT * FROM thread_messages WHERE id_conversa = $1 ORDER BY date, seen_at",
+            id_conversa,
         )
     )
 
 
-def plan(cmd: MailSend, box: asyncpg.Record, thread: list[asyncpg.Record], now: datetime) -> tuple[c.Draft, c.ThreadContext]:
+def plan(
+    cmd: MailSend, box: asyncpg.Record, thread: list[asyncpg.Record], now: datetime
+) -> tuple[c.Draft, c.ThreadContext]:
     """Who gets the reply and which headers thread it, from our view of the conversation."""
     last = thread[-1]
     last_in = next((m for m in reversed(thread) if m["direction"] == "in"), None)
@@ -141,7 +148,9 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
         async with svc.pool.acquire() as conn, conn.transaction():
             if not await inbox.first_time(conn, CONSUMER, env.id):
                 return
-            if await conn.fetchval("SELECT 1 FROM sends WHERE send_id = $1", uuid.UUID(cmd.send_id)):
+            if await conn.fetchval(
+                "SELECT 1 FROM sends WHERE send_id = $1", uuid.UUID(cmd.send_id)
+            ):
                 return
             box = await conn.fetchrow("SELECT * FROM mailboxes WHERE id = $1", cmd.mailbox_id)
             failure = ""

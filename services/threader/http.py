@@ -78,7 +78,10 @@ def _message(row: Any) -> dict[str, Any]:
         "text": row["text_body"],
         "html": row["html_body"],
         "attachments": [
-            {k: a.get(k) for k in ("id", "filename", "content_type", "size", "content_id", "inline")}
+            {
+                k: a.get(k)
+                for k in ("id", "filename", "content_type", "size", "content_id", "inline")
+            }
             for a in row["attachments"]
         ],
         "status": row["status"],

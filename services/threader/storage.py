@@ -143,9 +143,13 @@ async def place_message(
 async def _merge(conn: asyncpg.Connection, old: uuid.UUID, into: uuid.UUID) -> None:
     await conn.execute("UPDATE messages SET id_conversa = $2 WHERE id_conversa = $1", old, into)
     await conn.execute("UPDATE thread_keys SET id_conversa = $2 WHERE id_conversa = $1", old, into)
-    await conn.execute("UPDATE conversations SET merged_into = $2 WHERE merged_into = $1", old, into)
     await conn.execute(
-        "UPDATE conversations SET merged_into = $2, message_count = 0 WHERE id_conversa = $1", old, into
+        "UPDATE conversations SET merged_into = $2 WHERE merged_into = $1", old, into
+    )
+    await conn.execute(
+        "UPDATE conversations SET merged_into = $2, message_count = 0 WHERE id_conversa = $1",
+        old,
+        into,
     )
 
 

@@ -45,7 +45,9 @@ async def _announce(conn: object, env: Envelope, placed: storage.Placed) -> None
     if placed.merged:
         events.append(
             Envelope.of(
-                ConversationMerged(mailbox_id=conv.mailbox_id, into=conv.id_conversa, merged=placed.merged),
+                ConversationMerged(
+                    mailbox_id=conv.mailbox_id, into=conv.id_conversa, merged=placed.merged
+                ),
                 producer="threader",
                 correlation_id=env.correlation_id,
             )

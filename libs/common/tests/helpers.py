@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -15,7 +16,6 @@ from libs.common.events import Envelope, MailboxChanged
 from libs.common.service import Service
 from libs.common.service import main as service_main
 from libs.common.settings import ServiceSettings
-from urllib.parse import urlsplit, urlunsplit
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ROLE, SCHEMA = "chatflow_commontest", "commontest"
@@ -36,7 +36,9 @@ def make_handler(pool: asyncpg.Pool, name: str, hang_file: str | None = None):  
         async with pool.acquire() as conn, conn.transaction():
             if not await inbox.first_time(conn, "effects", env.id):
                 return
-            await conn.execute("INSERT INTO effects (event_id, handled_by) VALUES ($1, $2)", env.id, name)
+            await conn.execute(
+                "INSERT INTO effects (event_id, handled_by) VALUES ($1, $2)", env.id, name
+            )
             if hang_file:
                 Path(hang_file).write_text(entry_id)
                 await asyncio.sleep(3600)  # killed here, before commit
@@ -51,11 +53,15 @@ def sample(i: int = 0) -> Envelope:
 async def _consumer_proc(admin_url: str, redis_url: str, prefix: str, hang_file: str) -> None:
     pool = await setup_schema(admin_url)
     bus = Bus(connect(redis_url), prefix)
-    c = Consumer(bus, "g", ["mailbox.changed"], make_handler(pool, "doomed", hang_file), block_ms=200)
+    c = Consumer(
+        bus, "g", ["mailbox.changed"], make_handler(pool, "doomed", hang_file), block_ms=200
+    )
     await c.run()
 
 
-async def _outbox_proc(admin_url: str, redis_url: str, prefix: str, ready_file: str, n: int) -> None:
+async def _outbox_proc(
+    admin_url: str, redis_url: str, prefix: str, ready_file: str, n: int
+) -> None:
     """Commits n outbox rows, then hangs inside a relay pass before XADD (killed there)."""
     pool = await setup_schema(admin_url)
     async with pool.acquire() as conn, conn.transaction():

@@ -25,7 +25,10 @@ async def pool(database_url: str):  # type: ignore[no-untyped-def]
 
 
 async def effects(pool: asyncpg.Pool, event_id: str) -> list[str]:
-    return [r["handled_by"] for r in await pool.fetch("SELECT handled_by FROM effects WHERE event_id=$1", event_id)]
+    return [
+        r["handled_by"]
+        for r in await pool.fetch("SELECT handled_by FROM effects WHERE event_id=$1", event_id)
+    ]
 
 
 async def run_for(consumer: Consumer, until) -> None:  # type: ignore[no-untyped-def]
@@ -53,7 +56,14 @@ async def test_killed_consumer_entry_is_reclaimed_and_handled_once(
     await bus.publish(env)
     hang = tmp_path / "hang"
     proc = testing.start_python(
-        ["libs.common.tests.helpers", "consumer", database_url, testing.REDIS_URL, bus.prefix, str(hang)],
+        [
+            "libs.common.tests.helpers",
+            "consumer",
+            database_url,
+            testing.REDIS_URL,
+            bus.prefix,
+            str(hang),
+        ],
         os.environ,
         tmp_path / "proc.log",
     )
@@ -65,8 +75,15 @@ async def test_killed_consumer_entry_is_reclaimed_and_handled_once(
     assert await effects(pool, env.id) == []  # its transaction died with it
     pending = await bus.redis.xpending(bus.stream("mailbox.changed"), "g")
     assert pending["pending"] == 1
-    c = Consumer(bus, "g", ["mailbox.changed"], make_handler(pool, "rescuer"), block_ms=100,
-                 claim_idle_ms=200, claim_interval_ms=100)
+    c = Consumer(
+        bus,
+        "g",
+        ["mailbox.changed"],
+        make_handler(pool, "rescuer"),
+        block_ms=100,
+        claim_idle_ms=200,
+        claim_interval_ms=100,
+    )
     await run_for(c, lambda: effects(pool, env.id))
     await asyncio.sleep(0.3)
     assert await effects(pool, env.id) == ["rescuer"]
@@ -82,8 +99,16 @@ async def test_poison_entry_is_dead_lettered_after_max_deliveries(bus: Bus) -> N
         raise RuntimeError("boom: cannot handle")
 
     await bus.publish(sample(3))
-    c = Consumer(bus, "g", ["mailbox.changed"], failing, block_ms=100, claim_idle_ms=50,
-                 claim_interval_ms=50, max_deliveries=3)
+    c = Consumer(
+        bus,
+        "g",
+        ["mailbox.changed"],
+        failing,
+        block_ms=100,
+        claim_idle_ms=50,
+        claim_interval_ms=50,
+        max_deliveries=3,
+    )
     await run_for(c, lambda: bus.redis.xlen(bus.dead_letter))
     assert calls == 3
     [(_, fields)] = await bus.redis.xrange(bus.dead_letter)
@@ -100,7 +125,9 @@ async def test_invalid_entry_goes_to_dead_letter_at_once(bus: Bus) -> None:
         handled.append(env.id)
 
     stream = bus.stream("mailbox.changed")
-    await bus.redis.xadd(stream, {"e": b'{"type": "mailbox.changed", "producer": "x", "payload": {"address": 1}}'})
+    await bus.redis.xadd(
+        stream, {"e": b'{"type": "mailbox.changed", "producer": "x", "payload": {"address": 1}}'}
+    )
     await bus.redis.xadd(stream, {"junk": b"1"})
     good = sample(4)
     await bus.publish(good)

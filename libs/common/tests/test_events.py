@@ -14,8 +14,15 @@ def test_every_registered_payload_round_trips_through_json() -> None:
 def test_envelope_round_trip_keeps_from_alias() -> None:
     now = datetime.now(UTC)
     payload = MailReceived.model_validate(
-        {"ingest_id": "i", "mailbox_id": "m", "mailbox_address": "s@x.test", "message_id": "<a@b>",
-         "from": {"name": "Zoë", "address": "z@x.test"}, "date": now, "received_at": now}
+        {
+            "ingest_id": "i",
+            "mailbox_id": "m",
+            "mailbox_address": "s@x.test",
+            "message_id": "<a@b>",
+            "from": {"name": "Zoë", "address": "z@x.test"},
+            "date": now,
+            "received_at": now,
+        }
     )
     env = Envelope.of(payload, "ingest", correlation_id="c1")
     raw = env.to_json()
@@ -31,7 +38,10 @@ def test_envelope_round_trip_keeps_from_alias() -> None:
         (b"not json", "invalid envelope"),
         (b'{"type": "mail.received", "producer": "x", "payload": {}}', "invalid mail.received"),
         (b'{"type": "no.such", "producer": "x", "payload": {}}', "unknown event type"),
-        (b'{"type": "mail.send", "version": 9, "producer": "x", "payload": {}}', "unknown event type"),
+        (
+            b'{"type": "mail.send", "version": 9, "producer": "x", "payload": {}}',
+            "unknown event type",
+        ),
     ],
 )
 def test_bad_entries_raise_event_error(raw: bytes, reason: str) -> None:

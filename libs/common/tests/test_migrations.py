@@ -23,7 +23,9 @@ async def test_changed_migration_is_refused(database_url: str, tmp_path: Path) -
     (folder / "0001_t.sql").write_text("CREATE TABLE t (a int);")
     url = own_url(database_url).replace(ROLE, "chatflow_migtest")
     assert await db.migrate(database_url, url, "chatflow_migtest", "migtest", folder) == [
-        "common_0001_outbox_inbox", "0001_t"]
+        "common_0001_outbox_inbox",
+        "0001_t",
+    ]
     (folder / "0001_t.sql").write_text("CREATE TABLE t (a int, b int);")
     with pytest.raises(RuntimeError, match="changed after it was applied"):
         await db.migrate(database_url, url, "chatflow_migtest", "migtest", folder)
@@ -32,7 +34,9 @@ async def test_changed_migration_is_refused(database_url: str, tmp_path: Path) -
 async def test_a_service_role_cannot_read_another_schema(database_url: str, tmp_path: Path) -> None:
     folder = tmp_path / "other"
     folder.mkdir()
-    (folder / "0001_secret.sql").write_text("CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('x');")
+    (folder / "0001_secret.sql").write_text(
+        "CREATE TABLE secrets (v text); INSERT INTO secrets VALUES ('x');"
+    )
     other_url = own_url(database_url).replace(ROLE, "chatflow_othertest")
     await db.migrate(database_url, other_url, "chatflow_othertest", "othertest", folder)
     await db.migrate(database_url, own_url(database_url), ROLE, SCHEMA, MIGRATIONS)

@@ -42,8 +42,15 @@ async def test_relay_killed_before_publishing_publishes_after_restart(
         await pool.execute("DELETE FROM outbox")
         ready = tmp_path / "ready"
         proc = testing.start_python(
-            ["libs.common.tests.helpers", "outbox", database_url, testing.REDIS_URL, bus.prefix,
-             str(ready), "7"],
+            [
+                "libs.common.tests.helpers",
+                "outbox",
+                database_url,
+                testing.REDIS_URL,
+                bus.prefix,
+                str(ready),
+                "7",
+            ],
             os.environ,
             tmp_path / "proc.log",
         )

@@ -27,7 +27,5 @@ def needs_resync(after: str, first_in_stream: str | None) -> bool:
     return first_in_stream is None or stream_id(after) < stream_id(first_in_stream)
 
 
-def in_audience(
-    mailboxes: Iterable[str], sub: str, mailbox_id: str, user_id: str | None
-) -> bool:
+def in_audience(mailboxes: Iterable[str], sub: str, mailbox_id: str, user_id: str | None) -> bool:
     return mailbox_id in mailboxes and (not user_id or user_id == sub)

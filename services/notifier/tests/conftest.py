@@ -162,8 +162,10 @@ def ws_connect(
     svc: NotifierService, token: str | None, *, subprotocols: list[str] | None = None, **kw: Any
 ) -> Any:
     s = svc.cfg
-    protos = subprotocols if subprotocols is not None else (
-        ["chatflow.v1", "bearer." + token] if token else ["chatflow.v1"]
+    protos = (
+        subprotocols
+        if subprotocols is not None
+        else (["chatflow.v1", "bearer." + token] if token else ["chatflow.v1"])
     )
     return connect(
         f"wss://127.0.0.1:{s.ws_port}/ws",

@@ -146,8 +146,11 @@ async def test_send_to_unknown_or_foreign_conversation_is_not_found(
     ):
         foreign = await known_conversation(env, other, theirs)
         for cid in (foreign, "c-does-not-exist"):
-            await ws.send(json.dumps({"type": "send", "client_id": "x", "id_conversa": cid,
-                                      "html": "<p>hi</p>"}))
+            await ws.send(
+                json.dumps(
+                    {"type": "send", "client_id": "x", "id_conversa": cid, "html": "<p>hi</p>"}
+                )
+            )
             err = await recv_type(ws, "error")
             assert err["code"] == "not_found" and err["client_id"] == "x"
     await asyncio.sleep(0.3)
@@ -163,20 +166,33 @@ async def test_mail_status_reaches_the_sender_only(env: Env, start: Starter) -> 
     ):
         cid = await known_conversation(env, ws, box)
         await recv_type(colleague, "message.added")
-        await ws.send(json.dumps({"type": "send", "client_id": "d2", "id_conversa": cid,
-                                  "html": "<p>ok</p>"}))
+        await ws.send(
+            json.dumps({"type": "send", "client_id": "d2", "id_conversa": cid, "html": "<p>ok</p>"})
+        )
         ack = await recv_type(ws, "send.ack")
 
         def status(st: Any, attempt: int = 0, detail: str = "") -> MailStatus:
-            return MailStatus(send_id=ack["send_id"], client_id="d2", id_conversa=cid,
-                              mailbox_id=box, user_id=sub, status=st, attempt=attempt,
-                              detail=detail)
+            return MailStatus(
+                send_id=ack["send_id"],
+                client_id="d2",
+                id_conversa=cid,
+                mailbox_id=box,
+                user_id=sub,
+                status=st,
+                attempt=attempt,
+                detail=detail,
+            )
 
         await env.publish(status("sent", detail="250 ok"), producer="sender")
         frame = await recv_type(ws, "send.status")
-        assert frame == {"type": "send.status", "event_id": frame["event_id"],
-                         "send_id": ack["send_id"], "client_id": "d2", "status": "sent",
-                         "detail": "250 ok"}
+        assert frame == {
+            "type": "send.status",
+            "event_id": frame["event_id"],
+            "send_id": ack["send_id"],
+            "client_id": "d2",
+            "status": "sent",
+            "detail": "250 ok",
+        }
         # A late "queued" must not undo "sent".
         await env.publish(status("queued"), producer="sender")
         await assert_silent(ws, 0.8)
@@ -321,9 +337,7 @@ async def test_slow_consumer_is_closed_and_others_still_served(
         await recv_json(slow)
         [slow_conn] = [c.conn for c in svc.hub.clients if c.identity.sub == slow_sub]
         real = hub_module.buffered
-        monkeypatch.setattr(
-            hub_module, "buffered", lambda c: 10**9 if c is slow_conn else real(c)
-        )
+        monkeypatch.setattr(hub_module, "buffered", lambda c: 10**9 if c is slow_conn else real(c))
         await env.publish(message_added(box))
         await recv_type(fine, "message.added")
         assert await wait_closed(slow) == (4008, "slow consumer")
@@ -345,8 +359,11 @@ async def test_wrong_origin_and_path_are_refused(env: Env, start: Starter) -> No
         await ws.send(json.dumps({"type": "ping"}))
         assert await recv_json(ws) == {"type": "pong"}
     with pytest.raises(InvalidStatus) as exc:
-        async with connect(f"wss://127.0.0.1:{svc.cfg.ws_port}/nope", ssl=client_ssl(svc.cfg),
-                           origin="https://localhost:8443"):
+        async with connect(
+            f"wss://127.0.0.1:{svc.cfg.ws_port}/nope",
+            ssl=client_ssl(svc.cfg),
+            origin="https://localhost:8443",
+        ):
             pass
     assert exc.value.response.status_code == 404
 

@@ -64,10 +64,22 @@ def test_message_added_shape_and_render() -> None:
 
 
 def test_send_status_shape() -> None:
-    st = MailStatus(send_id="s", client_id="c", id_conversa="x", mailbox_id="m",
-                    status="failed", detail="550 no", next_attempt_at=datetime.now(UTC))
-    assert frames.send_status(st) == {"type": "send.status", "send_id": "s", "client_id": "c",
-                                      "status": "failed", "detail": "550 no"}
+    st = MailStatus(
+        send_id="s",
+        client_id="c",
+        id_conversa="x",
+        mailbox_id="m",
+        status="failed",
+        detail="550 no",
+        next_attempt_at=datetime.now(UTC),
+    )
+    assert frames.send_status(st) == {
+        "type": "send.status",
+        "send_id": "s",
+        "client_id": "c",
+        "status": "failed",
+        "detail": "550 no",
+    }
 
 
 def test_allowed_origins_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,8 +99,10 @@ async def test_hub_index_holds_during_resume_and_kicks_on_overflow(
     sent: list[tuple[list[Any], str]] = []
     monkeypatch.setattr(hub_module.websockets, "broadcast", lambda c, t: sent.append((list(c), t)))
     h = Hub(slow_bytes=100, max_held=2)
-    a, b, c = (Client(FakeConn(), ident(s, *m)) for s, m in  # type: ignore[arg-type]
-               (("ua", ("m1",)), ("ub", ("m1", "m2")), ("uc", ("m2",))))
+    a, b, c = (
+        Client(FakeConn(), ident(s, *m))
+        for s, m in (("ua", ("m1",)), ("ub", ("m1", "m2")), ("uc", ("m2",)))  # type: ignore[arg-type]
+    )
     for cl in (a, b, c):
         h.add(cl)
     assert h.deliver("m1", None, "1-0", "x") == 2
