@@ -55,8 +55,15 @@ def read_tokens(path: str) -> list[str]:
     return [json.loads(line)["token"] for line in Path(path).read_text().splitlines()]
 
 
+async def _drain(done: list[int], need: int, limit_s: float) -> None:
+    """Wait until every connection counted ``need`` frames of this run (or the timeout)."""
+    deadline = time.monotonic() + limit_s
+    while min(done, default=need) < need and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
 async def agents(a: argparse.Namespace) -> dict[str, Any]:
-    """Hold connections and count message.added frames (no timing: that is the observers' job)."""
+    """Hold connections and count this run's message.added frames (observers do the timing)."""
     tokens = read_tokens(a.tokens)[a.start : a.start + a.count]
     ctx = _ctx(a.ca)
     sem = asyncio.Semaphore(50)
@@ -67,19 +74,37 @@ async def agents(a: argparse.Namespace) -> dict[str, Any]:
 
     conns = await asyncio.gather(*(one(t) for t in tokens))
     counts = [0] * len(conns)
+    marker = b""
 
     async def reader(i: int, ws: ClientConnection) -> None:
         async for raw in ws:
-            if b'"message.added"' in (raw if isinstance(raw, bytes) else raw.encode()):
+            data = raw if isinstance(raw, bytes) else raw.encode()
+            if marker and marker in data and b'"message.added"' in data:
                 counts[i] += 1
 
     tasks = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
     print("READY", flush=True)
-    await _stdin_line()
+    _, run, need = (await _stdin_line()).split()
+    marker = f"<bench-{run}-".encode()
+    print("ARMED", flush=True)
+    _, _, need = (await _stdin_line()).split()
+    await _drain(counts, int(need), a.drain)
     closed_early = sum(1 for t in tasks if t.done())
     for ws in conns:
         await ws.close()
     return {"connections": len(conns), "frames": sum(counts), "closed_early": closed_early}
+
+
+async def _drain_seen(
+    seen: list[dict[str, float]], counts: list[int], marker: str, need: int, limit_s: float
+) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for i, conn in enumerate(seen):
+            counts[i] = sum(1 for mid in conn if mid.startswith(marker))
+        if min(counts, default=need) >= need:
+            return
+        await asyncio.sleep(0.05)
 
 
 async def observers(a: argparse.Namespace) -> dict[str, Any]:
@@ -107,10 +132,13 @@ async def observers(a: argparse.Namespace) -> dict[str, Any]:
 
     tasks = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
     print("READY", flush=True)
-    line = (await _stdin_line()).strip()
+    _, run, need, sends = (await _stdin_line()).split()
+    marker = f"<bench-{run}-"
+    counts = [0] * len(conns)
+    await _drain_seen(seen, counts, marker, int(need), a.drain)
     send_lat: list[float] = []
-    if line.startswith("SENDS"):
-        n = int(line.split()[1])
+    if int(sends):
+        n = int(sends)
         for k in range(min(n, len(convs))):
             cid = uuid.uuid4().hex
             ack_events[cid] = asyncio.Event()
@@ -133,7 +161,6 @@ async def observers(a: argparse.Namespace) -> dict[str, Any]:
             if cid in acks:
                 send_lat.append(acks[cid] - t0)
             await asyncio.sleep(0.02)
-        await _stdin_line()
     for ws in conns:
         await ws.close()
     for t in tasks:
@@ -216,6 +243,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=0)
     p.add_argument("--size", type=int, default=5000)
     p.add_argument("--run", default="x")
+    p.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the last frames")
     a = p.parse_args()
     fn = {"agents": agents, "observers": observers, "smtp": smtp}[a.role]
     import uvloop

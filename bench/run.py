@@ -56,6 +56,12 @@ class Child:
         if line != "READY":
             raise RuntimeError(f"client failed to start: {line!r} (rc={self.proc.poll()})")
 
+    def wait_for(self, word: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"client said {line!r}, expected {word}")
+
     def say(self, line: str = "GO") -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
@@ -97,10 +103,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+VIA = {"via": "gateway"}
+
+
+def ws_url(stack: Stack) -> str:
+    """Agents connect through the gateway; ``--via notifier`` measures the notifier alone."""
+    if VIA["via"] == "notifier":
+        return f"wss://127.0.0.1:{stack.ports.notifier_ws}/ws"
+    return f"wss://127.0.0.1:{stack.ports.gateway}/ws"
+
+
 def scenario(
     stack: Stack, tokens: Path, agents: int, rate: float, seconds: float, sends: int
 ) -> dict[str, Any]:
-    url = f"wss://127.0.0.1:{stack.ports.gateway}/ws"
+    url = ws_url(stack)
     ca = str(stack.certs / "ca.pem")
     common = ["--url", url, "--origin", stack.origin, "--tokens", str(tokens), "--ca", ca]
     holders: list[Child] = []
@@ -139,14 +155,16 @@ def scenario(
         ]
     )
     smtp.ready()
+    for h in holders:
+        h.say(f"RUN {run} 0")
+        h.wait_for("ARMED")
     smtp.say()
     sent = smtp.result()
-    time.sleep(3)  # let the last frames arrive
-    obs.say(f"SENDS {sends}")
-    obs.say("DONE")
-    seen = obs.result()
+    n = len(sent["accepted"])
+    obs.say(f"DONE {run} {n} {sends}")
     for h in holders:
-        h.say()
+        h.say(f"DONE {run} {n}")
+    seen = obs.result()
     held = [h.result() for h in holders]
     accepted: dict[str, float] = sent["accepted"]
     lat = [
@@ -156,8 +174,8 @@ def scenario(
         if mid in accepted
     ]
     due = len(accepted) * agents
-    received = sum(len(c) for c in seen["seen"] if c) + sum(h["frames"] for h in held)
     received_obs = sum(1 for conn in seen["seen"] for mid in conn if mid in accepted)
+    received = received_obs + sum(h["frames"] for h in held)
     return {
         "agents": agents,
         "rate_msg_s": rate,
@@ -185,7 +203,7 @@ def scenario(
 
 def throughput(stack: Stack, tokens: Path, count: int, size: int) -> dict[str, Any]:
     """SMTP messages/s accepted with the durable commit, and end to end to an observer."""
-    url = f"wss://127.0.0.1:{stack.ports.gateway}/ws"
+    url = ws_url(stack)
     ca = str(stack.certs / "ca.pem")
     obs = Child(
         [
@@ -228,8 +246,7 @@ def throughput(stack: Stack, tokens: Path, count: int, size: int) -> dict[str, A
     smtp.ready()
     smtp.say()
     sent = smtp.result()
-    time.sleep(3)  # let the tail of the burst reach the observer
-    obs.say("DONE")
+    obs.say(f"DONE {run} {len(sent['accepted'])} 0")
     seen = obs.result()
     accepted = sent["accepted"]
     times = [t for mid, t in seen["seen"][0].items() if mid in accepted]
@@ -253,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full", action="store_true", help="also the 5,000 agents at 20 msg/s case")
     p.add_argument("--throughput", type=int, default=2000, help="messages for the throughput run")
     p.add_argument("--out", default=str(ROOT / "bench/report.json"))
+    p.add_argument("--via", choices=["gateway", "notifier"], default="gateway")
     a = p.parse_args(argv)
+    VIA["via"] = a.via
     cases = [(int(n), a.rate) for n in a.agents.split(",") if n]
     if a.full:
         cases.append((5000, 20.0))
@@ -293,13 +312,13 @@ def main(argv: list[str] | None = None) -> None:
         stack.start()
         stack.wait_ready(90)
         time.sleep(1)
-        report["throughput_5kb"] = throughput(stack, tokens, a.throughput, 5000)
-        print(json.dumps(report["throughput_5kb"]), flush=True)
         report["latency"] = []
         for n, rate in cases:
             res = scenario(stack, tokens, n, rate, a.seconds, sends=50)
             print(json.dumps(res), flush=True)
             report["latency"].append(res)
+        report["throughput_5kb"] = throughput(stack, tokens, a.throughput, 5000)
+        print(json.dumps(report["throughput_5kb"]), flush=True)
     finally:
         stack.stop()
         asyncio.run(testing.drop_database(db))

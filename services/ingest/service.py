@@ -38,7 +38,9 @@ class IngestService(Service):
         router = APIRouter()
 
         @router.get("/api/attachments/{att_id}")
-        async def download(att_id: str, request: Request, who: Identity = Depends(identity)) -> Response:
+        async def download(
+            att_id: str, request: Request, who: Identity = Depends(identity)
+        ) -> Response:
             try:
                 key = uuid.UUID(att_id)
             except ValueError as exc:

@@ -35,8 +35,13 @@ class IngestHandler:
     def __init__(self, service: IngestService) -> None:
         self.service = service
 
-    async def handle_RCPT(  # noqa: N802 (aiosmtpd's hook name)
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self.service.settings.smtp_max_recipients:
             return "452 4.5.3 Too many recipients"
@@ -45,7 +50,7 @@ class IngestHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Recipient ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw: bytes = envelope.original_content or b""
         received_at = datetime.now(UTC)
         boxes: dict[str, storage.Mailbox] = {}

@@ -22,7 +22,9 @@ async def load_mailboxes(pool: asyncpg.Pool) -> dict[str, Mailbox]:
     return {r["address"]: Mailbox(r["id"], r["address"], r["name"]) for r in rows}
 
 
-async def upsert_mailbox(conn: asyncpg.Connection, id_: str, address: str, name: str, active: bool) -> None:
+async def upsert_mailbox(
+    conn: asyncpg.Connection, id_: str, address: str, name: str, active: bool
+) -> None:
     await conn.execute(
         """INSERT INTO mailboxes (id, address, name, active) VALUES ($1, $2, $3, $4)
            ON CONFLICT (id) DO UPDATE SET address = $2, name = $3, active = $4""",
