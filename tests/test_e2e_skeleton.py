@@ -169,3 +169,25 @@ async def test_api_needs_a_token(stack: Stack, ca_context: ssl.SSLContext) -> No
         r = await http.get("/api/conversations")
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "unauthorized"
+
+
+async def test_each_service_role_sees_only_its_own_schema(stack: Stack) -> None:
+    import asyncpg
+
+    from tools.devstack import SERVICES
+
+    base, _, db = stack.database_url.rpartition("/")
+    host = base.split("@", 1)[1]
+    for me in SERVICES:
+        conn = await asyncpg.connect(f"postgresql://chatflow_{me}@{host}/{db}")
+        try:
+            assert await conn.fetchval(f"SELECT count(*) FROM {me}.outbox") is not None
+            for other in SERVICES:
+                if other == me:
+                    continue
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetch(f"SELECT * FROM {other}.outbox LIMIT 1")
+        finally:
+            await conn.close()
+    again = stack.run_cmd("threader", "migrate")  # a second migrate is a no-op
+    assert again == ""
