@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         var=var,
         log_file=var / "stack.log",
         echo=False,
+        inherit_env=False,
         extra_env={"CHATFLOW_LOG_LEVEL": "WARNING"},
     )
     report: dict[str, Any] = {

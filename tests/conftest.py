@@ -35,6 +35,7 @@ def stack(
         var=var,
         log_file=var / "stack.log",
         echo=False,
+        inherit_env=False,
         extra_env={
             "CHATFLOW_SENDER_RETRY_BASE_S": "0.5",
             "CHATFLOW_CONSUMER_CLAIM_IDLE_MS": "2000",

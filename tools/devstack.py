@@ -70,6 +70,7 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     log_file: Path | None = None
     echo: bool = True
+    inherit_env: bool = True
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -83,6 +84,8 @@ class Stack:
     def env(self, service: str) -> dict[str, str]:
         p = self.ports
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATFLOW_")}
+        # What the caller set wins over the dev defaults (tests start from a clean slate).
+        inherited = {k: v for k, v in os.environ.items() if k.startswith("CHATFLOW_")}
         env.update(
             PYTHONUNBUFFERED="1",
             CHATFLOW_DATABASE_URL=self.database_url,
@@ -109,6 +112,8 @@ class Stack:
             CHATFLOW_NOTIFIER_HTTP_PORT=str(p.notifier),
             CHATFLOW_NOTIFIER_WS_PORT=str(p.notifier_ws),
         )
+        if self.inherit_env:
+            env.update(inherited)
         env.update(self.extra_env)
         return env
 

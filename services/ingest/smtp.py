@@ -46,6 +46,7 @@ class IngestHandler:
         if len(envelope.rcpt_tos) >= self.service.settings.smtp_max_recipients:
             return "452 4.5.3 Too many recipients"
         if base_address(address) not in self.service.mailboxes:
+            log.info("recipient refused", extra={"rcpt": address, "peer": _peer(session)})
             return f"550 5.1.1 <{address}>: no such mailbox here; this server does not relay"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Recipient ok"
@@ -69,13 +70,23 @@ class IngestHandler:
         except Exception as exc:  # the reader must never cost us a message
             log.exception("reader crashed; message quarantined")
             reason = f"reader error: {type(exc).__name__}: {exc}"
-        peer = str(session.peer[0]) if session.peer else ""
+        peer = _peer(session)
         try:
             ids = await self._store(raw, read, reason, boxes, envelope, received_at, peer)
         except Exception:
             log.exception("could not store message; asking the client to retry")
             return "451 4.3.0 Temporary failure storing the message, try again later"
         self.service.relay.wake()
+        log.info(
+            "message accepted" if read is not None else "message quarantined",
+            extra={
+                "ingest_ids": ids,
+                "message_id": read.message_id if read is not None else None,
+                "size": len(raw),
+                "peer": peer,
+                "reason": reason,
+            },
+        )
         return f"250 2.0.0 Ok: queued as {ids[0]}"
 
     async def _store(
@@ -124,6 +135,10 @@ class IngestHandler:
         return ids
 
 
+def _peer(session: Session) -> str:
+    return str(session.peer[0]) if session.peer else ""
+
+
 def smtp_factory(service: IngestService, tls: ssl.SSLContext) -> SMTP:
     s = service.settings
     return SMTP(
@@ -135,4 +150,6 @@ def smtp_factory(service: IngestService, tls: ssl.SSLContext) -> SMTP:
         enable_SMTPUTF8=True,
         decode_data=False,
         ident="ChatFLOW ingest",
+        # An MX takes no logins: don't advertise AUTH at all.
+        auth_exclude_mechanism=["LOGIN", "PLAIN"],
     )

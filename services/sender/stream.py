@@ -82,7 +82,8 @@ def plan(
         cc=cc,
         html=cmd.html,
         attachments=[],
-        message_id=f"<{cmd.send_id}.{cmd.id_conversa}@{domain}>",
+        # Short enough that clients' folders keep it one plain token (long ids get encoded).
+        message_id=f"<{uuid.UUID(cmd.send_id).hex}.{token}@{domain}>",
         reply_to=None,
         date=now,
     )

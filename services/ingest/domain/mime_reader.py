@@ -586,6 +586,18 @@ def _scan_msgids(value: str) -> tuple[list[str], bool]:
     return ids, junk
 
 
+def _msgid_text(value: str) -> str:
+    """One line of an id header; encoded words decoded first.
+
+    Python's own email folder encodes an over-long id as an encoded word (``=?utf-8?q?=3C...``);
+    the id inside is what the sender meant.
+    """
+    text = single_line(_unfold(value))
+    if "=?" in text:
+        text = single_line(decode_header_text(text))
+    return text
+
+
 def normalize_msgid_list(value: str) -> list[str]:
     """Extract message ids (with angle brackets) from a Message-ID/In-Reply-To/References value.
 
@@ -596,7 +608,7 @@ def normalize_msgid_list(value: str) -> list[str]:
     """
     if not value:
         return []
-    ids, _junk = _scan_msgids(single_line(_unfold(value)))
+    ids, _junk = _scan_msgids(_msgid_text(value))
     seen: set[str] = set()
     out: list[str] = []
     for mid in ids:
@@ -2013,7 +2025,7 @@ def read_message(raw: bytes) -> ReadMessage:
     if irt_raw is not None:
         no_ids: tuple[list[str], bool] = ([], True)
         ids, junk = _guard(
-            notes, "in-reply-to", lambda: _scan_msgids(single_line(_unfold(irt_raw))), no_ids
+            notes, "in-reply-to", lambda: _scan_msgids(_msgid_text(irt_raw)), no_ids
         )
         in_reply_to = normalize_msgid_list(" ".join(ids))
         flags.in_reply_to_junk = junk

@@ -1474,3 +1474,24 @@ def test_fuzz_mutated_messages(raw: bytes) -> None:
     assert all(isinstance(p.data, bytes) and "\n" not in p.filename for p in m.parts)
     assert "<script" not in m.html.lower()
     assert not [d for d in m.defects if d.startswith("internal-error")], m.defects
+
+
+def test_ids_that_pythons_folder_encoded_are_decoded() -> None:
+    """A reply built with stdlib EmailMessage encodes an over-long id; threading must still work."""
+    from email import policy as email_policy
+    from email.message import EmailMessage
+
+    long_id = "<849b337d0f3e4a6b9c7d2e1f0a9b8c7d.8f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7@chatflow.test>"
+    m = EmailMessage()
+    m["From"] = "a@b.test"
+    m["To"] = "support@chatflow.test"
+    m["Subject"] = "Re: x"
+    m["Message-ID"] = "<r1@b.test>"
+    m["In-Reply-To"] = long_id
+    m["References"] = f"<root@x.test> {long_id}"
+    m.set_content("hi")
+    raw = m.as_bytes(policy=email_policy.SMTP)
+    assert b"=?utf-8?q?=3C" in raw  # the stdlib really does this
+    read = read_message(raw)
+    assert read.in_reply_to == [long_id]
+    assert read.references == ["<root@x.test>", long_id]
