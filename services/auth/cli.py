@@ -25,6 +25,7 @@ from libs.common import db, outbox
 from libs.common.bus import Bus, connect
 from libs.common.outbox import OutboxRelay
 from libs.common.settings import ServiceSettings
+from libs.common.tokens import TokenVerifier
 from services.auth import directory, keys, storage
 from services.auth.domain import oauth
 from services.auth.domain.claims import access_claims
@@ -71,7 +72,17 @@ def register(sub: Any) -> dict[str, Command]:
     p.add_argument("--redirect-uri", action="append", default=[], help="repeatable")
     p.add_argument("--grant-type", action="append", choices=oauth.GRANT_TYPES, help="repeatable")
 
-    sub.add_parser("rotate-key", help="activate a new signing key; old ones stay published a while")
+    p = sub.add_parser(
+        "rotate-key",
+        help="publish a new signing key now; it signs after a lead, the old one stays published",
+    )
+    p.add_argument(
+        "--lead-s",
+        type=float,
+        default=None,
+        help="seconds between publishing and signing (default: the key_publish_lead_s setting; "
+        "shorter than the verifiers' refetch interval only in tests)",
+    )
 
     p = sub.add_parser(
         "bench-agents",
@@ -280,12 +291,25 @@ async def create_client(args: argparse.Namespace, settings: ServiceSettings) -> 
 
 async def rotate_key(args: argparse.Namespace, settings: ServiceSettings) -> int:
     s = cast(AuthSettings, settings)
+    lead = s.key_publish_lead_s if args.lead_s is None else args.lead_s
+    if lead < 0:
+        return fail("--lead-s must not be negative")
+    if lead <= TokenVerifier.min_refetch_s:
+        print(
+            f"warning: a lead of {lead:g}s does not exceed the verifiers' refetch interval "
+            f"({TokenVerifier.min_refetch_s:g}s); tokens may fail to verify for a moment",
+            file=sys.stderr,
+        )
     async with connected(s) as ctx:
         async with ctx.pool.acquire() as conn, conn.transaction():
-            kid = await keys.rotate(conn)
+            kid, signs_from = await keys.rotate(conn, lead)
             await keys.publish(conn, s)
         await ctx.deliver()
-    print(f"active signing key {kid}; replicas switch within {s.key_cache_s:g}s")
+    print(
+        f"published signing key {kid}; it signs from {signs_from.isoformat()} (in {lead:g}s), "
+        f"when the previous key retires (published {s.retired_key_grace_s}s more); "
+        f"replicas pick up the schedule within {s.key_cache_s:g}s"
+    )
     return 0
 
 

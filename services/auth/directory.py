@@ -13,9 +13,19 @@ import asyncpg
 
 from libs.common import outbox
 from libs.common.events import Envelope, MailboxChanged, MembershipChanged, UserChanged
+from libs.common.logs import correlation_id
 from services.auth import storage
 
 PRODUCER = "auth"
+
+
+class LastAdmin(Exception):
+    """The change would leave no active administrator, and nobody could undo it."""
+
+
+def _cid() -> str | None:
+    """The request id when called from an HTTP request, so its events can be traced to it."""
+    return correlation_id.get() or None
 
 
 def user_event(row: asyncpg.Record) -> Envelope:
@@ -28,6 +38,7 @@ def user_event(row: asyncpg.Record) -> Envelope:
             active=row["active"],
         ),
         PRODUCER,
+        _cid(),
     )
 
 
@@ -40,12 +51,15 @@ def mailbox_event(row: asyncpg.Record) -> Envelope:
             active=row["active"],
         ),
         PRODUCER,
+        _cid(),
     )
 
 
 def membership_event(user_id: uuid.UUID, mailbox_id: uuid.UUID, active: bool = True) -> Envelope:
     return Envelope.of(
-        MembershipChanged(user_id=str(user_id), mailbox_id=str(mailbox_id), active=active), PRODUCER
+        MembershipChanged(user_id=str(user_id), mailbox_id=str(mailbox_id), active=active),
+        PRODUCER,
+        _cid(),
     )
 
 
@@ -91,3 +105,48 @@ async def add_members(conn: Any, user_ids: list[uuid.UUID], mailbox_id: uuid.UUI
     if added:
         await outbox.add(conn, *[membership_event(u, mailbox_id) for u in added])
     return len(added)
+
+
+async def update_user(
+    conn: Any, row: asyncpg.Record, name: str, roles: list[str], active: bool
+) -> asyncpg.Record:
+    """Change a user (``row`` locked by the caller); ``user.changed`` if anything changed.
+
+    Disabling ends every login of the user (all refresh families) in the same transaction;
+    the last active admin cannot lose the role or be disabled.
+    """
+    if name == row["name"] and roles == list(row["roles"]) and active == row["active"]:
+        return row
+    was_admin = row["active"] and "admin" in row["roles"]
+    if was_admin and not (active and "admin" in roles):
+        # Serialize admin removals, or two could each see the other as the remaining admin.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('auth.admins'))")
+        if await storage.other_active_admins(conn, row["id"]) == 0:
+            raise LastAdmin
+    updated = await storage.update_user(conn, row["id"], name, roles, active)
+    if row["active"] and not active:
+        await storage.revoke_user_families(conn, row["id"])
+    await outbox.add(conn, user_event(updated))
+    return updated
+
+
+async def update_mailbox(
+    conn: Any, row: asyncpg.Record, address: str, name: str, active: bool
+) -> asyncpg.Record:
+    """Change a mailbox (``row`` locked by the caller); ``mailbox.changed`` if anything changed.
+
+    A taken address raises asyncpg's UniqueViolationError.
+    """
+    if (address, name, active) == (row["address"], row["name"], row["active"]):
+        return row
+    updated = await storage.update_mailbox(conn, row["id"], name, active, address)
+    await outbox.add(conn, mailbox_event(updated))
+    return updated
+
+
+async def remove_member(conn: Any, user_id: uuid.UUID, mailbox_id: uuid.UUID) -> bool:
+    """Take a user out of a mailbox; ``membership.changed`` (inactive) if they were in it."""
+    removed = await storage.remove_membership(conn, user_id, mailbox_id)
+    if removed:
+        await outbox.add(conn, membership_event(user_id, mailbox_id, active=False))
+    return removed

@@ -153,7 +153,7 @@ def router(svc: AuthService) -> APIRouter:
 
     @r.get("/api/me")
     async def me(who: Identity = Depends(identity)) -> dict[str, Any]:
-        user = await _user_of(svc, who)
+        user = await current_user(svc, who)
         boxes = await storage.user_mailboxes(svc.pool, user["id"])
         return {
             "id": str(user["id"]),
@@ -165,7 +165,7 @@ def router(svc: AuthService) -> APIRouter:
 
     @r.get("/api/mailboxes")
     async def mailboxes(who: Identity = Depends(identity)) -> dict[str, Any]:
-        user = await _user_of(svc, who)
+        user = await current_user(svc, who)
         boxes = await storage.user_mailboxes(svc.pool, user["id"])
         return {"mailboxes": [_mailbox(m) for m in boxes]}
 
@@ -175,7 +175,8 @@ def router(svc: AuthService) -> APIRouter:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-async def _user_of(svc: AuthService, who: Identity) -> Any:
+async def current_user(svc: AuthService, who: Identity) -> Any:
+    """The user a token belongs to, as the directory has it now (401 once disabled)."""
     try:
         user = await storage.user_by_id(svc.pool, who.sub)
     except ValueError:
@@ -209,7 +210,9 @@ async def _oauth_form(request: Request) -> dict[str, str]:
         raise InvalidRequestError(description=f"expected {FORM_TYPE}")
     params, repeated = _fields(await request.form())
     if repeated:
-        raise InvalidRequestError(description="repeated parameters: " + " ".join(sorted(repeated)))
+        # Names are client input: only what RFC 6749 §5.2 allows in a description is echoed.
+        shown = sorted({oauth.shown(name) or "?" for name in repeated})
+        raise InvalidRequestError(description="repeated parameters: " + " ".join(shown))
     return params
 
 

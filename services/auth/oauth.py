@@ -76,13 +76,14 @@ class AuthorizationServer:
     async def login(self, req: AuthorizeParams, email_in: str, password: str, ip: str) -> str:
         """Check the credentials and issue a code; returns where to send the browser."""
         try:
-            email = normalize_email(email_in)
+            email, valid = normalize_email(email_in), True
         except ValueError:
-            email = email_in.strip().lower()[:254]
+            email, valid = email_in.strip().lower()[:254], False
         wait = await self.throttle.blocked_for(email, ip)
         if wait:
             raise Throttled(wait)
-        user = await storage.user_by_email(self.pool, email)
+        # Not an address: no such user (and nothing unstorable, like NUL, reaches the database).
+        user = await storage.user_by_email(self.pool, email) if valid else None
         stored = user["password_hash"] if user is not None and user["active"] else None
         if len(password) > MAX_PASSWORD or not password:
             stored = None

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from libs.common.service import Service
 from libs.common.settings import ServiceSettings
-from services.auth import keys, storage
+from services.auth import admin, keys, storage
 from services.auth.http import router
 from services.auth.keys import KeyRing
 from services.auth.oauth import AuthorizationServer
@@ -44,6 +44,7 @@ class AuthService(Service):
     def build_app(self) -> FastAPI:
         app = FastAPI(title="ChatFLOW auth", docs_url=None, redoc_url=None, openapi_url=None)
         app.include_router(router(self))
+        app.include_router(admin.router(self))
         return app
 
     async def on_start(self) -> None:

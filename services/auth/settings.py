@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Self
+
+from pydantic import model_validator
+
 from libs.common.settings import ServiceSettings, field
+from libs.common.tokens import TokenVerifier
 
 
 class AuthSettings(ServiceSettings):
@@ -20,7 +25,14 @@ class AuthSettings(ServiceSettings):
     retired_key_grace_s: int = field(
         3 * 3600, "a retired signing key stays published this long (longer than any token)"
     )
-    key_cache_s: float = field(30.0, "how long a replica reuses the active signing key it loaded")
+    key_cache_s: float = field(
+        30.0, "how long a replica reuses the signing-key schedule it loaded, seconds"
+    )
+    key_publish_lead_s: float = field(
+        15.0,
+        "a rotated key is published this long before it signs; must exceed the verifiers' "
+        "minimum JWKS refetch interval (5 s) plus the outbox relay's delay",
+    )
 
     web_client_id: str = field("chatflow-web", "client id of the agent SPA (seed-demo)")
     web_redirect_uri: str = field(
@@ -44,3 +56,15 @@ class AuthSettings(ServiceSettings):
     bench_token_ttl_s: int = field(7200, "lifetime of tokens minted by the bench-agents tool")
     bench_client_id: str = field("chatflow-bench", "client_id claim of bench-agents tokens")
     sweep_interval_s: float = field(600.0, "how often expired codes and refresh tokens are removed")
+
+    @model_validator(mode="after")
+    def _key_rotation_is_safe(self) -> Self:
+        """Refuse settings under which a rotation could make valid tokens fail to verify."""
+        if self.key_publish_lead_s <= TokenVerifier.min_refetch_s:
+            raise ValueError(
+                f"key_publish_lead_s must exceed the verifiers' minimum refetch interval "
+                f"({TokenVerifier.min_refetch_s:g} s)"
+            )
+        if self.retired_key_grace_s < self.access_token_ttl_s + self.jwt_leeway_s:
+            raise ValueError("retired_key_grace_s must cover access_token_ttl_s + jwt_leeway_s")
+        return self

@@ -21,6 +21,7 @@ Db = Any
 # ---- users ---------------------------------------------------------------------------------
 
 USER_COLS = "id, email, name, password_hash, roles, active"
+PUBLIC_USER_COLS = "id, email, name, roles, active"
 
 
 async def user_by_email(db: Db, email: str) -> asyncpg.Record | None:
@@ -54,6 +55,24 @@ async def update_user(
         name,
         roles,
         active,
+    )
+
+
+async def users(db: Db) -> list[asyncpg.Record]:
+    return list(await db.fetch(f"SELECT {PUBLIC_USER_COLS} FROM users ORDER BY email"))
+
+
+async def user_for_update(db: Db, user_id: uuid.UUID) -> asyncpg.Record | None:
+    """The user row, locked until the transaction ends (read-modify-write without races)."""
+    return await db.fetchrow(f"SELECT {USER_COLS} FROM users WHERE id = $1 FOR UPDATE", user_id)
+
+
+async def other_active_admins(db: Db, user_id: uuid.UUID) -> int:
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM users WHERE active AND 'admin' = ANY(roles) AND id <> $1",
+            user_id,
+        )
     )
 
 
@@ -98,13 +117,27 @@ async def insert_mailbox(db: Db, address: str, name: str) -> asyncpg.Record:
     )
 
 
-async def update_mailbox(db: Db, mailbox_id: uuid.UUID, name: str, active: bool) -> asyncpg.Record:
+async def mailboxes(db: Db) -> list[asyncpg.Record]:
+    return list(await db.fetch(f"SELECT {MAILBOX_COLS} FROM mailboxes ORDER BY address"))
+
+
+async def mailbox_for_update(db: Db, mailbox_id: uuid.UUID) -> asyncpg.Record | None:
     return await db.fetchrow(
-        f"""UPDATE mailboxes SET name = $2, active = $3, updated_at = now()
+        f"SELECT {MAILBOX_COLS} FROM mailboxes WHERE id = $1 FOR UPDATE", mailbox_id
+    )
+
+
+async def update_mailbox(
+    db: Db, mailbox_id: uuid.UUID, name: str, active: bool, address: str | None = None
+) -> asyncpg.Record:
+    return await db.fetchrow(
+        f"""UPDATE mailboxes SET name = $2, active = $3, address = COALESCE($4, address),
+                   updated_at = now()
             WHERE id = $1 RETURNING {MAILBOX_COLS}""",
         mailbox_id,
         name,
         active,
+        address,
     )
 
 
@@ -120,6 +153,30 @@ async def add_memberships(
         mailbox_id,
     )
     return [r["user_id"] for r in rows]
+
+
+async def remove_membership(db: Db, user_id: uuid.UUID, mailbox_id: uuid.UUID) -> bool:
+    """True if the user was a member."""
+    res = await db.execute(
+        "DELETE FROM memberships WHERE user_id = $1 AND mailbox_id = $2", user_id, mailbox_id
+    )
+    return bool(int(res.split()[-1]))
+
+
+async def memberships(
+    db: Db, *, user_ids: list[uuid.UUID] | None = None, mailbox_ids: list[uuid.UUID] | None = None
+) -> list[asyncpg.Record]:
+    """(user_id, mailbox_id) pairs, whatever the mailbox's state, for the given users or boxes."""
+    return list(
+        await db.fetch(
+            """SELECT user_id, mailbox_id FROM memberships
+               WHERE ($1::uuid[] IS NULL OR user_id = ANY($1::uuid[]))
+                 AND ($2::uuid[] IS NULL OR mailbox_id = ANY($2::uuid[]))
+               ORDER BY created_at, user_id""",
+            user_ids,
+            mailbox_ids,
+        )
+    )
 
 
 async def user_mailboxes(db: Db, user_id: uuid.UUID | str) -> list[asyncpg.Record]:
@@ -148,11 +205,12 @@ async def mailbox_ids_by_user(db: Db, user_ids: list[uuid.UUID]) -> dict[uuid.UU
 
 
 async def client(db: Db, client_id: str) -> Client | None:
-    if not client_id or len(client_id) > 200:
+    """An enabled client; a disabled one is as unknown as one that never existed."""
+    if not client_id or len(client_id) > 200 or "\x00" in client_id:  # PG text has no NUL
         return None
     r = await db.fetchrow(
         """SELECT client_id, public, secret_hash, redirect_uris, grant_types, scopes
-           FROM oauth_clients WHERE client_id = $1""",
+           FROM oauth_clients WHERE client_id = $1 AND active""",
         client_id,
     )
     if r is None:
@@ -180,6 +238,45 @@ async def upsert_client(db: Db, c: Client) -> None:
         list(c.redirect_uris),
         list(c.grant_types),
         c.scopes,
+    )
+
+
+CLIENT_COLS = "client_id, public, redirect_uris, grant_types, scopes, active, created_at"
+
+
+async def insert_client(db: Db, c: Client) -> asyncpg.Record | None:
+    """Register a new client; None if the client id is taken."""
+    return await db.fetchrow(
+        f"""INSERT INTO oauth_clients (client_id, public, secret_hash, redirect_uris,
+                                       grant_types, scopes)
+            VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (client_id) DO NOTHING
+            RETURNING {CLIENT_COLS}""",
+        c.client_id,
+        c.public,
+        c.secret_hash,
+        list(c.redirect_uris),
+        list(c.grant_types),
+        c.scopes,
+    )
+
+
+async def clients(db: Db) -> list[asyncpg.Record]:
+    return list(await db.fetch(f"SELECT {CLIENT_COLS} FROM oauth_clients ORDER BY client_id"))
+
+
+async def client_for_update(db: Db, client_id: str) -> asyncpg.Record | None:
+    return await db.fetchrow(
+        f"SELECT {CLIENT_COLS} FROM oauth_clients WHERE client_id = $1 FOR UPDATE", client_id
+    )
+
+
+async def update_client(db: Db, client_id: str, scopes: str, active: bool) -> asyncpg.Record:
+    return await db.fetchrow(
+        f"""UPDATE oauth_clients SET scopes = $2, active = $3 WHERE client_id = $1
+            RETURNING {CLIENT_COLS}""",
+        client_id,
+        scopes,
+        active,
     )
 
 
@@ -282,41 +379,85 @@ async def revoke_family(db: Db, family_id: uuid.UUID) -> int:
     return int(res.split()[-1])
 
 
+async def revoke_user_families(db: Db, user_id: uuid.UUID) -> int:
+    """End every login of a user (all their refresh-token families)."""
+    res = await db.execute(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+        user_id,
+    )
+    return int(res.split()[-1])
+
+
+async def revoke_client_families(db: Db, client_id: str) -> int:
+    res = await db.execute(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE client_id = $1 AND revoked_at IS NULL",
+        client_id,
+    )
+    return int(res.split()[-1])
+
+
 # ---- signing keys --------------------------------------------------------------------------
+# A key is "live" until retired_at, which may lie in the future (when the next key takes over).
+
+_LIVE = "(retired_at IS NULL OR retired_at > clock_timestamp())"
 
 
-async def active_key(db: Db) -> asyncpg.Record | None:
+async def signing_key_now(db: Db) -> asyncpg.Record | None:
+    """The key that signs right now: the newest live one whose ``signs_from`` has passed."""
     return await db.fetchrow(
-        """SELECT kid, private_jwk FROM signing_keys WHERE retired_at IS NULL
-           ORDER BY created_at DESC LIMIT 1"""
+        f"""SELECT kid, private_jwk FROM signing_keys
+            WHERE {_LIVE} AND signs_from <= clock_timestamp()
+            ORDER BY signs_from DESC, created_at DESC LIMIT 1"""
+    )
+
+
+async def key_schedule(db: Db) -> list[asyncpg.Record]:
+    """Every live key with its times as epoch seconds, and the database's clock (``db_now``)."""
+    return list(
+        await db.fetch(
+            f"""SELECT kid, private_jwk,
+                       extract(epoch FROM signs_from)::float8 AS signs_from,
+                       extract(epoch FROM retired_at)::float8 AS retired_at,
+                       extract(epoch FROM clock_timestamp())::float8 AS db_now
+                FROM signing_keys WHERE {_LIVE} ORDER BY signs_from, created_at"""
+        )
     )
 
 
 async def published_keys(db: Db, grace_s: int) -> list[dict[str, Any]]:
-    """Public JWKs of active keys and of keys retired within ``grace_s`` (tokens still live)."""
+    """Public JWKs of live keys (signing or about to) and of keys retired within ``grace_s``."""
     rows = await db.fetch(
         """SELECT public_jwk FROM signing_keys
            WHERE retired_at IS NULL OR retired_at > now() - make_interval(secs => $1)
-           ORDER BY created_at DESC""",
+           ORDER BY signs_from DESC, created_at DESC""",
         float(grace_s),
     )
     return [dict(r["public_jwk"]) for r in rows]
 
 
 async def insert_key(
-    db: Db, kid: str, private_jwk: dict[str, Any], public_jwk: dict[str, Any]
-) -> None:
-    await db.execute(
-        "INSERT INTO signing_keys (kid, private_jwk, public_jwk) VALUES ($1, $2, $3)",
+    db: Db, kid: str, private_jwk: dict[str, Any], public_jwk: dict[str, Any], lead_s: float
+) -> datetime:
+    """Store a key that signs ``lead_s`` seconds from now; returns that moment."""
+    signs_from: datetime = await db.fetchval(
+        """INSERT INTO signing_keys (kid, private_jwk, public_jwk, signs_from)
+           VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))
+           RETURNING signs_from""",
         kid,
         private_jwk,
         public_jwk,
+        float(lead_s),
     )
+    return signs_from
 
 
-async def retire_keys_except(db: Db, kid: str) -> int:
+async def retire_keys_at(db: Db, kid: str, at: datetime) -> int:
+    """Retire every other key at ``at`` (never later than a retirement already set)."""
     res = await db.execute(
-        "UPDATE signing_keys SET retired_at = now() WHERE retired_at IS NULL AND kid <> $1", kid
+        """UPDATE signing_keys SET retired_at = $2
+           WHERE kid <> $1 AND (retired_at IS NULL OR retired_at > $2)""",
+        kid,
+        at,
     )
     return int(res.split()[-1])
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 ROLES = ("agent", "admin")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# No whitespace and no control characters (NUL cannot even be stored in a PostgreSQL text).
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$")
 
 
 def normalize_email(value: str) -> str:

@@ -28,6 +28,7 @@ WEB = "chatflow-web"
 REDIRECT = "https://127.0.0.1:8443/callback"
 VERIFIER = "v" * 20 + "-._~" + "x" * 30  # 54 unreserved characters
 PASSWORD = "correct horse battery staple"
+SECRET = "machine-secret-0123456789"
 TABLES = (
     "memberships, auth_codes, refresh_tokens, oauth_clients, users, mailboxes, signing_keys, outbox"
 )
@@ -204,6 +205,37 @@ async def refresh(client: httpx.AsyncClient, token: str) -> httpx.Response:
 def basic(client_id: str, secret: str) -> dict[str, str]:
     raw = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
     return {"Authorization": f"Basic {raw}"}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def token_of(
+    client: httpx.AsyncClient, svc: AuthService, email: str, roles: list[str]
+) -> str:
+    """An access token of a new user with ``roles`` (signed in through the code flow)."""
+    await add_user(svc, email, roles, None)
+    return str((await tokens_for(client, email))["access_token"])
+
+
+async def add_machine_client(
+    svc: AuthService, client_id: str = "robot", scopes: str = "mail.send", secret: str = SECRET
+) -> str:
+    """A confidential client_credentials client; returns its secret."""
+    client = Client(
+        client_id, False, await svc.passwords.hash(secret), (), ("client_credentials",), scopes
+    )
+    await storage.upsert_client(svc.pool, client)
+    return secret
+
+
+async def machine_token(
+    client: httpx.AsyncClient, client_id: str = "robot", secret: str = SECRET
+) -> httpx.Response:
+    return await client.post(
+        "/oauth/token", data={"grant_type": "client_credentials"}, headers=basic(client_id, secret)
+    )
 
 
 def cli(*argv: str) -> tuple[Any, argparse.Namespace]:

@@ -283,3 +283,32 @@ async def test_verifier_rejects_tokens_for_other_audiences(
     other = TokenVerifier(bus, svc.settings.jwt_issuer, "someone-else")
     with pytest.raises(InvalidToken):
         await other.verify(tokens["access_token"])
+
+
+async def test_unstorable_input_is_a_client_error_not_a_500(
+    client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    """NUL cannot be stored in PostgreSQL text; such input must be refused before it gets there."""
+    r = await client.get("/oauth/authorize", params=authorize_params(client_id="web\x00"))
+    assert r.status_code == 400
+    r = await client.post(
+        "/oauth/token", data={"grant_type": "refresh_token", "client_id": "a\x00"}
+    )
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"
+    for email in ("alice\x00@chatflow.test", "alice@chat\x01flow.test"):
+        assert (await login(client, email)).status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/oauth/token", "/oauth/revoke"])
+async def test_repeated_odd_form_parameter_is_400(client: httpx.AsyncClient, path: str) -> None:
+    """Repeated names are echoed in error_description only as far as RFC 6749 §5.2 allows."""
+    r = await client.post(
+        path,
+        content="%C3%A9=1&%C3%A9=2&a%22b=1&a%22b=2",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 400, r.text
+    assert r.json() == {
+        "error": "invalid_request",
+        "error_description": "repeated parameters: ? ab",
+    }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import httpx
 
 from libs.common.bus import Bus
@@ -222,12 +225,51 @@ async def test_rotated_key_signs_and_old_tokens_still_verify(
     svc: AuthService, client: httpx.AsyncClient, seeded: Seeded, bus: Bus
 ) -> None:
     old = await tokens_for(client, seeded.email)
-    fn, args = cli("rotate-key")
+    fn, args = cli("rotate-key", "--lead-s", "0")
     assert await fn(args, svc.settings) == 0
-    svc.keys._loaded_at = 0.0  # skip the replica's key cache
+    svc.keys.invalidate()  # skip the replica's key cache
     new = await tokens_for(client, seeded.email)
+    assert kid(new["access_token"]) != kid(old["access_token"])
     fresh = TokenVerifier(bus, svc.settings.jwt_issuer, svc.settings.jwt_audience)
     a, b = await fresh.verify(old["access_token"]), await fresh.verify(new["access_token"])
     assert a.sub == b.sub == seeded.user_id
     jwks = (await client.get("/.well-known/jwks.json")).json()["keys"]
     assert len(jwks) == 2
+
+
+def kid(token: str) -> str:
+    head = token.split(".", 1)[0]
+    return str(json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["kid"])
+
+
+async def test_refresh_of_a_disabled_user_is_invalid_grant_and_revokes_the_family(
+    svc: AuthService, client: httpx.AsyncClient, seeded: Seeded
+) -> None:
+    t0 = await tokens_for(client, seeded.email)
+    # Disabled behind the API's back (no revocation yet): the refresh itself must end the login.
+    await svc.pool.execute("UPDATE users SET active = false")
+    r = await refresh(client, t0["refresh_token"])
+    assert r.json() == {"error": "invalid_grant", "error_description": "user is not active"}
+    assert (
+        await svc.pool.fetchval("SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL") == 0
+    )
+    r = await client.get("/api/me", headers={"Authorization": f"Bearer {t0['access_token']}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    # Enabled again, the old family stays dead: the user signs in anew.
+    await svc.pool.execute("UPDATE users SET active = true")
+    assert (await refresh(client, t0["refresh_token"])).json()["error"] == "invalid_grant"
+
+
+async def test_disabled_client_cannot_use_client_credentials(
+    svc: AuthService, client: httpx.AsyncClient
+) -> None:
+    await _machine_client(svc)
+    ok = await client.post(
+        "/oauth/token", data={"grant_type": "client_credentials"}, headers=basic("robot", SECRET)
+    )
+    assert ok.status_code == 200
+    await svc.pool.execute("UPDATE oauth_clients SET active = false WHERE client_id = 'robot'")
+    r = await client.post(
+        "/oauth/token", data={"grant_type": "client_credentials"}, headers=basic("robot", SECRET)
+    )
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"
