@@ -77,6 +77,11 @@ def install_errors(app: FastAPI) -> None:
         token = correlation_id.set(rid)
         try:
             response: Response = await call_next(request)
+        except Exception as exc:
+            # Answer here: an exception that reaches Starlette's outer handler is re-raised after
+            # the 500 and uvicorn then drops the keep-alive connection under the gateway's feet.
+            log.error("unhandled error", exc_info=exc)
+            response = JSONResponse(error_body(500, "internal error"), 500)
         finally:
             correlation_id.reset(token)
         response.headers["x-request-id"] = rid

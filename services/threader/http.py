@@ -1,16 +1,27 @@
-"""The conversation API of the contract: list, detail, mark read, reply."""
+"""The conversation API of the contract: list, detail, mark read, reply.
+
+Every route is for agents only: a machine token (client credentials: no roles, no mailboxes) gets
+403. An agent gets 404 for a conversation outside its mailboxes, never learning that it exists.
+Inputs are refused with 4xx before they can reach SQL or the outbox in a shape PostgreSQL rejects.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import re
 import uuid
+from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from libs.common import outbox
 from libs.common.events import Address, Envelope, MailSend
@@ -18,8 +29,64 @@ from libs.common.tokens import Identity
 from libs.common.web import ApiError, identity_dependency
 from services.threader import storage
 
+log = logging.getLogger("chatflow.threader.http")
 identity = identity_dependency(lambda request: request.app.state.service.verifier)
-router = APIRouter()
+
+
+class ContainedErrors(APIRoute):
+    """An unexpected exception becomes the JSON 500 here, inside the route.
+
+    Left to the app-wide ``Exception`` handler, Starlette answers and then re-raises, and uvicorn
+    closes the keep-alive connection; the gateway's next request on that pooled connection
+    then fails with a 502 for some other caller.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def contained(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (HTTPException, RequestValidationError):
+                raise
+            except Exception as exc:
+                log.error("unhandled error", exc_info=exc)
+                raise ApiError(500, "internal error") from exc
+
+        return contained
+
+
+router = APIRouter(route_class=ContainedErrors)
+
+# PostgreSQL text cannot hold NUL, and lone surrogates cannot be encoded as UTF-8: both would
+# fail deep inside asyncpg (a 500), so they are refused at the edge of the API.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+NO_NUL = r"^[^\x00]*$"
+CURSOR = r"^[A-Za-z0-9_=-]+$"
+
+
+def _storable(value: str) -> str:
+    if _UNSTORABLE.search(value):
+        raise ValueError("must not contain NUL or unpaired surrogate characters")
+    return value
+
+
+def _one_line(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(_storable)]
+OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
+async def agent(who: Identity = Depends(identity)) -> Identity:
+    """Conversations are agent data: tokens without the agent or admin role are refused."""
+    if not who.is_agent:
+        raise ApiError(403, "this API is for agents")
+    return who
 
 
 def _cursor_encode(at: datetime, id_: uuid.UUID) -> str:
@@ -29,7 +96,10 @@ def _cursor_encode(at: datetime, id_: uuid.UUID) -> str:
 def _cursor_decode(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         at, id_ = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(at), uuid.UUID(id_)
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return when, uuid.UUID(id_)
     except Exception as exc:
         raise ApiError(400, "invalid cursor") from exc
 
@@ -47,6 +117,12 @@ async def _visible(request: Request, who: Identity, id_conversa: str) -> Any:
     if row is None or row["mailbox_id"] not in who.mailboxes:
         raise ApiError(404, "conversation not found")
     return row
+
+
+def _like_literal(q: str) -> str:
+    """``storage`` drops ``%`` and ``_`` but not the ILIKE escape character: doubled, a
+    backslash matches itself instead of escaping what follows (or ending the pattern badly)."""
+    return q.replace("\\", "\\\\")
 
 
 def _item(row: Any) -> dict[str, Any]:
@@ -90,14 +166,109 @@ def _message(row: Any) -> dict[str, Any]:
     }
 
 
-@router.get("/api/conversations")
+# ---- documented shapes (OpenAPI only: the routes build their dicts themselves) ----------------
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class Error(BaseModel):
+    """Every error of the API: ``{"error": {"code", "message"}}``."""
+
+    error: ErrorDetail
+
+
+class Participant(BaseModel):
+    name: str = ""
+    address: str
+
+
+class ConversationItem(BaseModel):
+    id_conversa: str
+    number: int
+    subject: str
+    mailbox: str
+    channel: str
+    status: Literal["open", "pending", "closed"]
+    participants: list[Participant]
+    last_message_at: datetime
+    message_count: int
+    unread: bool
+
+
+class ConversationPage(BaseModel):
+    items: list[ConversationItem]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page")
+
+
+class AttachmentInfo(BaseModel):
+    id: str
+    filename: str
+    content_type: str
+    size: int
+    content_id: str | None = None
+    inline: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    message_id: str
+    channel: str
+    direction: Literal["in", "out"]
+    from_: Participant = Field(alias="from")
+    to: list[Participant]
+    cc: list[Participant]
+    subject: str
+    date: datetime
+    text: str
+    html: str
+    attachments: list[AttachmentInfo]
+    status: str | None
+    in_reply_to: list[str]
+    references: list[str]
+
+
+class ConversationDetail(ConversationItem):
+    messages: list[Message]
+    merged_from: str | None = Field(
+        None, description="the id asked for, when it was merged into this conversation"
+    )
+
+
+class ReplyAccepted(BaseModel):
+    send_id: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "Bad request",
+        401: "Missing or invalid bearer token",
+        403: "Not an agent token",
+        404: "No such conversation in the agent's mailboxes",
+        422: "Invalid parameters or body",
+    }
+    return {s: {"model": Error, "description": text[s]} for s in statuses}
+
+
+# ---- routes --------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/api/conversations",
+    response_model=None,
+    responses={200: {"model": ConversationPage}, **_errors(400, 401, 403, 422)},
+)
 async def list_conversations(
     request: Request,
-    who: Identity = Depends(identity),
-    mailbox: str | None = None,
+    who: Identity = Depends(agent),
+    mailbox: str | None = Query(None, max_length=200),
     status: Literal["open", "pending", "closed"] | None = None,
-    q: str | None = Query(None, max_length=200),
-    cursor: str | None = None,
+    q: str | None = Query(None, max_length=200, pattern=NO_NUL),
+    cursor: str | None = Query(None, max_length=500, pattern=CURSOR),
     limit: int = Query(25, ge=1, le=100),
 ) -> dict[str, Any]:
     boxes = sorted(who.mailboxes)
@@ -108,7 +279,7 @@ async def list_conversations(
         user_id=who.sub,
         mailboxes=boxes,
         status=status,
-        q=q,
+        q=_like_literal(q) if q else None,
         after=_cursor_decode(cursor) if cursor else None,
         limit=limit + 1,
     )
@@ -118,41 +289,67 @@ async def list_conversations(
     return {"items": [_item(r) for r in rows], "next_cursor": nxt}
 
 
-@router.get("/api/conversations/{id_conversa}")
+@router.get(
+    "/api/conversations/{id_conversa}",
+    response_model=None,
+    responses={200: {"model": ConversationDetail}, **_errors(401, 403, 404)},
+)
 async def get_conversation(
-    id_conversa: str, request: Request, who: Identity = Depends(identity)
+    id_conversa: str, request: Request, who: Identity = Depends(agent)
 ) -> JSONResponse:
+    asked = _uuid_or_404(id_conversa)
     row = await _visible(request, who, id_conversa)
     msgs = await storage.messages_of(request.app.state.service.pool, row["id_conversa"])
     body = {**_item(row), "messages": [_message(m) for m in msgs]}
     headers = {}
-    if str(row["id_conversa"]) != id_conversa.lower():
+    if row["id_conversa"] != asked:
         # An id merged into another answers with the survivor; the alias is documented.
-        body["merged_from"] = id_conversa
+        body["merged_from"] = str(asked)
         headers["content-location"] = f"/api/conversations/{row['id_conversa']}"
     return JSONResponse(body, headers=headers)
 
 
-@router.post("/api/conversations/{id_conversa}/read", status_code=204)
-async def mark_read(id_conversa: str, request: Request, who: Identity = Depends(identity)) -> None:
+@router.post(
+    "/api/conversations/{id_conversa}/read",
+    status_code=204,
+    response_model=None,
+    responses=_errors(401, 403, 404),
+)
+async def mark_read(id_conversa: str, request: Request, who: Identity = Depends(agent)) -> None:
     row = await _visible(request, who, id_conversa)
     await storage.mark_read(request.app.state.service.pool, who.sub, row["id_conversa"])
 
 
+class AddressIn(BaseModel):
+    """A recipient the agent typed: one line each, so nothing can smuggle in a header."""
+
+    name: OneLine = Field("", max_length=200)
+    address: OneLine = Field(min_length=3, max_length=254, pattern=r"^[^\s<>]+@[^\s<>@]+$")
+
+
 class ReplyIn(BaseModel):
-    html: str = Field(min_length=1, max_length=2_000_000)
-    attachments: list[str] = Field(default_factory=list, max_length=50)
-    to: list[Address] | None = None
-    cc: list[Address] | None = None
-    client_id: str = Field(default="", max_length=200)
+    html: StorableText = Field(min_length=1, max_length=2_000_000)
+    attachments: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]] = Field(
+        default_factory=list, max_length=50
+    )
+    to: list[AddressIn] | None = Field(None, max_length=50)
+    cc: list[AddressIn] | None = Field(None, max_length=50)
+    client_id: OneLine = Field(default="", max_length=200)
 
 
-@router.post("/api/conversations/{id_conversa}/replies", status_code=202)
+def _addresses(values: list[AddressIn] | None) -> list[Address] | None:
+    return None if values is None else [Address(name=a.name, address=a.address) for a in values]
+
+
+@router.post(
+    "/api/conversations/{id_conversa}/replies",
+    status_code=202,
+    response_model=None,
+    responses={202: {"model": ReplyAccepted}, **_errors(401, 403, 404, 422)},
+)
 async def reply(
-    id_conversa: str, body: ReplyIn, request: Request, who: Identity = Depends(identity)
+    id_conversa: str, body: ReplyIn, request: Request, who: Identity = Depends(agent)
 ) -> dict[str, str]:
-    if not who.is_agent:
-        raise ApiError(403, "only agents can reply")
     row = await _visible(request, who, id_conversa)
     svc = request.app.state.service
     send_id = str(uuid.uuid4())
@@ -164,8 +361,8 @@ async def reply(
         user_id=who.sub,
         html=body.html,
         attachments=body.attachments,
-        to=body.to,
-        cc=body.cc,
+        to=_addresses(body.to),
+        cc=_addresses(body.cc),
     )
     async with svc.pool.acquire() as conn, conn.transaction():
         await outbox.add(conn, Envelope.of(cmd, producer="threader"))
