@@ -131,6 +131,13 @@ async def test_mail_in_reply_out_answer_threads(
         ids = [m["message_id"] for m in conv["messages"]]
         assert ids == [first["Message-ID"], reply["Message-ID"], answer["Message-ID"]]
         assert [m["direction"] for m in conv["messages"]] == ["in", "out", "in"]
+        assert conv["unread"] is True
+        auth = {"Authorization": f"Bearer {agent_token}"}
+        assert (
+            await http.post(f"/api/conversations/{id_conversa}/read", headers=auth)
+        ).status_code == 204
+        again = await http.get(f"/api/conversations/{id_conversa}", headers=auth)
+        assert again.json()["unread"] is False
         listing = await http.get(
             "/api/conversations", headers={"Authorization": f"Bearer {agent_token}"}
         )

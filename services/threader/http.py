@@ -299,8 +299,10 @@ async def get_conversation(
 ) -> JSONResponse:
     asked = _uuid_or_404(id_conversa)
     row = await _visible(request, who, id_conversa)
-    msgs = await storage.messages_of(request.app.state.service.pool, row["id_conversa"])
+    pool = request.app.state.service.pool
+    msgs = await storage.messages_of(pool, row["id_conversa"])
     body = {**_item(row), "messages": [_message(m) for m in msgs]}
+    body["unread"] = await storage.is_unread(pool, who.sub, row["id_conversa"])
     headers = {}
     if row["id_conversa"] != asked:
         # An id merged into another answers with the survivor; the alias is documented.

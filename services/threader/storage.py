@@ -238,6 +238,21 @@ async def messages_of(pool: asyncpg.Pool, id_conversa: uuid.UUID) -> list[asyncp
     )
 
 
+async def is_unread(pool: asyncpg.Pool, user_id: str, id_conversa: uuid.UUID) -> bool:
+    """Same rule as the list: an inbound message arrived after this agent last read it."""
+    return bool(
+        await pool.fetchval(
+            """SELECT c.last_inbound_at IS NOT NULL
+                      AND (r.read_at IS NULL OR r.read_at < c.last_inbound_at)
+               FROM conversations c
+               LEFT JOIN reads r ON r.id_conversa = c.id_conversa AND r.user_id = $1
+               WHERE c.id_conversa = $2""",
+            user_id,
+            id_conversa,
+        )
+    )
+
+
 async def mark_read(pool: asyncpg.Pool, user_id: str, id_conversa: uuid.UUID) -> None:
     await pool.execute(
         """INSERT INTO reads (user_id, id_conversa, read_at) VALUES ($1, $2, now())
