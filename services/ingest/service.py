@@ -3,23 +3,82 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from libs.common import inbox, tls
 from libs.common.events import Envelope, MailboxChanged
 from libs.common.service import Service
 from libs.common.tokens import Identity
 from libs.common.web import ApiError, identity_dependency
-from services.ingest import storage
+from services.ingest import lmtp, storage
 from services.ingest.settings import IngestSettings
 from services.ingest.smtp import smtp_factory
 
+log = logging.getLogger("chatflow.ingest.http")
 identity = identity_dependency(lambda request: request.app.state.service.verifier)
+
+
+class ContainedErrors(APIRoute):
+    """An unexpected exception becomes the JSON 500 here, inside the route.
+
+    Left to the app-wide ``Exception`` handler, Starlette answers and then re-raises, and uvicorn
+    closes the keep-alive connection; the gateway's next request on that pooled connection
+    then fails with a 502 for some other caller.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def contained(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (HTTPException, RequestValidationError):
+                raise
+            except Exception as exc:
+                log.error("unhandled error", exc_info=exc)
+                raise ApiError(500, "internal error") from exc
+
+        return contained
+
+
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}$")
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266: an ASCII ``filename`` for old clients and the real name as ``filename*``.
+
+    Response headers are latin-1 on the wire, so a name such as ``отчёт.pdf`` must never go
+    into them as it is; control characters, quotes and path separators never go in at all.
+    """
+    name = "".join(c for c in filename if c.isprintable() and c not in '"\\/')[:200].strip()
+    ascii_ = "".join(c for c in name if c.isascii() and (c.isalnum() or c in "._- ")).strip()
+    stem, dot, ext = ascii_.rpartition(".")
+    if not dot:
+        stem, ext = ascii_, ""
+    if not any(c.isalnum() for c in stem):
+        ascii_ = "attachment" + (f".{ext}" if ext else "")
+    value = f'attachment; filename="{ascii_}"'
+    if not name.isascii():
+        value += f"; filename*=UTF-8''{quote(name, safe='', errors='replace')}"
+    return value
+
+
+def header_token(content_type: str) -> str:
+    """The stored media type when it is a plain ``type/subtype``, else the generic one."""
+    bare = content_type.split(";", 1)[0].strip()
+    return bare.lower() if _MEDIA_TYPE.match(bare) else "application/octet-stream"
 
 
 class IngestService(Service):
@@ -32,15 +91,31 @@ class IngestService(Service):
         super().__init__(settings)
         self.mailboxes: dict[str, storage.Mailbox] = {}
         self._smtp: asyncio.AbstractServer | None = None
+        self._lmtp: asyncio.AbstractServer | None = None
 
     def build_app(self) -> FastAPI:
         app = FastAPI(title="ChatFLOW ingest")
-        router = APIRouter()
+        router = APIRouter(route_class=ContainedErrors)
 
-        @router.get("/api/attachments/{att_id}")
+        @router.get(
+            "/api/attachments/{att_id}",
+            response_class=Response,
+            responses={
+                200: {
+                    "description": "The attachment's bytes, always as a download",
+                    "content": {"application/octet-stream": {}},
+                },
+                401: {"description": "Missing or invalid bearer token"},
+                403: {"description": "Not an agent token"},
+                404: {"description": "No such attachment in the agent's mailboxes"},
+            },
+        )
         async def download(
             att_id: str, request: Request, who: Identity = Depends(identity)
         ) -> Response:
+            """An attachment of a message in one of the agent's mailboxes (404 for any other)."""
+            if not who.is_agent:
+                raise ApiError(403, "this API is for agents")
             try:
                 key = uuid.UUID(att_id)
             except ValueError as exc:
@@ -48,14 +123,13 @@ class IngestService(Service):
             row = await storage.fetch_attachment(self.pool, key)
             if row is None or row["mailbox_id"] not in who.mailboxes:
                 raise ApiError(404, "attachment not found")
-            safe = "".join(c for c in row["filename"] if c.isalnum() or c in "._- ") or "attachment"
             return Response(
                 bytes(row["data"]),
                 media_type="application/octet-stream",
                 headers={
-                    "content-disposition": f'attachment; filename="{safe}"',
+                    "content-disposition": content_disposition(row["filename"]),
                     "x-content-type-options": "nosniff",
-                    "x-original-content-type": row["content_type"],
+                    "x-original-content-type": header_token(row["content_type"]),
                 },
             )
 
@@ -71,6 +145,7 @@ class IngestService(Service):
         self._smtp = await loop.create_server(
             lambda: smtp_factory(self, ctx), host=s.smtp_host, port=s.smtp_port
         )
+        self._lmtp = await lmtp.serve(self, ctx)
 
     async def on_mailbox_changed(self, env: Envelope, entry_id: str) -> None:
         box = env.payload_as(MailboxChanged)
@@ -82,6 +157,7 @@ class IngestService(Service):
 
     async def before_stop(self) -> None:
         # Stop taking new sessions; sessions in DATA finish their commit before the pool closes.
-        if self._smtp is not None:
-            self._smtp.close()
-            await asyncio.wait_for(self._smtp.wait_closed(), self.settings.shutdown_grace_s)
+        for listener in (self._smtp, self._lmtp):
+            if listener is not None:
+                listener.close()
+                await asyncio.wait_for(listener.wait_closed(), self.settings.shutdown_grace_s)

@@ -1,28 +1,71 @@
-"""The SMTP side of ingest: aiosmtpd keeps the protocol, this handler makes the decisions.
+"""The SMTP side of ingest: aiosmtpd keeps the protocol, this module makes the decisions.
 
-Durability is ours, not aiosmtpd's: ``handle_DATA`` answers 250 only after the raw message, what
-we read from it and its ``mail.received`` outbox row are committed in one transaction.
+What a sending MTA can rely on (each point is shown in ``tests/test_smtp.py``):
+
+- **250 means committed.** ``handle_DATA`` answers 250 only after the raw message, what we read
+  from it and its ``mail.received`` outbox row are committed in one transaction; any failure on
+  the way is 451 and nothing is kept, so the sender's retry is the only copy.
+- **Retries are stored once.** The same raw bytes for the same mailbox are one message, forever
+  (unique index of migration 0002; why no window is explained there). A retry of a message we
+  committed but whose 250 the client never saw gets 250 again, and no second ``mail.received``.
+- **Only CRLF.CRLF ends DATA.** aiosmtpd (>= 1.4.5, CVE-2024-27305) reads DATA as CRLF-terminated
+  lines, so ``\\n.\\n``, ``\\n.\\r\\n``, ``\\r.\\r``, ``\\r\\n.\\r``, ``\\r\\n.\\n`` and whatever
+  follows them (a smuggled ``MAIL FROM``/``RCPT TO``/``DATA``) are message content.
+- **Bare CR and bare LF are normalized to CRLF**, before anything reads the message (limits,
+  digest, reader, storage); the stored raw is the normalized message. We normalize rather than
+  refuse because scripts that write LF-only bodies through a correct SMTP library are common and
+  legitimate (Postfix 3.9 chose the same default, ``smtpd_forbid_bare_newline = normalize``),
+  and normalizing is what closes the smuggling ambiguity for everything downstream: Python's
+  parser treats CR, LF and CRLF alike as line ends, so after normalization every later reader,
+  including one that splits on CRLF only, sees exactly the lines and headers we read. A dot
+  at the start of a line that followed a bare LF is kept as sent (only CRLF lines are
+  dot-transparent on the wire).
+- **STARTTLS before MAIL** (530), TLS 1.2 or newer (``libs.common.tls``), and plaintext pipelined
+  behind ``STARTTLS`` is discarded (aiosmtpd >= 1.4.6, CVE-2024-34083), never run after the
+  handshake.
+- **Limits** (settings ``smtp_*``): SIZE advertised and enforced at MAIL and during DATA (552);
+  recipients (452 past the limit; the client sends the rest in another transaction); line
+  length, header fields and Received hops, checked at the end of DATA with a 5xx that says
+  which limit; idle time and total session time (421, then close).
+- **PIPELINING** is advertised; aiosmtpd answers pipelined commands in order.
+- Unknown recipients get 550 with a text that says we do not relay; ``box+tag@x`` is ``box@x``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import ssl
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from libs.common import outbox
 from libs.common.events import Envelope as EventEnvelope
 from services.ingest import storage
-from services.ingest.domain.mime_reader import Unreadable, read_message
+from services.ingest.domain.mime_reader import ReadMessage, Unreadable, read_message
 from services.ingest.received import to_event
 
 if TYPE_CHECKING:
     from services.ingest.service import IngestService
+    from services.ingest.settings import IngestSettings
 
 log = logging.getLogger("chatflow.ingest.smtp")
+T = TypeVar("T")
+# Stores that outlive their session (the client dropped mid-commit); held here so they finish.
+_INFLIGHT: set[asyncio.Future[Any]] = set()
+
+# aiosmtpd's reader limit, and so its own line-length refusal. It is a memory bound only: our
+# line-length limit is applied after line endings are normalized, so a body written with bare LFs
+# is measured by its real lines, not as one long CRLF line.
+HARD_LINE_BYTES = 64 * 1024
+# Messages larger than this are read in a worker thread, so one big message does not stall
+# every other session on the loop.
+READ_INLINE_BYTES = 64 * 1024
 
 
 def base_address(address: str) -> str:
@@ -31,9 +74,173 @@ def base_address(address: str) -> str:
     return f"{local.split('+', 1)[0]}@{domain}"
 
 
+def normalize_line_endings(data: bytes) -> tuple[bytes, int]:
+    """The message with every bare CR and bare LF turned into CRLF, and how many there were."""
+    bare = data.count(b"\r") + data.count(b"\n") - 2 * data.count(b"\r\n")
+    if not bare:
+        return data, 0
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n"), bare
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    max_line: int
+    max_fields: int
+    max_received: int
+
+    @classmethod
+    def of(cls, s: IngestSettings) -> Limits:
+        return cls(
+            s.smtp_max_message_bytes,
+            s.smtp_max_line_length,
+            s.smtp_max_header_fields,
+            s.smtp_max_received_headers,
+        )
+
+    @property
+    def line_too_long(self) -> str:
+        return (
+            f"500 5.6.0 Line too long: the limit is {self.max_line} octets per line "
+            "(RFC 5322 2.1.1); message refused"
+        )
+
+
+def content_refusal(raw: bytes, limits: Limits) -> str | None:
+    """The 5xx for a (normalized) message over a content limit, or None."""
+    if raw and max(map(len, raw.split(b"\r\n"))) > limits.max_line:
+        return limits.line_too_long
+    if raw.startswith(b"\r\n"):
+        head = b""
+    else:
+        end = raw.find(b"\r\n\r\n")
+        head = raw if end < 0 else raw[:end]
+    fields = received = 0
+    for line in head.split(b"\r\n"):
+        if not line or line[:1] in (b" ", b"\t"):
+            continue  # a continuation of the field above
+        fields += 1
+        if line.split(b":", 1)[0].strip().lower() == b"received":
+            received += 1
+    if fields > limits.max_fields:
+        return (
+            f"554 5.6.0 Message refused: {fields} header fields; the limit is {limits.max_fields}"
+        )
+    if received > limits.max_received:
+        return (
+            f"554 5.4.6 Message refused: {received} Received headers (limit "
+            f"{limits.max_received}); probably a mail loop"
+        )
+    return None
+
+
+class IngestEnvelope(Envelope):
+    """aiosmtpd's envelope plus the mailbox each accepted RCPT resolved to, when it was accepted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list[storage.Mailbox] = []
+
+
+@dataclass
+class Prepared:
+    """A message past the content checks, read (or quarantined), ready to store."""
+
+    raw: bytes
+    read: ReadMessage | None
+    reason: str | None
+    received_at: datetime
+    bare_line_ends: int
+
+
+@dataclass
+class Stored:
+    id: str
+    new: bool
+
+
+class IngestSMTP(SMTP):
+    """aiosmtpd's SMTP with our session clock, limits and clearer refusal texts."""
+
+    def __init__(self, handler: Any, *, settings: IngestSettings, **kwargs: Any) -> None:
+        self.line_length_limit = HARD_LINE_BYTES  # read by SMTP.__init__ for its StreamReader
+        # aiosmtpd keeps these in one class-level dict that every new session clears and every
+        # EHLO grows: give each session its own (set again at each EHLO, see handle_EHLO).
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.limits = Limits.of(settings)
+        self._session_max_s = settings.smtp_session_max_s
+        self._deadline: float | None = None
+        super().__init__(handler, timeout=settings.smtp_idle_timeout_s, **kwargs)
+        size = self.limits.max_bytes
+        self._clearer = {
+            "530 Must issue a STARTTLS command first": (
+                "530 5.7.0 Must issue a STARTTLS command first"
+            ),
+            "552 Error: message size exceeds fixed maximum message size": (
+                f"552 5.3.4 Message size exceeds the limit of {size} octets"
+            ),
+            "552 Error: Too much mail data": (
+                f"552 5.3.4 Too much mail data: the limit is {size} octets"
+            ),
+            "500 Line too long (see RFC5321 4.5.3.1.6)": self.limits.line_too_long,
+        }
+
+    def _create_envelope(self) -> Envelope:
+        return IngestEnvelope()
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            await super().push(self._clearer.get(status, status))
+        else:
+            await super().push(status)
+
+    # The session clock. aiosmtpd restarts its timer on every valid command (not during DATA);
+    # we cap each timer at the session's deadline and say 421 before closing, as RFC 5321 asks.
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        now = self.loop.time()
+        if self._deadline is None:
+            self._deadline = now + self._session_max_s
+        left = self._deadline - now
+        super()._reset_timeout(max(0.001, min(duration or self._timeout_duration, left)))
+
+    def restart_idle_timer(self) -> None:
+        """The client finished sending; what we do next is not charged to its idle time."""
+        self._reset_timeout()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        over = self._deadline is not None and self.loop.time() >= self._deadline - 0.005
+        why = "session time limit reached" if over else "idle for too long"
+        try:
+            self._writer.write(f"421 4.4.2 {self.hostname} {why}, closing connection\r\n".encode())
+        except Exception:  # already closing; the close below is what matters
+            log.debug("could not send 421", exc_info=True)
+        super()._timeout_cb()
+
+
 class IngestHandler:
+    """The decisions for SMTP; ``lmtp.LMTPHandler`` differs only in how it answers DATA."""
+
     def __init__(self, service: IngestService) -> None:
         self.service = service
+        self.limits = Limits.of(service.settings)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # MAIL may carry SIZE= and SMTPUTF8 (RFC 1870: +26, RFC 6531: +10), once, not per EHLO.
+        server.command_size_limits["MAIL"] = SMTP.command_size_limit + 26 + 10
+        # An MX takes no logins: aiosmtpd would still list an empty "AUTH" after STARTTLS.
+        out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        out.insert(len(out) - 1, "250-PIPELINING")
+        return out
 
     async def handle_RCPT(
         self,
@@ -43,79 +250,111 @@ class IngestHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        assert isinstance(envelope, IngestEnvelope)
         if len(envelope.rcpt_tos) >= self.service.settings.smtp_max_recipients:
-            return "452 4.5.3 Too many recipients"
-        if base_address(address) not in self.service.mailboxes:
+            return (
+                f"452 4.5.3 Too many recipients: at most "
+                f"{self.service.settings.smtp_max_recipients} per message, send the rest "
+                "in another transaction"
+            )
+        box = self.service.mailboxes.get(base_address(address))
+        if box is None:
             log.info("recipient refused", extra={"rcpt": address, "peer": _peer(session)})
             return f"550 5.1.1 <{address}>: no such mailbox here; this server does not relay"
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        envelope.boxes.append(box)
         return "250 2.1.5 Recipient ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        raw: bytes = envelope.original_content or b""
-        received_at = datetime.now(UTC)
-        boxes: dict[str, storage.Mailbox] = {}
-        for rcpt in envelope.rcpt_tos:
-            box = self.service.mailboxes.get(base_address(rcpt))
-            if box:
-                boxes.setdefault(box.id, box)
+        assert isinstance(envelope, IngestEnvelope)
+        if isinstance(server, IngestSMTP):
+            server.restart_idle_timer()
+        prepared = await self.prepare(session, envelope)
+        if isinstance(prepared, str):
+            return prepared
+        boxes = list({b.id: b for b in envelope.boxes}.values())
         if not boxes:
             return "554 5.5.1 No valid recipients"
-        reason: str | None = None
-        read = None
         try:
-            read = read_message(raw)
+            stored = await self.finish(self.store(prepared, boxes, session, envelope))
+        except Exception:
+            log.exception("could not store message; asking the client to retry")
+            return "451 4.3.0 Temporary failure storing the message, try again later"
+        return self.accepted(stored[0])
+
+    # ---- shared by SMTP and LMTP ------------------------------------------------------------
+    def accepted(self, stored: Stored) -> str:
+        if stored.new:
+            return f"250 2.0.0 Ok: queued as {stored.id}"
+        return f"250 2.0.0 Ok: already have it as {stored.id}"
+
+    async def prepare(self, session: Session, envelope: Envelope) -> Prepared | str:
+        """Normalize, check the content limits and read the message; a str is the refusal."""
+        raw, bare = normalize_line_endings(bytes(envelope.original_content or b""))
+        refusal = content_refusal(raw, self.limits)
+        if refusal is not None:
+            log.info(
+                "message refused",
+                extra={"peer": _peer(session), "reply": refusal, "size": len(raw)},
+            )
+            return refusal
+        received_at = datetime.now(UTC)
+        reason: str | None = None
+        read: ReadMessage | None = None
+        try:
+            if len(raw) > READ_INLINE_BYTES:
+                read = await asyncio.to_thread(read_message, raw)
+            else:
+                read = read_message(raw)
         except Unreadable as exc:
             reason = f"unreadable: {exc}"
         except Exception as exc:  # the reader must never cost us a message
             log.exception("reader crashed; message quarantined")
             reason = f"reader error: {type(exc).__name__}: {exc}"
-        peer = _peer(session)
-        try:
-            ids = await self._store(raw, read, reason, boxes, envelope, received_at, peer)
-        except Exception:
-            log.exception("could not store message; asking the client to retry")
-            return "451 4.3.0 Temporary failure storing the message, try again later"
-        self.service.relay.wake()
-        log.info(
-            "message accepted" if read is not None else "message quarantined",
-            extra={
-                "ingest_ids": ids,
-                "message_id": read.message_id if read is not None else None,
-                "size": len(raw),
-                "peer": peer,
-                "reason": reason,
-            },
-        )
-        return f"250 2.0.0 Ok: queued as {ids[0]}"
+        return Prepared(raw, read, reason, received_at, bare)
 
-    async def _store(
+    async def finish(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a store to its end even if the client drops meanwhile.
+
+        Its retry then finds the committed copy (a quick 250) instead of racing a rollback.
+        """
+        task = asyncio.ensure_future(work)
+        _INFLIGHT.add(task)
+        task.add_done_callback(_done)
+        return await asyncio.shield(task)
+
+    async def store(
         self,
-        raw: bytes,
-        read: Any,
-        reason: str | None,
-        boxes: dict[str, storage.Mailbox],
-        envelope: Envelope,
-        received_at: datetime,
-        peer: str,
-    ) -> list[str]:
-        ids: list[str] = []
+        prepared: Prepared,
+        boxes: list[storage.Mailbox],
+        session: Session,
+        envelope: IngestEnvelope,
+    ) -> list[Stored]:
+        """One transaction for all ``boxes``: the messages, attachments and outbox rows."""
+        read, peer = prepared.read, _peer(session)
+        out: list[Stored] = []
         async with self.service.pool.acquire() as conn, conn.transaction():
-            for box in boxes.values():
-                msg_id = await storage.insert_message(
+            for box in boxes:
+                rcpts = [
+                    r
+                    for r, b in zip(envelope.rcpt_tos, envelope.boxes, strict=True)
+                    if b.id == box.id
+                ]
+                msg_id, new = await storage.insert_message(
                     conn,
                     mailbox_id=box.id,
                     envelope_from=envelope.mail_from or "",
-                    rcpt=",".join(envelope.rcpt_tos),
-                    raw=raw,
+                    rcpt=",".join(rcpts),
+                    raw=prepared.raw,
                     status="accepted" if read is not None else "quarantined",
-                    reason=reason,
+                    reason=prepared.reason,
                     message_id=read.message_id if read is not None else None,
-                    received_at=received_at,
+                    received_at=prepared.received_at,
                     peer=peer,
                 )
-                ids.append(str(msg_id))
-                if read is None:
+                out.append(Stored(str(msg_id), new))
+                if not new or read is None:
                     continue
                 refs = []
                 for part in read.parts:
@@ -130,9 +369,29 @@ class IngestHandler:
                         inline=part.inline,
                     )
                     refs.append((str(att_id), part))
-                payload = to_event(read, str(msg_id), box, refs, received_at)
+                payload = to_event(read, str(msg_id), box, refs, prepared.received_at)
                 await outbox.add(conn, EventEnvelope.of(payload, producer="ingest"))
-        return ids
+        if any(s.new for s in out):
+            self.service.relay.wake()
+        log.info(
+            "message accepted" if read is not None else "message quarantined",
+            extra={
+                "ingest_ids": [s.id for s in out],
+                "duplicate": not any(s.new for s in out),
+                "message_id": read.message_id if read is not None else None,
+                "size": len(prepared.raw),
+                "bare_line_ends": prepared.bare_line_ends,
+                "peer": peer,
+                "reason": prepared.reason,
+            },
+        )
+        return out
+
+
+def _done(task: asyncio.Future[Any]) -> None:
+    _INFLIGHT.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a waiting session logs it; a gone client just retries
 
 
 def _peer(session: Session) -> str:
@@ -141,8 +400,9 @@ def _peer(session: Session) -> str:
 
 def smtp_factory(service: IngestService, tls: ssl.SSLContext) -> SMTP:
     s = service.settings
-    return SMTP(
+    return IngestSMTP(
         IngestHandler(service),
+        settings=s,
         hostname=s.smtp_hostname,
         tls_context=tls,
         require_starttls=s.smtp_require_starttls,
@@ -150,6 +410,6 @@ def smtp_factory(service: IngestService, tls: ssl.SSLContext) -> SMTP:
         enable_SMTPUTF8=True,
         decode_data=False,
         ident="ChatFLOW ingest",
-        # An MX takes no logins: don't advertise AUTH at all.
+        # An MX takes no logins: no mechanism at all.
         auth_exclude_mechanism=["LOGIN", "PLAIN"],
     )

@@ -58,14 +58,21 @@ async def insert_message(
     message_id: str | None,
     received_at: datetime,
     peer: str,
-) -> uuid.UUID:
-    msg_id = uuid.uuid4()
+) -> tuple[uuid.UUID, bool]:
+    """Store one delivery; returns its id and whether it is new.
+
+    The same raw bytes for the same mailbox are stored once (migration 0002): a retry of a message
+    we already committed gets the first copy's id and ``False``, so the caller announces nothing.
+    A concurrent identical delivery waits on the unique index until the first one commits.
+    """
     digest = await put_blob(conn, raw)
-    await conn.execute(
+    new_id: uuid.UUID | None = await conn.fetchval(
         """INSERT INTO messages (id, mailbox_id, envelope_from, rcpt, raw_sha256, status, reason,
                                  message_id, received_at, peer)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
-        msg_id,
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+           ON CONFLICT (mailbox_id, raw_sha256) WHERE duplicate_of IS NULL DO NOTHING
+           RETURNING id""",
+        uuid.uuid4(),
         mailbox_id,
         envelope_from,
         rcpt,
@@ -76,7 +83,17 @@ async def insert_message(
         received_at,
         peer,
     )
-    return msg_id
+    if new_id is not None:
+        return new_id, True
+    first: uuid.UUID | None = await conn.fetchval(
+        """SELECT id FROM messages
+           WHERE mailbox_id = $1 AND raw_sha256 = $2 AND duplicate_of IS NULL""",
+        mailbox_id,
+        digest,
+    )
+    if first is None:  # the first copy vanished between the two statements: let the client retry
+        raise RuntimeError("duplicate message disappeared while checking it")
+    return first, False
 
 
 async def insert_attachment(

@@ -2024,9 +2024,7 @@ def read_message(raw: bytes) -> ReadMessage:
     in_reply_to: list[str] = []
     if irt_raw is not None:
         no_ids: tuple[list[str], bool] = ([], True)
-        ids, junk = _guard(
-            notes, "in-reply-to", lambda: _scan_msgids(_msgid_text(irt_raw)), no_ids
-        )
+        ids, junk = _guard(notes, "in-reply-to", lambda: _scan_msgids(_msgid_text(irt_raw)), no_ids)
         in_reply_to = normalize_msgid_list(" ".join(ids))
         flags.in_reply_to_junk = junk
     references: list[str] = _guard(

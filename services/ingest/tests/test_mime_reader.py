@@ -1481,7 +1481,9 @@ def test_ids_that_pythons_folder_encoded_are_decoded() -> None:
     from email import policy as email_policy
     from email.message import EmailMessage
 
-    long_id = "<849b337d0f3e4a6b9c7d2e1f0a9b8c7d.8f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7@chatflow.test>"
+    long_id = (
+        "<849b337d0f3e4a6b9c7d2e1f0a9b8c7d.8f1e2d3c-4b5a-6978-8091-a2b3c4d5e6f7@chatflow.test>"
+    )
     m = EmailMessage()
     m["From"] = "a@b.test"
     m["To"] = "support@chatflow.test"
