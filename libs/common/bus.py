@@ -33,7 +33,13 @@ DEAD_LETTER = "deadletter"
 
 def connect(url: str, ca: str | None = None) -> aioredis.Redis:
     """A client for ``redis://`` or ``rediss://`` (TLS, verified against ``ca``)."""
-    kwargs: dict[str, Any] = {"decode_responses": False, "health_check_interval": 30}
+    # Blocking reads wait up to consumer_block_ms; the socket timeout must outlast them.
+    kwargs: dict[str, Any] = {
+        "decode_responses": False,
+        "health_check_interval": 30,
+        "socket_timeout": 60,
+        "socket_connect_timeout": 5,
+    }
     if url.startswith("rediss://") and ca:
         kwargs["ssl_ca_certs"] = ca
     return aioredis.from_url(url, **kwargs)

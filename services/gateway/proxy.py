@@ -2,7 +2,8 @@
 
 A plain ASGI app rather than a FastAPI route: bodies go through in chunks as they arrive (the size
 limit is enforced while streaming), headers stay raw so duplicates such as ``Set-Cookie`` survive,
-and there is no per-request framework work beyond what the edge needs.
+and there is no per-request framework work beyond what the edge needs. Requests go straight to
+httpcore's pool (``services.gateway.upstream``), without httpx's client layers.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import httpx
+import httpcore
 from starlette.types import Receive, Scope, Send
 
 from libs.common.tokens import Identity, InvalidToken
@@ -78,20 +82,50 @@ def bearer(raw: list[tuple[bytes, bytes]]) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """An upstream base URL taken apart once: scheme, host, port, path prefix, Host header."""
+
+    scheme: bytes
+    host: bytes
+    port: int
+    path: bytes
+    host_header: bytes
+
+    @classmethod
+    def of(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        scheme = parts.scheme.encode("ascii")
+        host = (parts.hostname or "").encode("idna")
+        port = parts.port or (443 if scheme == b"https" else 80)
+        netloc = b"[" + host + b"]" if b":" in host else host
+        return cls(scheme, host, port, parts.path.rstrip("/").encode(), netloc + b":%d" % port)
+
+
+# A request-target is visible ASCII only (RFC 9112 §3.2); anything else is percent-encoded.
+_NOT_VCHAR = re.compile(rb"[^\x21-\x7e]")
+
+
+def request_target(raw: bytes) -> bytes:
+    return _NOT_VCHAR.sub(lambda m: b"%%%02X" % m.group()[0], raw)
+
+
 class Proxy:
     def __init__(
         self,
         upstreams: dict[str, str],
-        client: httpx.AsyncClient,
+        pool: httpcore.AsyncConnectionPool,
         verifier: Verifier,
         limiter: RateLimiter,
         max_body_bytes: int,
+        timeouts: dict[str, float],
     ) -> None:
-        self.bases = {name: httpx.URL(url) for name, url in upstreams.items()}
-        self.client = client
+        self.bases = {name: Origin.of(url) for name, url in upstreams.items()}
+        self.pool = pool
         self.verifier = verifier
         self.limiter = limiter
         self.max_body = max_body_bytes
+        self.timeouts = timeouts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # a WebSocket on a path other than /ws
@@ -170,10 +204,10 @@ class Proxy:
 
     async def forward(self, name: str, scope: Scope, receive: Receive, send: Send, ip: str) -> None:
         raw: list[tuple[bytes, bytes]] = scope["headers"]
-        base = self.bases[name]
+        origin = self.bases[name]
         query: bytes = scope.get("query_string", b"")
-        raw_path = base.raw_path.rstrip(b"/") + scope.get("raw_path", scope["path"].encode())
-        url = base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
+        raw_path = origin.path + (scope.get("raw_path") or scope["path"].encode())
+        target = request_target(raw_path + (b"?" + query if query else b""))
         rid = scope.get(REQUEST_ID_KEY, "")
         try:
             body = self._body(raw, receive)
@@ -187,17 +221,26 @@ class Proxy:
         headers = upstream_request_headers(
             raw, client_ip=ip, request_id=rid, host=header(raw, b"host")
         )
-        request = httpx.Request(scope["method"], url, headers=headers, content=body)
+        headers.insert(0, (b"host", origin.host_header))
+        if body is not None and header(raw, b"content-length") is None:
+            headers.append((b"transfer-encoding", b"chunked"))
+        request = httpcore.Request(
+            scope["method"].encode("ascii"),
+            httpcore.URL(scheme=origin.scheme, host=origin.host, port=origin.port, target=target),
+            headers=headers,
+            content=body if body is not None else b"",
+            extensions={"timeout": self.timeouts},
+        )
         started = time.perf_counter()
         try:
-            response = await self.client.send(request, stream=True)
+            response = await self.pool.handle_async_request(request)
         except BodyTooLarge:
             metrics.REQUESTS.labels(upstream=name, status="413").inc()
             await send_json(send, 413, "request body too large")
             return
         except ClientGone:
             return
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             status, message, code = _failure(exc)
             metrics.UPSTREAM_ERRORS.labels(upstream=name, kind=type(exc).__name__).inc()
             metrics.REQUESTS.labels(upstream=name, status=str(status)).inc()
@@ -208,7 +251,7 @@ class Proxy:
             await send_json(send, status, message, code=code)
             return
         metrics.UPSTREAM_SECONDS.labels(upstream=name).observe(time.perf_counter() - started)
-        metrics.REQUESTS.labels(upstream=name, status=str(response.status_code)).inc()
+        metrics.REQUESTS.labels(upstream=name, status=str(response.status)).inc()
         # The request body is complete by now, so ``receive`` only has a disconnect left to say;
         # watching for it stops a large download from being read to the end for nobody.
         gone = asyncio.ensure_future(_disconnected(receive))
@@ -216,16 +259,16 @@ class Proxy:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": downstream_response_headers(response.headers.raw),
+                    "status": response.status,
+                    "headers": downstream_response_headers(response.headers),
                 }
             )
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_stream():
                 if gone.done():
                     return  # closing the response drops the upstream connection
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             # Headers are out: all that is left is to cut the connection so the client sees a
             # truncated response rather than a complete-looking one.
             metrics.UPSTREAM_ERRORS.labels(upstream=name, kind=type(exc).__name__).inc()
@@ -243,12 +286,22 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def _failure(exc: httpx.HTTPError) -> tuple[int, str, str]:
+# What httpcore raises for an upstream's failures (it has no common base class).
+UPSTREAM_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+    httpcore.ProxyError,
+)
+
+
+def _failure(exc: Exception) -> tuple[int, str, str]:
     """Status, message and code for an upstream failure before any response header arrived."""
-    if isinstance(exc, httpx.PoolTimeout):
+    if isinstance(exc, httpcore.PoolTimeout):
         return 503, "upstream busy", "unavailable"
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+    if isinstance(exc, httpcore.ConnectError | httpcore.ConnectTimeout):
         return 502, "upstream unavailable", "bad_gateway"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpcore.TimeoutException):
         return 504, "upstream timed out", "upstream_timeout"
     return 502, "upstream failed", "bad_gateway"

@@ -3,23 +3,27 @@
 The public listener is a second uvicorn server run as a background task of the Service, so a
 crash of it stops the service like any other loop; ``before_stop`` lets it drain in-flight
 requests and WebSockets before the pools close.
+
+The one piece of state: accounts auth disabled (``services.gateway.access``), refused on every
+request even while their tokens are still valid.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
+import httpcore
 import uvicorn
 from fastapi import FastAPI
 
 from libs.common import tls, web
+from libs.common.bus import BroadcastReader
 from libs.common.service import Service
 from libs.common.settings import ServiceSettings
+from services.gateway.access import ACCESS_TYPE, TYPES, Access
 from services.gateway.domain.headers import security_headers
 from services.gateway.domain.routing import AUTH, INGEST, THREADER
 from services.gateway.http import Edge, build_public_app
@@ -27,37 +31,37 @@ from services.gateway.proxy import Proxy
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokencache import CachingVerifier
+from services.gateway.upstream import AsyncioBackend
 from services.gateway.ws import WsBridge
 
 log = logging.getLogger("chatflow.gateway")
 
 
-def upstream_client(s: GatewaySettings) -> httpx.AsyncClient:
-    """One shared HTTP/1.1 keep-alive client for every upstream.
+def upstream_pool(s: GatewaySettings) -> httpcore.AsyncConnectionPool:
+    """One shared HTTP/1.1 keep-alive pool for every upstream, verified against our CA.
 
-    Cookies are never stored (a shared jar would mix users' sessions); requests are built by hand,
-    so the client's default headers (Accept-Encoding and friends) are never added either.
+    Requests are built by hand (``Proxy.forward``): nothing is added to them and no cookie is
+    ever stored, so one user's session can't leak into another's request.
     """
-    no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(
-        verify=tls.client_context(s.tls_ca),
+    return httpcore.AsyncConnectionPool(
+        ssl_context=tls.client_context(s.tls_ca),
+        max_connections=s.upstream_max_connections,
+        max_keepalive_connections=s.upstream_max_keepalive,
+        keepalive_expiry=s.upstream_keepalive_expiry_s,
         http1=True,
         http2=False,
-        trust_env=False,
-        follow_redirects=False,
-        cookies=no_cookies,
-        limits=httpx.Limits(
-            max_connections=s.upstream_max_connections,
-            max_keepalive_connections=s.upstream_max_keepalive,
-            keepalive_expiry=s.upstream_keepalive_expiry_s,
-        ),
-        timeout=httpx.Timeout(
-            connect=s.upstream_connect_timeout_s,
-            read=s.upstream_read_timeout_s,
-            write=s.upstream_write_timeout_s,
-            pool=s.upstream_pool_timeout_s,
-        ),
+        retries=0,
+        network_backend=AsyncioBackend(),
     )
+
+
+def upstream_timeouts(s: GatewaySettings) -> dict[str, float]:
+    return {
+        "connect": s.upstream_connect_timeout_s,
+        "read": s.upstream_read_timeout_s,
+        "write": s.upstream_write_timeout_s,
+        "pool": s.upstream_pool_timeout_s,
+    }
 
 
 class GatewayService(Service):
@@ -68,9 +72,10 @@ class GatewayService(Service):
     def __init__(self, settings: ServiceSettings) -> None:
         super().__init__(settings)
         self.cfg: GatewaySettings = settings  # type: ignore[assignment]
-        self.upstream: httpx.AsyncClient | None = None
+        self.upstream: httpcore.AsyncConnectionPool | None = None
         self.public: uvicorn.Server | None = None
         self.public_app: Edge | None = None
+        self.access: Access
         self._public_done = asyncio.Event()
 
     def build_app(self) -> FastAPI:
@@ -89,8 +94,25 @@ class GatewayService(Service):
             await self.verifier.refresh()  # keys ready before the first request, if auth is up
         except Exception as exc:
             log.warning("no signing keys yet", extra={"error": repr(exc)})
-        self.upstream = upstream_client(s)
-        verifier = CachingVerifier(self.verifier, s.token_cache_ttl_s, s.jwt_leeway_s)
+        self.upstream = upstream_pool(s)
+        self.access = Access(self.pool, self.relay, self.bus)
+        cursor = await self.access.start()
+        self.consumer(TYPES, self.access.handle)
+        self.consumers.append(
+            BroadcastReader(
+                self.bus,
+                [ACCESS_TYPE],
+                self.access.on_entry,
+                start=cursor,
+                block_ms=s.consumer_block_ms,
+            )
+        )
+        verifier = CachingVerifier(
+            self.verifier,
+            s.token_cache_ttl_s,
+            s.jwt_leeway_s,
+            is_disabled=self.access.is_disabled,
+        )
         limiter = RateLimiter(
             self.redis,
             s.stream_prefix,
@@ -105,6 +127,7 @@ class GatewayService(Service):
             verifier,
             limiter,
             s.max_body_bytes,
+            upstream_timeouts(s),
         )
         bridge = WsBridge(
             s.notifier_ws_url,
@@ -115,7 +138,9 @@ class GatewayService(Service):
             s.ws_auth_timeout_s,
             s.ws_open_timeout_s,
             s.ws_max_upstream_message_bytes,
+            is_disabled=self.access.is_disabled,
         )
+        self.access.on_disable(bridge.disable)
         self.public_app = build_public_app(
             proxy, bridge, s.allowed_origins, security_headers(s.hsts_max_age_s)
         )

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any, cast
 
 from starlette.responses import JSONResponse
@@ -26,7 +27,7 @@ from libs.common.web import error_body
 from services.gateway import metrics
 from services.gateway.proxy import REQUEST_ID_KEY, client_ip
 from services.gateway.ratelimit import RateLimiter
-from services.gateway.tokencache import Verifier
+from services.gateway.tokencache import DISABLED, Verifier
 
 log = logging.getLogger("chatflow.gateway.ws")
 # The upstream handshake carries the token as a subprotocol and websockets logs handshakes at
@@ -71,6 +72,7 @@ class WsBridge:
         auth_timeout_s: float,
         open_timeout_s: float,
         max_message_bytes: int,
+        is_disabled: Callable[[str], bool] = lambda sub: False,
     ) -> None:
         self.url = upstream_url
         self.origins = frozenset(allowed_origins)
@@ -80,6 +82,9 @@ class WsBridge:
         self.auth_timeout_s = auth_timeout_s
         self.open_timeout_s = open_timeout_s
         self.max_message_bytes = max_message_bytes
+        self.is_disabled = is_disabled
+        # Open sessions per token subject, each with the event that ends it when disabled.
+        self._sessions: dict[str, set[asyncio.Event]] = {}
 
     async def handle(self, websocket: WebSocket) -> None:
         """The /ws endpoint (a bound method, so Starlette treats it as a WebSocket session)."""
@@ -108,11 +113,11 @@ class WsBridge:
         token = bearer_from_subprotocols(offered)
         ip = client_ip(websocket.scope)
         if token is not None:
-            identity = await self._verify(token)
+            identity, problem = await self._verify(token)
             if identity is None:
                 # Accept first: a browser only sees close codes, never the handshake's status.
                 await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
-                raise Refused(UNAUTHORIZED, 401, "invalid token")
+                raise Refused(UNAUTHORIZED, 401, problem)
             await self._limit(ip, identity)
             await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
         else:
@@ -120,25 +125,42 @@ class WsBridge:
             token = await self._first_frame_token(websocket)
             if token is None:
                 return
-            identity = await self._verify(token)
+            identity, problem = await self._verify(token)
             if identity is None:
-                raise Refused(UNAUTHORIZED, 401, "invalid token")
+                raise Refused(UNAUTHORIZED, 401, problem)
             await self._limit(ip, identity)
-        upstream = await self._connect(websocket, token, origin, ip)
-        metrics.WS_OPEN.inc()
+        # Registered before the upstream handshake, so a disable during it is not missed.
+        revoked = asyncio.Event()
+        sessions = self._sessions.setdefault(identity.sub, set())
+        sessions.add(revoked)
+        if self.is_disabled(identity.sub):  # disabled while we were accepting
+            revoked.set()
         try:
-            await self._pump(websocket, upstream)
+            upstream = await self._connect(websocket, token, origin, ip)
+            metrics.WS_OPEN.inc()
+            try:
+                await self._pump(websocket, upstream, revoked)
+            finally:
+                metrics.WS_OPEN.dec()
         finally:
-            metrics.WS_OPEN.dec()
+            sessions.discard(revoked)
+            if not sessions:
+                self._sessions.pop(identity.sub, None)
 
-    async def _verify(self, token: str) -> Identity | None:
+    async def _verify(self, token: str) -> tuple[Identity | None, str]:
+        """The identity, or None and the close reason ("account disabled" is worth telling)."""
         try:
-            return await self.verifier.verify(token)
-        except InvalidToken:
-            return None
+            return await self.verifier.verify(token), ""
+        except InvalidToken as exc:
+            return None, DISABLED if str(exc) == DISABLED else "invalid token"
         except Exception as exc:
             log.warning("token verification failed", extra={"error": repr(exc)})
             raise Refused(1013, 503, "cannot verify tokens right now") from exc
+
+    def disable(self, user_id: str) -> None:
+        """The account was disabled: its bridged sessions close with 4401 now."""
+        for revoked in self._sessions.get(user_id, ()):
+            revoked.set()
 
     async def _limit(self, ip: str, identity: Identity) -> None:
         if await self.limiter.check(ip, identity.sub) is not None:
@@ -198,7 +220,9 @@ class WsBridge:
             log.warning("notifier unreachable", extra={"error": type(exc).__name__})
             raise Refused(1013, 503, "notifier unavailable") from exc
 
-    async def _pump(self, websocket: WebSocket, upstream: ClientConnection) -> None:
+    async def _pump(
+        self, websocket: WebSocket, upstream: ClientConnection, revoked: asyncio.Event
+    ) -> None:
         async def downstream() -> None:
             async for data in upstream:
                 if isinstance(data, str):
@@ -218,12 +242,20 @@ class WsBridge:
 
         down = asyncio.create_task(downstream())
         up = asyncio.create_task(upstream_side())
+        cut = asyncio.create_task(revoked.wait())
         try:
-            done, _ = await asyncio.wait([down, up], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([down, up, cut], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (down, up):
+            for t in (down, up, cut):
                 t.cancel()
-            await asyncio.gather(down, up, return_exceptions=True)
+            await asyncio.gather(down, up, cut, return_exceptions=True)
+        if revoked.is_set():
+            with contextlib.suppress(Exception):
+                await upstream.close(1000, DISABLED)
+            with contextlib.suppress(Exception):
+                if websocket.application_state == WebSocketState.CONNECTED:
+                    await websocket.close(UNAUTHORIZED, DISABLED)
+            return
         client_left = _result(up, done)
         if client_left is not None or not isinstance(_error(down, done), ConnectionClosed | None):
             # The client left (or sending to it failed): tell the notifier, with the client's code.

@@ -7,6 +7,7 @@ Server frames are plain dicts built here once per event; the replica that delive
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,15 +23,39 @@ FRAME_TYPE = "notifier.frame"
 STREAM_ID = r"^\d{1,20}-\d{1,20}$"
 
 
+class AccessChange(BaseModel):
+    """A user's account (``mailbox_id`` None) or one membership was disabled or restored.
+
+    It travels in the frames stream so every replica applies it in order with the frames around
+    it (see ``services.notifier.access``); it is never sent to a client.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    user_id: str
+    mailbox_id: str | None = None
+    active: bool
+    changed_at: datetime
+
+
 @register(FRAME_TYPE)
 class NotifierFrame(BaseModel):
-    """One server frame and its audience: members of ``mailbox_id`` (only ``user_id`` if set)."""
+    """One server frame and its audience: members of ``mailbox_id`` (only ``user_id`` if set).
+
+    An entry with ``access`` set is a directory change for the replicas instead; it keeps
+    ``mailbox_id`` empty, so a replica that predates ``access`` delivers it to nobody.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     mailbox_id: str
     user_id: str | None = None
     frame: dict[str, Any]
+    access: AccessChange | None = None
+
+    @classmethod
+    def of_access(cls, change: AccessChange) -> NotifierFrame:
+        return cls(mailbox_id="", frame={}, access=change)
 
 
 # ---- client → server ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import websockets
 from prometheus_client import Counter, Gauge
@@ -34,15 +34,19 @@ SLOW_CONSUMER = 4008
 class Client:
     conn: ServerConnection
     identity: Identity
-    # While a resume replays the stream, live frames wait here (entry id, text) so the client
-    # gets every frame once and in order.
+    # The mailboxes this connection is served: the token's, less memberships removed since it was
+    # minted (``served``, when given). Changed only through the Hub, which keeps ``by_mailbox``
+    # in step.
+    mailboxes: set[str] = field(init=False)
+    served: InitVar[set[str] | None] = None
+    # While a resume replays the stream, live frames wait here (entry id, mailbox, text) so the
+    # client gets every frame once and in order.
     resuming: bool = False
-    held: list[tuple[str, str]] = field(default_factory=list)
+    held: list[tuple[str, str, str]] = field(default_factory=list)
     closing: bool = False
 
-    @property
-    def mailboxes(self) -> frozenset[str]:
-        return self.identity.mailboxes
+    def __post_init__(self, served: set[str] | None) -> None:
+        self.mailboxes = set(self.identity.mailboxes) if served is None else set(served)
 
 
 class Hub:
@@ -50,24 +54,48 @@ class Hub:
         self.slow_bytes = slow_bytes
         self.max_held = max_held
         self.by_mailbox: dict[str, set[Client]] = {}
+        self.by_user: dict[str, set[Client]] = {}
         self.clients: set[Client] = set()
         self._closers: set[asyncio.Task[None]] = set()
 
     def add(self, client: Client) -> None:
         self.clients.add(client)
+        self.by_user.setdefault(client.identity.sub, set()).add(client)
         for m in client.mailboxes:
             self.by_mailbox.setdefault(m, set()).add(client)
         CONNECTIONS.set(len(self.clients))
 
     def remove(self, client: Client) -> None:
+        if client not in self.clients:
+            return
         self.clients.discard(client)
+        _discard(self.by_user, client.identity.sub, client)
         for m in client.mailboxes:
-            members = self.by_mailbox.get(m)
-            if members is not None:
-                members.discard(client)
-                if not members:
-                    del self.by_mailbox[m]
+            _discard(self.by_mailbox, m, client)
         CONNECTIONS.set(len(self.clients))
+
+    def of_user(self, user_id: str) -> list[Client]:
+        return list(self.by_user.get(user_id, ()))
+
+    def drop_mailbox(self, user_id: str, mailbox_id: str) -> int:
+        """The user left the mailbox: their connections get none of its frames from now on."""
+        n = 0
+        for c in self.of_user(user_id):
+            if mailbox_id in c.mailboxes:
+                c.mailboxes.discard(mailbox_id)
+                _discard(self.by_mailbox, mailbox_id, c)
+                n += 1
+        return n
+
+    def restore_mailbox(self, user_id: str, mailbox_id: str) -> int:
+        """The user is a member again: connections whose token names the mailbox get it back."""
+        n = 0
+        for c in self.of_user(user_id):
+            if mailbox_id in c.identity.mailboxes and mailbox_id not in c.mailboxes:
+                c.mailboxes.add(mailbox_id)
+                self.by_mailbox.setdefault(mailbox_id, set()).add(c)
+                n += 1
+        return n
 
     def audience(self, mailbox_id: str, user_id: str | None) -> Iterable[Client]:
         for c in self.by_mailbox.get(mailbox_id, ()):
@@ -81,7 +109,7 @@ class Hub:
             if c.closing:
                 continue
             if c.resuming:
-                c.held.append((entry_id, text))
+                c.held.append((entry_id, mailbox_id, text))
                 if len(c.held) > self.max_held:
                     self.kick(c)
                 continue
@@ -111,3 +139,11 @@ class Hub:
 def buffered(conn: ServerConnection) -> int:
     transport = conn.transport
     return transport.get_write_buffer_size() if transport is not None else 0
+
+
+def _discard(index: dict[str, set[Client]], key: str, client: Client) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(client)
+        if not members:
+            del index[key]

@@ -3,6 +3,8 @@
 Events are handled once by the consumer group, which turns each into one ``notifier.frame``
 (through the outbox); every replica reads that stream with a BroadcastReader and writes the
 frame to its own agents, so an agent gets it once whichever replica it is connected to.
+Disabled accounts and removed memberships reach every replica the same way
+(``services.notifier.access``).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from libs.common import web
 from libs.common.bus import BroadcastReader
 from libs.common.service import Service
+from services.notifier.access import AccessState
 from services.notifier.frames import FRAME_TYPE
 from services.notifier.hub import Hub
 from services.notifier.settings import NotifierSettings
@@ -32,6 +35,7 @@ class NotifierService(Service):
 
     hub: Hub
     live: LiveServer
+    access: AccessState
 
     @property
     def cfg(self) -> NotifierSettings:
@@ -43,9 +47,17 @@ class NotifierService(Service):
         logging.getLogger("websockets.server").setLevel(logging.WARNING)
         self.hub = Hub(s.ws_slow_consumer_bytes, s.resume_max_entries)
         self.consumer(TYPES, StreamHandlers(self.pool, self.relay).handle)
-        self.live = LiveServer(s, self.verifier, self.pool, self.relay, self.bus, self.hub)
+        # The cursor first, then the stored access changes: whatever the load misses was
+        # committed after it began, so its entry lies after the cursor (services.notifier.access).
+        last: Any = await self.redis.xrevrange(self.bus.stream(FRAME_TYPE), count=1)
+        cursor = last[0][0].decode() if last else "0-0"
+        self.access = AccessState()
+        await self.access.load(self.pool)
+        self.live = LiveServer(
+            s, self.verifier, self.pool, self.relay, self.bus, self.hub, self.access
+        )
         reader = BroadcastReader(
-            self.bus, [FRAME_TYPE], self.live.on_frame, block_ms=s.consumer_block_ms
+            self.bus, [FRAME_TYPE], self.live.on_frame, start=cursor, block_ms=s.consumer_block_ms
         )
         self.consumers.append(reader)  # readiness covers it; stopped with the consumers
         self.background.append(self._trim_frames)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
+
 import asyncpg
 
 from libs.common.events import ConversationState, MailStatus
@@ -108,3 +111,80 @@ async def record_status(conn: asyncpg.Connection, s: MailStatus) -> bool:
         s.detail,
     )
     return bool(inserted)
+
+
+# ---- access taken away before the token expires ------------------------------------------------
+
+
+async def apply_access_change(
+    conn: asyncpg.Connection,
+    user_id: str,
+    mailbox_id: str | None,
+    active: bool,
+    changed_at: datetime,
+) -> bool:
+    """Record an account (``mailbox_id`` None) or membership change; True if access changed.
+
+    False when a newer change of the same key was applied already (the version upsert takes the
+    row lock, so two replicas applying two changes of one user serialize here and the older one
+    cannot land last), and when nothing was taken away or given back (a new user, a new member).
+    """
+    newest = await conn.fetchval(
+        """INSERT INTO access_versions AS v (user_id, mailbox_id, changed_at) VALUES ($1, $2, $3)
+           ON CONFLICT (user_id, mailbox_id) DO UPDATE SET changed_at = EXCLUDED.changed_at
+           WHERE EXCLUDED.changed_at >= v.changed_at
+           RETURNING 1""",
+        user_id,
+        mailbox_id or "",
+        changed_at,
+    )
+    if newest is None:
+        return False
+    if mailbox_id is None:
+        if active:
+            changed = await conn.fetchval(
+                "DELETE FROM disabled_users WHERE user_id = $1 RETURNING 1", user_id
+            )
+        else:
+            changed = await conn.fetchval(
+                """INSERT INTO disabled_users (user_id, since) VALUES ($1, $2)
+                   ON CONFLICT (user_id) DO NOTHING RETURNING 1""",
+                user_id,
+                changed_at,
+            )
+    elif active:
+        changed = await conn.fetchval(
+            """DELETE FROM removed_memberships WHERE user_id = $1 AND mailbox_id = $2
+               RETURNING 1""",
+            user_id,
+            mailbox_id,
+        )
+    else:
+        changed = await conn.fetchval(
+            """INSERT INTO removed_memberships (user_id, mailbox_id, since) VALUES ($1, $2, $3)
+               ON CONFLICT (user_id, mailbox_id) DO NOTHING RETURNING 1""",
+            user_id,
+            mailbox_id,
+            changed_at,
+        )
+    return changed is not None
+
+
+@dataclass
+class AccessRows:
+    disabled: set[str] = field(default_factory=set)
+    removed: dict[str, set[str]] = field(default_factory=dict)
+    versions: dict[tuple[str, str], datetime] = field(default_factory=dict)
+
+
+async def load_access(pool: asyncpg.Pool) -> AccessRows:
+    """Everything taken away, read from one snapshot."""
+    out = AccessRows()
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        for r in await conn.fetch("SELECT user_id FROM disabled_users"):
+            out.disabled.add(str(r["user_id"]))
+        for r in await conn.fetch("SELECT user_id, mailbox_id FROM removed_memberships"):
+            out.removed.setdefault(str(r["user_id"]), set()).add(str(r["mailbox_id"]))
+        for r in await conn.fetch("SELECT user_id, mailbox_id, changed_at FROM access_versions"):
+            out.versions[(str(r["user_id"]), str(r["mailbox_id"]))] = r["changed_at"]
+    return out

@@ -1,7 +1,8 @@
 """Consumer-group handlers: store what the notifier needs, then outbox one ``notifier.frame``.
 
 One replica of the group handles each event; the frame it writes reaches every replica through
-the broadcast stream, so each delivers to its own connections.
+the broadcast stream, so each delivers to its own connections. Directory changes that take
+access away go the same way, as an ``access`` entry (see ``services.notifier.access``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ from libs.common.events import (
     ConversationUpdated,
     Envelope,
     MailStatus,
+    MembershipChanged,
+    UserChanged,
 )
 from libs.common.outbox import OutboxRelay
 from services.notifier import frames, storage
-from services.notifier.frames import NotifierFrame
+from services.notifier.frames import AccessChange, NotifierFrame
 
-TYPES = ("conversation.message_added", "conversation.updated", "mail.status")
+TYPES = (
+    "conversation.message_added",
+    "conversation.updated",
+    "mail.status",
+    "user.changed",
+    "membership.changed",
+)
 CONSUMER = "notifier"
 
 
@@ -59,4 +68,28 @@ class StreamHandlers:
                 user_id=status.user_id or None,
                 frame=frames.send_status(status),
             )
+        if env.type == "user.changed":
+            user = env.payload_as(UserChanged)
+            return await self._access(conn, env, user.user_id, None, user.active)
+        if env.type == "membership.changed":
+            member = env.payload_as(MembershipChanged)
+            return await self._access(conn, env, member.user_id, member.mailbox_id, member.active)
         return None
+
+    async def _access(
+        self,
+        conn: asyncpg.Connection,
+        env: Envelope,
+        user_id: str,
+        mailbox_id: str | None,
+        active: bool,
+    ) -> NotifierFrame | None:
+        """Store the change; the replicas learn of it from the frames stream."""
+        if not await storage.apply_access_change(
+            conn, user_id, mailbox_id, active, env.occurred_at
+        ):
+            return None  # nothing taken away or given back, or a newer change won already
+        change = AccessChange(
+            user_id=user_id, mailbox_id=mailbox_id, active=active, changed_at=env.occurred_at
+        )
+        return NotifierFrame.of_access(change)

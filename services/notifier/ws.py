@@ -4,6 +4,8 @@ Auth: the browser can't set headers on a WebSocket, so the access token rides in
 ``bearer.<token>`` subprotocol (we select ``chatflow.v1``, never echo the token); without it the
 first frame must be ``{"type":"auth","token":...}`` within ``ws_auth_timeout_s``. A bad token
 closes with 4401 so the client knows to refresh rather than retry, and so does token expiry.
+An account disabled meanwhile closes (and is refused) with 4401 "account disabled"; a membership
+removed meanwhile leaves the connection's effective mailbox set (``services.notifier.access``).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from libs.common.events import Envelope, EventError, MailSend
 from libs.common.outbox import OutboxRelay
 from libs.common.tokens import Identity, InvalidToken, TokenVerifier, bearer_from_subprotocols
 from services.notifier import frames, storage
+from services.notifier.access import AccessState
 from services.notifier.domain.rules import in_audience, is_after, needs_resync
 from services.notifier.frames import (
     CLIENT_FRAMES,
     FRAME_TYPE,
+    AccessChange,
     AuthFrame,
     NotifierFrame,
     ResumeFrame,
@@ -49,6 +53,7 @@ log = logging.getLogger("chatflow.notifier.ws")
 
 PROTOCOL: Final = Subprotocol("chatflow.v1")
 UNAUTHORIZED: Final = 4401
+DISABLED: Final = "account disabled"
 _REJECTED: Final = object()  # the upgrade carried a token that failed verification
 _PAGE = 500
 
@@ -88,6 +93,7 @@ class LiveServer:
         relay: OutboxRelay,
         bus: Bus,
         hub: Hub,
+        access: AccessState | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -95,6 +101,7 @@ class LiveServer:
         self.relay = relay
         self.bus = bus
         self.hub = hub
+        self.access = access or AccessState()
         self.stream = bus.stream(FRAME_TYPE)
         self.server: Server | None = None
         self._pending: weakref.WeakKeyDictionary[ServerConnection, object] = (
@@ -175,7 +182,11 @@ class LiveServer:
         if identity is None:
             await conn.close(UNAUTHORIZED, "unauthorized")
             return
-        client = Client(conn, identity)
+        # No await from this check to ``hub.add``: a disable applied later finds the client.
+        if self.access.is_disabled(identity.sub):
+            await conn.close(UNAUTHORIZED, DISABLED)
+            return
+        client = Client(conn, identity, self.access.effective(identity.sub, identity.mailboxes))
         self.hub.add(client)
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, identity.exp - time.time()), self._expire, client
@@ -200,11 +211,16 @@ class LiveServer:
 
     def _expire(self, client: Client) -> None:
         """Tokens live 15 minutes; the client reconnects with a fresh one and resumes."""
+        self._close(client, UNAUTHORIZED, "token expired")
+
+    def _close(self, client: Client, code: int, reason: str) -> None:
+        """Out of the hub now (no frame reaches it any more), the close handshake meanwhile."""
         if client.closing:
             return
         client.closing = True
+        client.held.clear()
         self.hub.remove(client)
-        self._spawn(client.conn.close(UNAUTHORIZED, "token expired"))
+        self._spawn(client.conn.close(code, reason))
 
     async def _reply(self, client: Client, frame: dict[str, Any]) -> None:
         await client.conn.send(_dump(frame))
@@ -246,7 +262,7 @@ class LiveServer:
 
     # ---- send ----------------------------------------------------------------------------------
     async def _send(self, client: Client, f: SendFrame) -> None:
-        send_id = await self._take_send(client.identity, f)
+        send_id = await self._take_send(client, f)
         if send_id is None:
             # The same answer for "absent" and "not yours": no probing of other mailboxes.
             reply = frames.error("not_found", "conversation not found", f.client_id)
@@ -254,12 +270,18 @@ class LiveServer:
             reply = frames.send_ack(f.client_id, send_id)
         await self._reply(client, reply)
 
-    async def _take_send(self, identity: Identity, f: SendFrame) -> str | None:
+    async def _take_send(self, client: Client, f: SendFrame) -> str | None:
         """Record the send and outbox its ``mail.send`` once per (user, client_id)."""
-        sub = identity.sub
+        sub = client.identity.sub
         async with self.pool.acquire() as conn:
             mailbox_id = await storage.conversation_mailbox(conn, f.id_conversa)
-            if mailbox_id is None or mailbox_id not in identity.mailboxes:
+            # The connection's effective mailboxes: a membership removed since the token was
+            # minted no longer counts.
+            if (
+                mailbox_id is None
+                or mailbox_id not in client.mailboxes
+                or self.access.is_disabled(sub)
+            ):
                 return None
             async with conn.transaction():
                 send_id = await storage.insert_send(
@@ -310,16 +332,22 @@ class LiveServer:
             # Live frames that arrived during the replay; those it already covered are skipped.
             while client.held:
                 held, client.held = client.held, []
-                for entry_id, text in held:
-                    if is_after(entry_id, last):
+                for entry_id, mailbox_id, text in held:
+                    if client.closing:
+                        break
+                    if is_after(entry_id, last) and mailbox_id in client.mailboxes:
                         await client.conn.send(text)
         finally:
             client.resuming = False
 
     def _text_for(self, client: Client, entry_id: str, fields: dict[bytes, bytes]) -> str | None:
+        if client.closing:
+            return None
         nf = _parse(fields)
-        if nf is None or not in_audience(
-            client.mailboxes, client.identity.sub, nf.mailbox_id, nf.user_id
+        if (
+            nf is None
+            or nf.access is not None
+            or not in_audience(client.mailboxes, client.identity.sub, nf.mailbox_id, nf.user_id)
         ):
             return None
         return render(entry_id, nf.frame)
@@ -328,9 +356,34 @@ class LiveServer:
     async def on_frame(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
         """BroadcastReader handler: every replica delivers each frame to its own connections."""
         nf = _parse(fields)
-        if nf is None or not self.hub.by_mailbox.get(nf.mailbox_id):
+        if nf is None:
+            return
+        if nf.access is not None:
+            self.on_access(nf.access)
+            return
+        if not self.hub.by_mailbox.get(nf.mailbox_id):
             return
         self.hub.deliver(nf.mailbox_id, nf.user_id, entry_id, render(entry_id, nf.frame))
+
+    def on_access(self, change: AccessChange) -> None:
+        """Apply a directory change to this replica's connections, in stream order."""
+        if not self.access.apply(change):
+            return  # older than one applied already
+        user = change.user_id
+        if change.mailbox_id is None:
+            if not change.active:
+                clients = self.hub.of_user(user)
+                for c in clients:
+                    self._close(c, UNAUTHORIZED, DISABLED)
+                log.info("account disabled", extra={"user_id": user, "closed": len(clients)})
+        elif change.active:
+            self.hub.restore_mailbox(user, change.mailbox_id)
+        else:
+            n = self.hub.drop_mailbox(user, change.mailbox_id)
+            log.info(
+                "membership removed",
+                extra={"user_id": user, "mailbox_id": change.mailbox_id, "connections": n},
+            )
 
 
 def _parse(fields: dict[bytes, bytes]) -> NotifierFrame | None:

@@ -167,3 +167,40 @@ async def test_token_cache() -> None:
     await cache.verify("t")
     await cache.verify("t")
     assert short.calls == 2
+
+
+async def test_token_cache_never_lets_a_disabled_user_through() -> None:
+    inner = CountingVerifier(exp=int(time.time()) + 900)
+    disabled: set[str] = set()
+    cache = CachingVerifier(inner, ttl_s=60, leeway_s=30, is_disabled=disabled.__contains__)
+    assert (await cache.verify("t1")).sub == "u"
+    disabled.add("u")
+    with pytest.raises(InvalidToken, match="account disabled"):
+        await cache.verify("t1")  # cached signature check, refused all the same
+    assert inner.calls == 1
+    disabled.discard("u")
+    assert (await cache.verify("t1")).sub == "u"
+
+
+async def test_rate_limiter_counts_exactly_without_waiting_when_it_can() -> None:
+    import asyncio
+
+    redis = connect(testing.REDIS_URL)
+    prefix = f"t{testing.new_run_id()}:"
+    try:
+        if time.time() % 60 > 58:  # one fixed window for the whole test
+            await asyncio.sleep(60 - time.time() % 60 + 0.1)
+        limiter = RateLimiter(redis, prefix, 60, 0, 5, 1.0)
+        assert await limiter.check("ip", "u") is None  # a key's first request waits for Redis
+        assert not limiter._background
+        # A burst: what this replica sent is counted before Redis answers, so exactly five in all
+        # get through, the first ones without waiting for their round trip.
+        results = await asyncio.gather(*(limiter.check("ip", "u") for _ in range(10)))
+        assert [r is None for r in results] == [True] * 4 + [False] * 6
+        await asyncio.gather(*limiter._background)
+        assert int(await redis.get(f"{prefix}gateway:rl:user:u:{int(time.time() // 60)}")) == 11
+        other = await limiter.check("ip", "v")  # another user is not limited by u's count
+        assert other is None
+    finally:
+        await testing.drop_prefix(prefix)
+        await redis.aclose()

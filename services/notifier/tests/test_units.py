@@ -109,7 +109,7 @@ async def test_hub_index_holds_during_resume_and_kicks_on_overflow(
     assert {id(x) for x in sent[0][0]} == {id(a.conn), id(b.conn)}
     assert h.deliver("m2", "uc", "2-0", "y") == 1 and sent[-1][0] == [c.conn]
     b.resuming = True
-    assert h.deliver("m1", None, "3-0", "z") == 1 and b.held == [("3-0", "z")]
+    assert h.deliver("m1", None, "3-0", "z") == 1 and b.held == [("3-0", "m1", "z")]
     h.deliver("m2", None, "4-0", "w")
     h.deliver("m2", None, "5-0", "v")  # third held frame: over max_held
     import asyncio
@@ -119,3 +119,46 @@ async def test_hub_index_holds_during_resume_and_kicks_on_overflow(
     assert b not in h.clients and b not in h.by_mailbox["m1"]
     h.remove(a)
     assert "m1" not in h.by_mailbox
+
+
+def test_hub_drops_and_restores_one_users_mailbox() -> None:
+    h = Hub(slow_bytes=100, max_held=2)
+    mine = Client(FakeConn(), ident("u", "m1", "m2"))  # type: ignore[arg-type]
+    other = Client(FakeConn(), ident("v", "m1"))  # type: ignore[arg-type]
+    trimmed = Client(FakeConn(), ident("u", "m1", "m2"), {"m2"})  # type: ignore[arg-type]
+    for c in (mine, other, trimmed):
+        h.add(c)
+    assert trimmed.mailboxes == {"m2"} and trimmed not in h.by_mailbox["m1"]
+    assert h.drop_mailbox("u", "m1") == 1
+    assert mine.mailboxes == {"m2"} and h.by_mailbox["m1"] == {other}
+    assert h.drop_mailbox("u", "m3") == 0
+    assert h.restore_mailbox("u", "m1") == 2  # both name m1 in their token
+    assert h.restore_mailbox("u", "m9") == 0  # not in the token: needs a new one
+    assert h.by_mailbox["m1"] == {mine, other, trimmed}
+    h.remove(mine)
+    h.remove(trimmed)
+    assert h.of_user("u") == [] and h.by_mailbox == {"m1": {other}}
+
+
+def test_access_state_newest_change_wins() -> None:
+    from datetime import timedelta
+
+    from services.notifier.access import AccessState
+    from services.notifier.frames import AccessChange
+
+    st = AccessState()
+    t = datetime.now(UTC)
+    assert st.apply(AccessChange(user_id="u", active=False, changed_at=t))
+    assert st.is_disabled("u")
+    stale = AccessChange(user_id="u", active=True, changed_at=t - timedelta(seconds=1))
+    assert not st.apply(stale) and st.is_disabled("u")
+    assert st.apply(AccessChange(user_id="u", active=True, changed_at=t + timedelta(seconds=1)))
+    assert not st.is_disabled("u")
+    assert st.apply(AccessChange(user_id="u", mailbox_id="m1", active=False, changed_at=t))
+    assert st.effective("u", frozenset({"m1", "m2"})) == {"m2"}
+    assert st.apply(AccessChange(user_id="u", mailbox_id="m1", active=True, changed_at=t))
+    assert st.effective("u", frozenset({"m1", "m2"})) == {"m1", "m2"} and st.rows.removed == {}
+    # An access entry parses as a frame for nobody on a replica that predates ``access``.
+    nf = NotifierFrame.of_access(AccessChange(user_id="u", active=False, changed_at=t))
+    raw = json.loads(Envelope.of(nf, producer="notifier").to_json())["payload"]
+    assert raw["mailbox_id"] == "" and raw["frame"] == {}
