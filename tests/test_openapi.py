@@ -33,7 +33,7 @@ def test_api_needs_bearer_and_oauth_does_not() -> None:
         "type": "http",
         "scheme": "bearer",
         "bearerFormat": "JWT",
-        "description": "Access token from /oauth/token (EdDSA-signed JWT)",
+        "description": "Access token from /oauth/token (Ed25519-signed JWT)",
     }
     for path, item in doc["paths"].items():
         for method, op in item.items():

@@ -28,7 +28,7 @@ FORM = "application/x-www-form-urlencoded"
 DESCRIPTION = (
     "The API the agent app and other systems reach through the gateway (HTTPS, port 8443 in "
     "development). `/oauth/*` and `/.well-known/*` need no token; every `/api/*` route needs "
-    "`Authorization: Bearer <access token>` (EdDSA JWT from `/oauth/token`) and answers 401 "
+    "`Authorization: Bearer <access token>` (Ed25519-signed JWT from `/oauth/token`) and answers 401 "
     "without a valid one. Conversation and attachment routes are for agents: a machine token "
     "(client credentials, no roles) gets 403, and anything outside the agent's mailboxes is 404. "
     'Errors are JSON `{"error": {"code", "message"}}`, except the OAuth endpoints, which answer '
@@ -290,7 +290,7 @@ def build() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "bearerFormat": "JWT",
-                    "description": "Access token from /oauth/token (EdDSA-signed JWT)",
+                    "description": "Access token from /oauth/token (Ed25519-signed JWT)",
                 }
             },
         },

@@ -1,6 +1,6 @@
 """Access-token verification shared by the gateway and every service behind it.
 
-The algorithm is pinned (EdDSA), never taken from the token; issuer, audience and expiry are
+The algorithm is pinned (Ed25519), never taken from the token; issuer, audience and expiry are
 checked with a small leeway. Public keys come from the ``auth.jwks`` stream, which the auth
 service republishes on every key change; an unknown ``kid`` triggers a refetch at a bounded rate.
 """
@@ -20,7 +20,8 @@ from joserfc.jwt import JWTClaimsRegistry
 from libs.common.bus import Bus
 from libs.common.events import Envelope, JwksPublished
 
-ALGORITHM = "EdDSA"
+# RFC 9864's fully specified name for Ed25519 signatures (the polymorphic "EdDSA" is deprecated).
+ALGORITHM = "Ed25519"
 
 
 class InvalidToken(Exception):

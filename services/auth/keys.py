@@ -1,4 +1,4 @@
-"""Signing keys: Ed25519 (alg EdDSA), published as ``auth.jwks`` through the outbox.
+"""Signing keys: Ed25519 (JOSE alg "Ed25519", RFC 9864), published as ``auth.jwks`` through the outbox.
 
 Rotation never makes a valid token fail: ``rotate`` publishes the new key at once but lets it
 sign only ``key_publish_lead_s`` later (``signs_from``), longer than verifiers wait between JWKS
@@ -13,7 +13,6 @@ harmless because that key stays published.
 from __future__ import annotations
 
 import time
-import warnings
 from datetime import datetime
 from typing import Any
 
@@ -76,10 +75,7 @@ async def publish(conn: Any, settings: AuthSettings, correlation_id: str | None 
 
 def sign(key: OKPKey, claims: dict[str, Any]) -> str:
     header = {"alg": ALGORITHM, "kid": key.kid, "typ": TOKEN_TYPE}
-    with warnings.catch_warnings():
-        # joserfc flags "EdDSA" as superseded by RFC 9864's "Ed25519"; the verifiers pin EdDSA.
-        warnings.filterwarnings("ignore", message=".*EdDSA.*")
-        return jwt.encode(header, claims, key, algorithms=[ALGORITHM])
+    return jwt.encode(header, claims, key, algorithms=[ALGORITHM])
 
 
 class KeyRing:

@@ -207,7 +207,7 @@ async def test_key_rotation_while_a_load_runs_no_request_fails(
                 fail until the next allowed refetch."""
                 forged = await mint(svc, c)
                 head = base64.urlsafe_b64encode(
-                    json.dumps({"alg": "EdDSA", "kid": "nope", "typ": "at+jwt"}).encode()
+                    json.dumps({"alg": "Ed25519", "kid": "nope", "typ": "at+jwt"}).encode()
                 ).rstrip(b"=")
                 forged = head.decode() + forged[forged.index(".") :]
                 while time.monotonic() < end:

@@ -194,7 +194,7 @@ async def test_token_endpoint_request_rules(client: httpx.AsyncClient, seeded: S
 async def test_jwks_and_discovery(svc: AuthService, client: httpx.AsyncClient, bus: Bus) -> None:
     jwks = (await client.get("/.well-known/jwks.json")).json()
     [key] = jwks["keys"]
-    assert key["kty"] == "OKP" and key["crv"] == "Ed25519" and key["alg"] == "EdDSA"
+    assert key["kty"] == "OKP" and key["crv"] == "Ed25519" and key["alg"] == "Ed25519"
     assert "d" not in key
     published = (await payloads(bus, "auth.jwks", JwksPublished))[-1]
     assert published.keys == jwks["keys"]

@@ -143,7 +143,7 @@ class Rig:
     ctx: ssl.SSLContext
 
 
-def token(key: OKPKey, kid: str = KID, alg: str = "EdDSA", **overrides: Any) -> str:
+def token(key: OKPKey, kid: str = KID, alg: str = "Ed25519", **overrides: Any) -> str:
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": "https://127.0.0.1:8443",

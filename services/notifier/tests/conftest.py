@@ -90,7 +90,7 @@ class Env:
             "client_id": "spa",
         }
         k = key or self.key
-        return jwt.encode({"alg": "EdDSA", "kid": k.kid}, claims, k, algorithms=["EdDSA"])
+        return jwt.encode({"alg": "Ed25519", "kid": k.kid}, claims, k, algorithms=["Ed25519"])
 
     async def publish(self, payload: Any, producer: str = "test") -> Envelope:
         env = Envelope.of(payload, producer=producer)
