@@ -66,11 +66,16 @@ async def insert_send(
     return str(value) if value is not None else None
 
 
-async def existing_send(conn: asyncpg.Connection, user_id: str, client_id: str) -> str | None:
-    value = await conn.fetchval(
-        "SELECT send_id FROM sends WHERE user_id = $1 AND client_id = $2", user_id, client_id
+async def existing_send(
+    conn: asyncpg.Connection, user_id: str, client_id: str
+) -> asyncpg.Record | None:
+    """The send this user already made with this client_id (its conversation and last status)."""
+    return await conn.fetchrow(
+        """SELECT send_id, id_conversa, status, detail FROM sends
+           WHERE user_id = $1 AND client_id = $2""",
+        user_id,
+        client_id,
     )
-    return str(value) if value is not None else None
 
 
 async def record_status(conn: asyncpg.Connection, s: MailStatus) -> bool:

@@ -262,16 +262,40 @@ class LiveServer:
 
     # ---- send ----------------------------------------------------------------------------------
     async def _send(self, client: Client, f: SendFrame) -> None:
-        send_id = await self._take_send(client, f)
-        if send_id is None:
+        taken = await self._take_send(client, f)
+        if taken is None:
             # The same answer for "absent" and "not yours": no probing of other mailboxes.
-            reply = frames.error("not_found", "conversation not found", f.client_id)
-        else:
-            reply = frames.send_ack(f.client_id, send_id)
-        await self._reply(client, reply)
+            await self._reply(
+                client, frames.error("not_found", "conversation not found", f.client_id)
+            )
+            return
+        send_id, earlier = taken
+        if earlier is not None and earlier["id_conversa"] != f.id_conversa:
+            # A client_id names one message; reusing it for another must not drop that one.
+            await self._reply(
+                client,
+                frames.error("conflict", "client_id already used for another message", f.client_id),
+            )
+            return
+        await self._reply(client, frames.send_ack(f.client_id, send_id))
+        if earlier is not None and earlier["status"] in ("queued", "sent", "deferred", "failed"):
+            # A retry: tell the client where its message already is.
+            await self._reply(
+                client,
+                {
+                    "type": "send.status",
+                    "send_id": send_id,
+                    "client_id": f.client_id,
+                    "status": earlier["status"],
+                    "detail": earlier["detail"],
+                },
+            )
 
-    async def _take_send(self, client: Client, f: SendFrame) -> str | None:
-        """Record the send and outbox its ``mail.send`` once per (user, client_id)."""
+    async def _take_send(self, client: Client, f: SendFrame) -> tuple[str, Any] | None:
+        """Record the send and outbox its ``mail.send`` once per (user, client_id).
+
+        Returns the send id and, for a client_id used before, that earlier send's row.
+        """
         sub = client.identity.sub
         async with self.pool.acquire() as conn:
             mailbox_id = await storage.conversation_mailbox(conn, f.id_conversa)
@@ -288,7 +312,10 @@ class LiveServer:
                     conn, str(uuid.uuid4()), sub, f.client_id, f.id_conversa, mailbox_id
                 )
                 if send_id is None:  # a retry of a send we already took: same id, no new command
-                    return await storage.existing_send(conn, sub, f.client_id)
+                    earlier = await storage.existing_send(conn, sub, f.client_id)
+                    if earlier is None:
+                        return None
+                    return str(earlier["send_id"]), earlier
                 cmd = MailSend(
                     send_id=send_id,
                     client_id=f.client_id,
@@ -300,7 +327,7 @@ class LiveServer:
                 )
                 await outbox.add(conn, Envelope.of(cmd, producer="notifier"))
         self.relay.wake()
-        return send_id
+        return send_id, None
 
     # ---- resume --------------------------------------------------------------------------------
     async def _resume(self, client: Client, after: str) -> None:

@@ -135,6 +135,24 @@ async def test_send_is_acked_and_becomes_one_mail_send(env: Env, start: Starter)
         assert cmd.html == "<p>We are on it</p>" and cmd.attachments == ["att-1"]
 
 
+async def test_a_client_id_reused_for_another_conversation_is_a_conflict(
+    env: Env, start: Starter
+) -> None:
+    svc = await start()
+    box, sub = mbx(), user()
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        first = await known_conversation(env, ws, box)
+        second = await known_conversation(env, ws, box)
+        base = {"type": "send", "client_id": "x1", "html": "<p>hi</p>"}
+        await ws.send(json.dumps({**base, "id_conversa": first}))
+        await recv_type(ws, "send.ack")
+        await ws.send(json.dumps({**base, "id_conversa": second}))
+        err = await recv_type(ws, "error")
+        assert err["code"] == "conflict" and err["client_id"] == "x1"
+    await asyncio.sleep(0.3)
+    assert [c.id_conversa for c in await mail_send_entries(env)] == [first]
+
+
 async def test_send_to_unknown_or_foreign_conversation_is_not_found(
     env: Env, start: Starter
 ) -> None:
