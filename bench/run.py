@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import gateway as gateway_bench
 from libs.common import testing
 from libs.common.settings import ROOT
 from tools.devstack import Ports, Stack
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--throughput", type=int, default=2000, help="messages for the throughput run")
     p.add_argument("--out", default=str(ROOT / "bench/report.json"))
     p.add_argument("--via", choices=["gateway", "notifier"], default="gateway")
+    p.add_argument("--gateway-requests", type=int, default=2000)
     a = p.parse_args(argv)
     VIA["via"] = a.via
     cases = [(int(n), a.rate) for n in a.agents.split(",") if n]
@@ -289,7 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         log_file=var / "stack.log",
         echo=False,
         inherit_env=False,
-        extra_env={"CHATFLOW_LOG_LEVEL": "WARNING"},
+        extra_env={
+            "CHATFLOW_LOG_LEVEL": "WARNING",
+            # The latency probe sends thousands of requests as one agent.
+            "CHATFLOW_GATEWAY_RATE_LIMIT_PER_USER": "1000000",
+            "CHATFLOW_GATEWAY_RATE_LIMIT_PER_IP": "1000000",
+        },
     )
     report: dict[str, Any] = {
         "machine": machine(),
@@ -313,6 +320,15 @@ def main(argv: list[str] | None = None) -> None:
         stack.start()
         stack.wait_ready(90)
         time.sleep(1)
+        first_token = json.loads(tokens.read_text().splitlines()[0])["token"]
+        report["gateway_added_latency"] = gateway_bench.measure(
+            stack.origin,
+            f"https://127.0.0.1:{stack.ports.threader}",
+            first_token,
+            stack.certs / "ca.pem",
+            a.gateway_requests,
+        )
+        print(json.dumps(report["gateway_added_latency"]), flush=True)
         report["latency"] = []
         for n, rate in cases:
             res = scenario(stack, tokens, n, rate, a.seconds, sends=50)
