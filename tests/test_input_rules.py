@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from pydantic import ValidationError
 
 from libs.common import web
-from services.ingest.service import ContainedErrors as IngestContained
 from services.ingest.service import content_disposition, header_token
-from services.threader.http import ContainedErrors as ThreaderContained
 from services.threader.http import ReplyIn, _cursor_decode, _like_literal
 
 
@@ -100,31 +96,3 @@ def test_bad_cursors_are_400(cursor: str) -> None:
     with pytest.raises(web.ApiError) as exc:
         _cursor_decode(cursor)
     assert exc.value.status_code == 400
-
-
-@pytest.mark.parametrize("route_class", [ThreaderContained, IngestContained])
-async def test_unexpected_errors_stay_inside_the_route(route_class: type) -> None:
-    """A crash answers the JSON 500 without re-raising, so uvicorn keeps the connection
-    (the ASGI transport re-raises whatever escapes the app, as uvicorn would)."""
-    from fastapi import APIRouter
-
-    app = FastAPI()
-    router = APIRouter(route_class=route_class)
-
-    @router.get("/boom")
-    async def boom() -> None:
-        raise RuntimeError("boom")
-
-    @router.get("/fine/{n}")
-    async def fine(n: int) -> dict[str, int]:
-        return {"n": n}
-
-    app.include_router(router)
-    web.install_errors(app)
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        r = await client.get("/boom")
-        assert r.status_code == 500
-        assert r.json() == {"error": {"code": "internal", "message": "internal error"}}
-        assert (await client.get("/fine/x")).status_code == 422
-        assert (await client.get("/fine/3")).json() == {"n": 3}

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import uuid
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
 
 from libs.common import inbox, tls
 from libs.common.events import Envelope, MailboxChanged
@@ -26,31 +21,7 @@ from services.ingest import lmtp, storage
 from services.ingest.settings import IngestSettings
 from services.ingest.smtp import smtp_factory
 
-log = logging.getLogger("chatflow.ingest.http")
 identity = identity_dependency(lambda request: request.app.state.service.verifier)
-
-
-class ContainedErrors(APIRoute):
-    """An unexpected exception becomes the JSON 500 here, inside the route.
-
-    Left to the app-wide ``Exception`` handler, Starlette answers and then re-raises, and uvicorn
-    closes the keep-alive connection; the gateway's next request on that pooled connection
-    then fails with a 502 for some other caller.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def contained(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (HTTPException, RequestValidationError):
-                raise
-            except Exception as exc:
-                log.error("unhandled error", exc_info=exc)
-                raise ApiError(500, "internal error") from exc
-
-        return contained
 
 
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}$")
@@ -95,7 +66,7 @@ class IngestService(Service):
 
     def build_app(self) -> FastAPI:
         app = FastAPI(title="ChatFLOW ingest")
-        router = APIRouter(route_class=ContainedErrors)
+        router = APIRouter()
 
         @router.get(
             "/api/attachments/{att_id}",

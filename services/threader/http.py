@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import re
 import uuid
-from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException
 
 from libs.common import outbox
 from libs.common.events import Address, Envelope, MailSend
@@ -29,34 +24,10 @@ from libs.common.tokens import Identity
 from libs.common.web import ApiError, identity_dependency
 from services.threader import storage
 
-log = logging.getLogger("chatflow.threader.http")
 identity = identity_dependency(lambda request: request.app.state.service.verifier)
 
 
-class ContainedErrors(APIRoute):
-    """An unexpected exception becomes the JSON 500 here, inside the route.
-
-    Left to the app-wide ``Exception`` handler, Starlette answers and then re-raises, and uvicorn
-    closes the keep-alive connection; the gateway's next request on that pooled connection
-    then fails with a 502 for some other caller.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def contained(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (HTTPException, RequestValidationError):
-                raise
-            except Exception as exc:
-                log.error("unhandled error", exc_info=exc)
-                raise ApiError(500, "internal error") from exc
-
-        return contained
-
-
-router = APIRouter(route_class=ContainedErrors)
+router = APIRouter()
 
 # PostgreSQL text cannot hold NUL, and lone surrogates cannot be encoded as UTF-8: both would
 # fail deep inside asyncpg (a 500), so they are refused at the edge of the API.
