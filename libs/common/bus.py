@@ -95,12 +95,33 @@ class Bus:
                 raise
 
 
+class _ReadLoop:
+    """What both readers share: their streams, a stop signal and the liveness /readyz reads."""
+
+    bus: Bus
+    types: Iterable[str]
+    block_ms: int
+
+    def _init_loop(self) -> None:
+        self.streams = [self.bus.stream(t) for t in self.types]
+        self._stopping = asyncio.Event()
+        self.last_loop_at = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """The read loop came round recently."""
+        return time.monotonic() - self.last_loop_at < max(5.0, 3 * self.block_ms / 1000)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
-class Consumer:
+class Consumer(_ReadLoop):
     """One consumer-group subscription: ``handler`` runs for each entry of ``types``.
 
     Entries are handled one at a time per stream in order; the handler must be idempotent (see
@@ -120,17 +141,7 @@ class Consumer:
     start: str = "0"
 
     def __post_init__(self) -> None:
-        self.streams = [self.bus.stream(t) for t in self.types]
-        self._stopping = asyncio.Event()
-        self.last_loop_at = 0.0
-
-    @property
-    def healthy(self) -> bool:
-        """The read loop came round recently (used by /readyz)."""
-        return time.monotonic() - self.last_loop_at < max(5.0, 3 * self.block_ms / 1000)
-
-    def stop(self) -> None:
-        self._stopping.set()
+        self._init_loop()
 
     async def run(self) -> None:
         for s in self.streams:
@@ -265,7 +276,7 @@ class Consumer:
 
 
 @dataclass
-class BroadcastReader:
+class BroadcastReader(_ReadLoop):
     """Every replica sees every entry (no group): for fan-out such as the notifier's frames."""
 
     bus: Bus
@@ -276,17 +287,8 @@ class BroadcastReader:
     batch: int = 500
 
     def __post_init__(self) -> None:
-        self.streams = [self.bus.stream(t) for t in self.types]
+        self._init_loop()
         self.cursor: dict[str, str] = {}
-        self._stopping = asyncio.Event()
-        self.last_loop_at = 0.0
-
-    @property
-    def healthy(self) -> bool:
-        return time.monotonic() - self.last_loop_at < max(5.0, 3 * self.block_ms / 1000)
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     async def run(self) -> None:
         redis = self.bus.redis
