@@ -1,144 +1,408 @@
-"""The delivery queue: like an MTA's, it retries 4xx and connection failures with backoff.
+"""The delivery queue: like an MTA's, it retries 4xx replies and connection failures with backoff,
+fails 5xx at once, and knows after a crash what each message's last attempt may have done.
 
-Each attempt is recorded (state ``sending``, attempts + 1) and committed before the SMTP
-transaction, and its outcome committed with the ``mail.status`` event after it.
+Stages (one row of ``sends`` each, state in brackets):
+
+1. ``mail.send`` is stored as it came [queued, no mime] and ``queued`` is published.
+2. *prepare* composes it from our view of the conversation, signs it (DKIM) and stores the exact
+   bytes [queued, mime]; or fails it with the reason [failed]. A command whose conversation (or
+   mailbox) has not reached us waits up to ``unknown_conversation_wait_s`` without blocking the
+   stream (its events wake it).
+3. *claim*: attempt ``n`` is recorded and committed [sending, attempts = n] before any SMTP.
+4. The SMTP transaction runs on a pooled relay connection. Just before the terminating ``.`` of
+   the message we commit ``smtp_dot_at`` (end of data is being sent).
+5. The outcome is committed with its ``mail.status`` event (outbox, same transaction):
+   250 [sent]; 5xx [failed, the reply text as detail]; 4xx or a connection failure [deferred,
+   ``next_attempt_at`` = now + exponential backoff with jitter] until ``max_queue_age_s``, then
+   [failed]. A partly refused recipient list is sent to the accepted ones; the refusals go into
+   the ``sent`` detail (``mail.status`` has one status per send, not per recipient).
+
+Ownership without timeouts: a process holds a PostgreSQL *session* advisory lock on every send
+it has in [sending], taken by the claim statement itself on one dedicated connection. When the
+process dies -- SIGKILL, OOM, power -- its session ends and the locks go with it, so "sending and
+nobody holds its lock" means "orphaned", at once, with any number of replicas. Every outcome
+update is conditional on ``state = 'sending' AND attempts = n``, so an attempt that lost its row
+(say its lock session broke and another replica took over) cannot overwrite a newer state, and
+it checks that before writing the final ``.``.
+
+Exactly once across crashes -- the policy for an orphaned row of attempt ``n``:
+
+* ``smtp_dot_at`` is NULL: the relay never received end-of-data for this attempt (the mark is
+  committed *before* the ``.`` is written). An SMTP server must not deliver a transaction whose
+  DATA did not end (RFC 5321 4.1.1.4, 3.8), so resending cannot duplicate: the row is
+  [deferred] to now with "interrupted before end of data; retrying" and sent again.
+* ``smtp_dot_at`` is set: the ``.`` was written, or was about to be, when the process died; the
+  relay's reply, if any, went nowhere. The relay was up and had the whole message: relays commit
+  a message before answering the ``.``, so we take it as accepted. The row becomes [sent] with
+  detail "relay accepted before crash (unconfirmed)" and the ``sent`` event (so the conversation
+  shows it); it is never resent. The rare wrong guess (the relay refused it at end of data, or
+  the ``.`` never left our process in the microseconds between the mark and the write) loses
+  that message *visibly*: the agent sees "unconfirmed". ``unconfirmed_policy = "resend"`` turns
+  this around for relays or receivers that deduplicate by Message-ID: the same bytes, with the
+  same Message-ID, go again (at least once instead of at most once).
+
+A *live* failure after the ``.`` (the relay dropped the connection or timed out before its
+reply; we waited ``relay_data_timeout_s``, RFC 5321's 10 minutes) is the relay's fault, not
+ours, and the relay may have lost the message: like Postfix we defer and resend, accepting the
+RFC 1047 duplicate. Every attempt resends the stored bytes, so a duplicate carries the same
+Message-ID (and DKIM signature), which receivers and mail clients collapse.
+
+Duplicated commands: the same ``send_id``, or the same ``(user_id, client_id)``, is one send
+(primary key / unique index); the repeat is acknowledged and dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import multiprocessing
 import random
 import ssl
+import time
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import aiosmtplib
+import asyncpg
 
-from libs.common import outbox
-from libs.common.events import SentMessage
-from services.sender.stream import status_event
+from libs.common import db
+from libs.common.events import MailSend
+from services.sender import storage, workers
+from services.sender.domain.render import Job, Refusal, Rendered, render
+from services.sender.relay import Accepted, LostAfterDot, Rejected, RelayPool, SessionError, TooBig
+from services.sender.signing import Signer, load_keys
 
 if TYPE_CHECKING:
     from services.sender.service import SenderService
 
 log = logging.getLogger("chatflow.sender.delivery")
-STUCK_SENDING = timedelta(minutes=5)
+UNCONFIRMED = "relay accepted before crash (unconfirmed)"
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(base / 2, min(cap, base * 2 ** max(0, attempt - 1)))
+    """Exponential backoff with (equal) jitter: base * 2^(n-1), capped, then 50-100% of it."""
+    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class LostOwnership(Exception):
+    """Our attempt is no longer the row's current one: stop before the final '.'."""
+
+
+class Locks:
+    """The one PostgreSQL session whose advisory locks say which sends this process owns."""
+
+    def __init__(self, svc: SenderService) -> None:
+        self.svc = svc
+        self._pool: asyncpg.Pool | None = None
+        self._conn: Any = None
+        self._mutex = asyncio.Lock()
+
+    async def _session(self) -> Any:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        if self._pool is None:
+            s = self.svc.settings
+            self._pool = await db.connect_pool(s.own_database_url, s.db_schema, 1, 1, ca=s.tls_ca)
+        if self._conn is not None:
+            log.error("lock session lost; sends in flight may be taken over by another replica")
+            await self._pool.release(self._conn)
+            self._conn = None
+        self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        async with self._mutex:
+            conn = await self._session()
+            return await fn(conn, *args)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            if self._conn is not None:
+                await self._pool.release(self._conn)  # the release resets: unlocks everything
+                self._conn = None
+            await self._pool.close()
+            self._pool = None
 
 
 class Delivery:
     def __init__(self, svc: SenderService, tls: ssl.SSLContext) -> None:
         self.svc = svc
-        self.tls = tls
+        s = svc.settings
+        self.signer = Signer(load_keys(s.dkim_keys_dir, s.dkim_keys), s.dkim_rsa)
+        self.relay = RelayPool(
+            s.relay_host,
+            s.relay_port,
+            tls_context=tls,
+            starttls=s.relay_starttls,
+            implicit_tls=s.relay_implicit_tls,
+            username=s.relay_username,
+            password=s.relay_password,
+            ehlo_name=s.relay_ehlo_name,
+            timeout=s.relay_timeout_s,
+            data_timeout=s.relay_data_timeout_s,
+            max_connections=s.relay_max_connections,
+            idle_s=s.relay_idle_s,
+            max_messages_per_connection=s.relay_max_messages_per_connection,
+        )
+        self.locks = Locks(svc)
         self._wake = asyncio.Event()
-        self._sem = asyncio.Semaphore(svc.settings.delivery_concurrency)
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._inflight: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._workers: ProcessPoolExecutor | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
+    def relay_for(self, row: Any) -> RelayPool:
+        """Every message goes through the configured smarthost (one pool per relay)."""
+        return self.relay
+
+    # ---- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        poll = self.svc.settings.delivery_poll_ms / 1000
-        while not self.svc.stop_event.is_set():
+        s = self.svc.settings
+        poll = s.delivery_poll_ms / 1000
+        next_recover = 0.0
+        while not (self.svc.stop_event.is_set() or self._stopping):
             self._wake.clear()
+            busy = False
             try:
-                claimed = await self.claim()
+                if time.monotonic() >= next_recover:
+                    await self.recover()
+                    next_recover = time.monotonic() + s.recover_interval_s
+                busy = await self.prepare_once() > 0
+                busy = await self.claim_once() > 0 or busy
             except Exception:
-                log.exception("claiming due sends failed")
-                claimed = []
-            for row in claimed:
-                task = asyncio.create_task(self.attempt(row))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-            if claimed:
+                log.exception("delivery pass failed; retrying")
+                await asyncio.sleep(min(1.0, poll))
+            if busy:
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), poll)
             except TimeoutError:
                 pass
-        if self._inflight:
-            await asyncio.wait(self._inflight, timeout=self.svc.settings.shutdown_grace_s)
+        await self.drain(s.shutdown_grace_s)
 
-    async def claim(self) -> list[Any]:
-        free = self.svc.settings.delivery_concurrency - len(self._inflight)
-        if free <= 0:
-            return []
+    async def drain(self, grace: float) -> None:
+        """Stop claiming; let attempts in flight finish and record their outcome."""
+        self._stopping = True
+        self._wake.set()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()), timeout=grace)
+
+    async def close(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self.relay.close()
+        await self.locks.close()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers = None
+
+    # ---- prepare ---------------------------------------------------------------------------
+    async def prepare_once(self) -> int:
+        """Compose and sign a batch of new commands; returns how many left the prepare stage."""
+        s = self.svc.settings
+        wait = timedelta(seconds=s.unknown_conversation_wait_s)
         async with self.svc.pool.acquire() as conn, conn.transaction():
-            return list(
-                await conn.fetch(
-                    """UPDATE sends SET state = 'sending', attempts = attempts + 1, updated_at = now()
-                       WHERE send_id IN (
-                           SELECT send_id FROM sends
-                           WHERE (state IN ('queued', 'deferred') AND next_attempt_at <= now())
-                              OR (state = 'sending' AND updated_at < now() - $2::interval)
-                           ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-                       RETURNING *""",
-                    free,
-                    STUCK_SENDING,
-                )
+            rows = await storage.due_for_prepare(conn, s.prepare_batch)
+            if not rows:
+                return 0
+            cmds = {r["send_id"]: MailSend.model_validate(r["command"]) for r in rows}
+            boxes, threads = await storage.views_for(
+                conn, (c.mailbox_id for c in cmds.values()), (c.id_conversa for c in cmds.values())
             )
+            files = await storage.attachments(
+                conn, (a for c in cmds.values() for a in c.attachments)
+            )
+            jobs: list[tuple[Any, Job, bool]] = []
+            now = datetime.now(UTC)
+            for row in rows:
+                cmd = cmds[row["send_id"]]
+                box, thread = boxes.get(cmd.mailbox_id), threads.get(cmd.id_conversa, [])
+                missing = box is None or not thread
+                if missing and now < row["created_at"] + wait:
+                    await storage.postpone(conn, row["send_id"], row["created_at"] + wait)
+                    continue
+                mine = {a: files[a] for a in cmd.attachments if a in files}
+                job = Job(cmd, dict(box) if box else None, [dict(m) for m in thread], mine)
+                jobs.append((row, job, missing))
+            results = await asyncio.gather(*(self._render(job, now) for _, job, _ in jobs))
+            ready = []
+            for (row, _, missing), result in zip(jobs, results, strict=True):
+                if isinstance(result, Refusal):
+                    detail = result.detail
+                    if missing:
+                        detail += f" (not seen within {s.unknown_conversation_wait_s:g} s)"
+                    await storage.refuse(conn, row, detail)
+                    log.info(
+                        "send refused", extra={"send_id": str(row["send_id"]), "detail": detail}
+                    )
+                else:
+                    ready.append((row["send_id"], result))
+            await storage.mark_ready(conn, ready)
+        self.svc.relay.wake()
+        return len(jobs)
+
+    async def _render(self, job: Job, now: datetime) -> Rendered | Refusal:
+        s = self.svc.settings
+        if s.render_workers <= 0:
+            result = render(job, self.signer, now, s.max_message_bytes)
+            await asyncio.sleep(0)  # composing is CPU: let the SMTP sessions breathe
+            return result
+        if self._workers is None:
+            self._workers = ProcessPoolExecutor(
+                s.render_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=workers.init,
+                initargs=(self.signer.keys, self.signer.rsa_backend),
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._workers, workers.render_job, job, now, s.max_message_bytes
+            )
+        except BrokenProcessPool:
+            log.error("a render worker died; starting new ones")
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers = None
+            raise
+
+    # ---- claim and attempt -----------------------------------------------------------------
+    async def claim_once(self) -> int:
+        free = self.svc.settings.delivery_concurrency - len(self._inflight)
+        if free <= 0 or self._stopping:
+            return 0
+        rows = await self.locks.run(storage.claim, free)
+        for row in rows:
+            task = asyncio.create_task(self.attempt(row), name=f"send-{row['send_id']}")
+            self._inflight[row["send_id"]] = task
+            task.add_done_callback(functools.partial(self._done, row["send_id"]))
+        return len(rows)
+
+    def _done(self, send_id: uuid.UUID, _task: object = None) -> None:
+        self._inflight.pop(send_id, None)
+        self._wake.set()
 
     async def attempt(self, row: Any) -> None:
-        async with self._sem:
-            s = self.svc.settings
-            try:
-                _refused, reply = await aiosmtplib.send(
-                    bytes(row["mime"]),
-                    sender=row["mail_from"],
-                    recipients=list(row["recipients"]),
-                    hostname=s.relay_host,
-                    port=s.relay_port,
-                    start_tls=s.relay_starttls and not s.relay_implicit_tls,
-                    use_tls=s.relay_implicit_tls,
-                    tls_context=self.tls,
-                    username=s.relay_username or None,
-                    password=s.relay_password or None,
-                    timeout=s.relay_timeout_s,
-                )
-                await self.finish(row, "sent", reply)
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                codes = [r.code for r in exc.recipients]
-                permanent = all(code >= 500 for code in codes)
-                detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
-                await self.finish(row, "failed" if permanent else "deferred", detail)
-            except aiosmtplib.SMTPResponseException as exc:
-                detail = f"{exc.code} {exc.message}"
-                await self.finish(row, "failed" if exc.code >= 500 else "deferred", detail)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                await self.finish(row, "deferred", f"connection failed: {exc}")
-            except Exception as exc:
-                log.exception("unexpected delivery error")
-                await self.finish(row, "deferred", f"error: {type(exc).__name__}")
+        send_id, n = row["send_id"], row["attempts"]
 
-    async def finish(self, row: Any, state: str, detail: str) -> None:
+        async def before_dot() -> None:
+            if not await storage.mark_dot(self.svc.pool, send_id, n):
+                raise LostOwnership(f"attempt {n} is no longer current")
+
+        state, outcome = "deferred", "deferred"
+        try:
+            accepted: Accepted = await self.relay_for(row).deliver(
+                row["mail_from"], list(row["recipients"]), bytes(row["mime"]), before_dot
+            )
+            detail = _one_line(accepted.reply)
+            if accepted.refused:
+                refused = "; ".join(f"{r}: {_one_line(m)}" for r, m in accepted.refused.items())
+                detail += f"; not accepted for {refused}"
+            state = outcome = "sent"
+        except Rejected as exc:
+            detail = _one_line(f"{exc.code} {exc.detail}")
+            state = outcome = "failed" if exc.permanent else "deferred"
+            if exc.stage != "end of data":
+                detail = f"{detail} (at {exc.stage})"
+        except TooBig as exc:
+            detail, state, outcome = str(exc), "failed", "failed"
+        except LostAfterDot as exc:
+            detail = f"{exc}; the relay may have it, resending with the same Message-ID"
+        except SessionError as exc:
+            detail = str(exc)
+        except LostOwnership as exc:
+            log.warning("attempt lost its row", extra={"send_id": str(send_id), "error": str(exc)})
+            await self._unlock(send_id)
+            return
+        except asyncio.CancelledError:
+            raise  # the row stays 'sending' and is recovered by the policy above
+        except Exception as exc:
+            log.exception("unexpected delivery error", extra={"send_id": str(send_id)})
+            detail = f"internal error: {type(exc).__name__}"
+        try:
+            await self.finish(row, state, detail, outcome)
+        finally:
+            await self._unlock(send_id)
+
+    async def _unlock(self, send_id: uuid.UUID) -> None:
+        try:
+            await self.locks.run(storage.unlock, [send_id])
+        except Exception:
+            log.exception("unlock failed", extra={"send_id": str(send_id)})
+
+    async def finish(self, row: Any, state: str, detail: str, outcome: str) -> None:
         s = self.svc.settings
         next_at = None
         if state == "deferred":
-            age = datetime.now(UTC) - row["created_at"]
-            if age.total_seconds() > s.max_queue_age_s:
-                state, detail = "failed", f"gave up after {row['attempts']} attempts: {detail}"
-            else:
-                next_at = datetime.now(UTC) + timedelta(
-                    seconds=backoff(row["attempts"], s.retry_base_s, s.retry_max_s)
+            now = datetime.now(UTC)
+            age = now - row["created_at"]
+            deadline = row["created_at"] + timedelta(seconds=s.max_queue_age_s)
+            if now >= deadline:
+                state = outcome = "failed"
+                detail = (
+                    f"gave up after {row['attempts']} attempts in {age.total_seconds():.0f} s "
+                    f"(max_queue_age_s {s.max_queue_age_s:g}): {detail}"
                 )
+            else:
+                wait = backoff(row["attempts"], s.retry_base_s, s.retry_max_s)
+                next_at = min(now + timedelta(seconds=wait), deadline)
         async with self.svc.pool.acquire() as conn, conn.transaction():
-            updated = await conn.fetchrow(
-                """UPDATE sends SET state = $2, detail = $3, updated_at = now(),
-                       next_attempt_at = COALESCE($4, next_attempt_at)
-                   WHERE send_id = $1 RETURNING *""",
-                row["send_id"],
-                state,
-                detail,
-                next_at,
+            done = await storage.finish(
+                conn, row["send_id"], row["attempts"], state, detail, outcome, next_at
             )
-            extra: dict[str, Any] = {"next_attempt_at": next_at}
-            if state == "sent" and updated["sent_message"]:
-                extra["message"] = SentMessage.model_validate(updated["sent_message"])
-            await outbox.add(conn, status_event(updated, state, detail, **extra))
+        if done is None:
+            log.warning(
+                "outcome not recorded: attempt no longer current",
+                extra={"send_id": str(row["send_id"])},
+            )
+            return
         self.svc.relay.wake()
-        log.info("delivery attempt", extra={"send_id": str(row["send_id"]), "state": state})
+        log.info(
+            "delivery attempt",
+            extra={"send_id": str(row["send_id"]), "attempt": row["attempts"], "state": state},
+        )
+
+    # ---- crash recovery --------------------------------------------------------------------
+    async def recover(self) -> int:
+        """Apply the policy (module docstring) to rows left in 'sending' by dead processes."""
+        orphans = await self.locks.run(storage.lock_orphans, list(self._inflight))
+        for send_id in orphans:
+            try:
+                async with self.svc.pool.acquire() as conn, conn.transaction():
+                    row = await storage.orphan(conn, send_id)
+                    if row is None:
+                        continue  # finished by its owner just before we looked
+                    n = row["attempts"]
+                    if row["smtp_dot_at"] is None:
+                        state, outcome = "deferred", "interrupted"
+                        detail = f"attempt {n} was interrupted before end of data; retrying"
+                    elif self.svc.settings.unconfirmed_policy == "assume_sent":
+                        state, outcome, detail = "sent", "unconfirmed", UNCONFIRMED
+                    else:
+                        state, outcome = "deferred", "interrupted"
+                        detail = (
+                            f"attempt {n} was interrupted after end of data; resending with the "
+                            "same Message-ID (the relay may already have it)"
+                        )
+                    now = datetime.now(UTC) if state == "deferred" else None
+                    await storage.finish(conn, send_id, n, state, detail, outcome, now)
+                log.warning(
+                    "recovered an orphaned send",
+                    extra={"send_id": str(send_id), "attempt": n, "state": state, "detail": detail},
+                )
+            finally:
+                await self._unlock(send_id)
+        if orphans:
+            self.svc.relay.wake()
+            self.wake()
+        return len(orphans)

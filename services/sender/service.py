@@ -1,4 +1,4 @@
-"""Sender: turns ``mail.send`` commands into MIME and delivers them through the relay."""
+"""Sender: turns ``mail.send`` commands into signed MIME and delivers them through the relay."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class SenderService(Service):
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
+        # Loads the DKIM keys: a key that cannot be used stops the service here, not at send time.
         self.delivery = Delivery(self, tls.client_context(settings.tls_ca))
 
     async def on_start(self) -> None:
@@ -28,3 +29,10 @@ class SenderService(Service):
         self.consumer(["conversation.message_added"], on_added, group="sender-threads")
         self.consumer(["mail.send"], on_send, group="sender")
         self.background.append(self.delivery.run)
+
+    async def before_stop(self) -> None:
+        # Attempts in flight record their outcome before the outbox relay drains and stops.
+        await self.delivery.drain(self.settings.shutdown_grace_s)
+
+    async def on_stop(self) -> None:
+        await self.delivery.close()

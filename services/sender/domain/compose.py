@@ -38,6 +38,7 @@ __all__ = [
     "ThreadContext",
     "build_references",
     "compose",
+    "envelope_address",
     "html_to_text",
     "reply_subject",
     "sanitize",
@@ -223,6 +224,11 @@ def _address(addr: Addr, field: str) -> Address:
         raise InvalidDraft(f"{field}: invalid local part in {spec!r}")
     name = _clean_text(addr.name, f"{field} name")
     return Address(display_name=name, username=local, domain=_ascii_domain(domain, field))
+
+
+def envelope_address(addr: Addr, field: str = "address") -> str:
+    """The addr-spec for the SMTP envelope (MAIL FROM / RCPT TO): validated, domain as A-labels."""
+    return str(_address(addr, field).addr_spec)
 
 
 def _tag(token: str) -> str:

@@ -1,0 +1,193 @@
+"""DKIM signing (RFC 6376) with dkimpy, for the mailboxes' domains that have a key.
+
+Keys come from a directory of ``<domain>.<selector>.key`` PEM files and/or the ``dkim_keys``
+setting; all are loaded (and checked) at start, so a bad key stops the service instead of
+silently sending unsigned mail. A mailbox ``support@eu.example.com`` is signed with the key of
+``eu.example.com`` or, failing that, of a parent domain (``example.com``: relaxed DMARC alignment).
+
+dkimpy does the DKIM work: canonicalization (relaxed/relaxed, which survives relays that refold
+headers or touch trailing whitespace), header selection with oversigning of the singleton
+headers (so nobody can add a second From/Subject/To after us), the tag list and folding. Its RSA
+is pure Python (~8 ms per 2048-bit signature, most of a message's CPU), so by default the one
+private-key operation runs in OpenSSL instead (``dkim_rsa = "openssl"``). RSASSA-PKCS1-v1_5 is
+deterministic: both give the same signature bytes for the same input, which a test checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+from services.sender.settings import DkimKeySetting
+
+_SELECTOR_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DOMAIN_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
+# Singletons (RFC 5322 3.6) we write, signed once more than they occur: an added copy breaks it.
+_OVERSIGN = (
+    b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"in-reply-to", b"references",
+    b"reply-to", b"sender",
+)  # fmt: skip
+MIN_BITS = 1024
+
+
+class DkimKeyError(ValueError):
+    """A configured key cannot be used (unreadable, not RSA, too short, bad name)."""
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    pem: bytes
+
+
+def _check(domain: str, selector: str, pem: bytes, where: str) -> DkimKey:
+    domain = domain.lower().rstrip(".")
+    if not _DOMAIN_RE.fullmatch(domain):
+        raise DkimKeyError(f"{where}: {domain!r} is not a domain name")
+    if not _SELECTOR_RE.fullmatch(selector):
+        raise DkimKeyError(f"{where}: {selector!r} is not a selector (one DNS label)")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise DkimKeyError(f"{where}: not a PEM private key without password ({exc})") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise DkimKeyError(f"{where}: only RSA keys are supported")
+    if key.key_size < MIN_BITS:
+        raise DkimKeyError(f"{where}: {key.key_size}-bit key, at least {MIN_BITS} needed")
+    # dkimpy reads PKCS#1 ("BEGIN RSA PRIVATE KEY"); accept PKCS#8 files by converting.
+    pkcs1 = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return DkimKey(domain, selector, pkcs1)
+
+
+def load_keys(keys_dir: Path | None, configured: dict[str, DkimKeySetting]) -> dict[str, DkimKey]:
+    """Every configured key by domain; the ``dkim_keys`` setting wins over a file for a domain."""
+    keys: dict[str, DkimKey] = {}
+    if keys_dir is not None:
+        if not keys_dir.is_dir():
+            raise DkimKeyError(f"dkim_keys_dir {keys_dir} is not a directory")
+        for path in sorted(keys_dir.glob("*.key")):
+            domain, dot, selector = path.name[: -len(".key")].rpartition(".")
+            if not dot:
+                raise DkimKeyError(f"{path}: name must be <domain>.<selector>.key")
+            k = _check(domain, selector, path.read_bytes(), str(path))
+            if k.domain in keys:
+                raise DkimKeyError(f"{path}: a second key for {k.domain}")
+            keys[k.domain] = k
+    for domain, spec in configured.items():
+        where = f"dkim_keys[{domain!r}]"
+        if spec.key_file is not None:
+            pem = spec.key_file.read_bytes()
+        elif spec.key:
+            pem = spec.key.encode()
+        else:
+            raise DkimKeyError(f"{where}: needs key_file or key")
+        k = _check(domain, spec.selector, pem, where)
+        keys[k.domain] = k
+    return keys
+
+
+def public_record(pem: bytes) -> bytes:
+    """The DNS TXT record to publish for a key: ``v=DKIM1; k=rsa; p=...``."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+
+
+class _OpenSSLDKIM(dkim.DKIM):
+    """dkimpy with its one RSA private-key operation done by OpenSSL.
+
+    ``gen_header`` is dkimpy 1.1's, RSA branch only, with ``RSASSA_PKCS1_v1_5_sign(h, pk)``
+    replaced by the same PKCS#1 v1.5 signature over the same digest from ``cryptography``.
+    """
+
+    openssl_key: rsa.RSAPrivateKey
+
+    def gen_header(
+        self,
+        fields: list[tuple[bytes, bytes]],
+        include_headers: list[bytes],
+        canon_policy: Any,
+        header_name: bytes,
+        pk: Any,
+        standardize: bool = False,
+    ) -> bytes:
+        if self.signature_algorithm != b"rsa-sha256" or standardize:
+            return bytes(
+                super().gen_header(
+                    fields, include_headers, canon_policy, header_name, pk, standardize
+                )
+            )
+        header_value = b"; ".join(b"=".join(x) for x in fields)
+        header_value = dkim.fold(header_value, namelen=len(header_name), linesep=b"\r\n")
+        header_value = dkim.RE_BTAG.sub(b"\\1", header_value)
+        header = (header_name, b" " + header_value)
+        h = dkim.HashThrough(self.hasher(), self.debug_content)
+        sig = dict(fields)
+        headers = canon_policy.canonicalize_headers(self.headers)
+        self.signed_headers = dkim.hash_headers(
+            h, canon_policy, headers, include_headers, header, sig
+        )
+        signature = self.openssl_key.sign(
+            h.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
+        )
+        idx = next(i for i in range(len(fields)) if fields[i][0] == b"b")
+        fields[idx] = (b"b", base64.b64encode(signature))
+        header_value = b"; ".join(b"=".join(x) for x in fields) + self.linesep
+        return bytes(dkim.fold(header_value, namelen=len(header_name), linesep=self.linesep))
+
+
+class Signer:
+    """Signs outgoing messages for the domains it has keys for; passes the others through."""
+
+    def __init__(self, keys: dict[str, DkimKey], rsa_backend: str = "openssl") -> None:
+        self.keys = dict(keys)
+        self.rsa_backend = rsa_backend
+        self._openssl: dict[str, rsa.RSAPrivateKey] = {}
+        if rsa_backend == "openssl":
+            for domain, k in self.keys.items():
+                loaded = serialization.load_pem_private_key(k.pem, password=None)
+                assert isinstance(loaded, rsa.RSAPrivateKey)
+                self._openssl[domain] = loaded
+
+    def key_for(self, domain: str) -> DkimKey | None:
+        """The key of ``domain`` or of its nearest parent with one (never a bare TLD)."""
+        labels = domain.lower().rstrip(".").split(".")
+        for i in range(len(labels) - 1):
+            k = self.keys.get(".".join(labels[i:]))
+            if k is not None:
+                return k
+        return None
+
+    def sign(self, message: bytes, from_domain: str) -> tuple[bytes, str | None]:
+        """``(message with a DKIM-Signature on top, d=)``, or the message as is and ``None``."""
+        k = self.key_for(from_domain)
+        if k is None:
+            return message, None
+        d: Any
+        if k.domain in self._openssl:
+            d = _OpenSSLDKIM(message, linesep=b"\r\n")
+            d.openssl_key = self._openssl[k.domain]
+        else:
+            d = dkim.DKIM(message, linesep=b"\r\n")
+        d.add_frozen(_OVERSIGN)
+        header = d.sign(
+            k.selector.encode(),
+            k.domain.encode(),
+            k.pem,
+            canonicalize=(b"relaxed", b"relaxed"),
+        )
+        return bytes(header) + message, k.domain

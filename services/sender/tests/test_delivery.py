@@ -1,0 +1,306 @@
+"""The sender in-process against real PostgreSQL, Redis and an aiosmtpd relay with STARTTLS:
+DKIM, relay replies and failures, the connection pool, refusals and duplicate commands."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+
+import asyncpg
+import dkim
+
+from libs.common import testing
+from libs.common.bus import Bus
+from services.sender.tests.conftest import (
+    ADDRESS,
+    CUSTOMER,
+    MAILBOX,
+    DkimKey,
+    Sink,
+    final_status,
+    publish_conversation,
+    publish_mailbox,
+    ready,
+    running,
+    send,
+    settings_for,
+    statuses,
+)
+
+
+async def conversation(bus: Bus, pool: asyncpg.Pool) -> str:
+    await publish_mailbox(bus)
+    conv = await publish_conversation(bus)
+    await ready(bus, pool, conv)
+    return conv
+
+
+def parsed(raw: bytes) -> EmailMessage:
+    msg = message_from_bytes(raw, policy=policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+async def test_dkim_signed_reply_verifies_at_the_relay(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink, dkim_key: DkimKey
+) -> None:
+    s = settings_for(sender_db, bus, sink, dkim_keys_dir=dkim_key.folder)
+    async with running(s):
+        conv = await conversation(bus, sender_pool)
+        send_id = await send(bus, conv)
+        done = await final_status(bus, send_id)
+    assert done["status"] == "sent", done
+    assert [p["status"] for p in await statuses(bus, send_id)] == ["queued", "sent"]
+    (got,) = sink.received
+    assert dkim.verify(got.raw, dnsfunc=dkim_key.dns)
+    sig = parsed(got.raw)["DKIM-Signature"]
+    tags = dict(t.strip().split("=", 1) for t in str(sig).replace(" ", "").split(";") if t)
+    assert tags["d"] == "chatflow.test" and tags["s"] == "s2024" and tags["c"] == "relaxed/relaxed"
+    assert tags["h"].split(":").count("from") == 2  # oversigned: nobody can add a From
+    # A header changed on the way breaks it.
+    assert not dkim.verify(
+        got.raw.replace(b"Where is my order", b"Where is my money"), dnsfunc=dkim_key.dns
+    )
+    assert got.mail_from == ADDRESS and got.rcpt_tos == [CUSTOMER]
+    assert done["message"]["message_id"] == got.message_id
+    assert done["attempt"] == 1 and done["detail"].startswith("250 ")
+
+
+async def test_unsigned_without_a_key_for_the_domain(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    async with running(settings_for(sender_db, bus, sink)):
+        conv = await conversation(bus, sender_pool)
+        assert (await final_status(bus, await send(bus, conv)))["status"] == "sent"
+    assert "DKIM-Signature" not in parsed(sink.received[0].raw)
+
+
+async def test_451_twice_then_250_delivers_once(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    sink.handler.data_replies = ["451 4.3.0 Try again later", "451 4.7.1 Greylisted, come back"]
+    async with running(settings_for(sender_db, bus, sink)):
+        conv = await conversation(bus, sender_pool)
+        send_id = await send(bus, conv)
+        await final_status(bus, send_id)
+    seq = await statuses(bus, send_id)
+    assert [(p["status"], p["attempt"]) for p in seq] == [
+        ("queued", 0),
+        ("deferred", 1),
+        ("deferred", 2),
+        ("sent", 3),
+    ]
+    assert "451 4.3.0 Try again later" in seq[1]["detail"]
+    assert "451 4.7.1 Greylisted" in seq[2]["detail"]
+    assert all(p["next_attempt_at"] for p in seq[1:3])
+    assert len(sink.received) == 1 and sink.handler.data_calls == 3
+    assert sink.connections == 1  # one pooled connection for all three attempts
+    outcomes = await sender_pool.fetch(
+        "SELECT attempt, outcome FROM attempts WHERE send_id = $1 ORDER BY attempt",
+        uuid.UUID(send_id),
+    )
+    assert [(r["attempt"], r["outcome"]) for r in outcomes] == [
+        (1, "deferred"),
+        (2, "deferred"),
+        (3, "sent"),
+    ]
+
+
+async def test_5xx_fails_at_once_with_the_reply_text(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    sink.handler.data_replies = ["550 5.7.1 Message rejected: looks like spam"]
+    sink.handler.rcpt_replies = {"nobody@customer.test": "550 5.1.1 No such user here"}
+    async with running(settings_for(sender_db, bus, sink)):
+        conv = await conversation(bus, sender_pool)
+        at_data = await send(bus, conv)
+        at_data_done = await final_status(bus, at_data)
+        at_rcpt = await send(bus, conv, to=[{"address": "nobody@customer.test"}])
+        at_rcpt_done = await final_status(bus, at_rcpt)
+        partly = await send(
+            bus, conv, to=[{"address": CUSTOMER}, {"address": "nobody@customer.test"}]
+        )
+        partly_done = await final_status(bus, partly)
+    assert at_data_done["status"] == "failed"
+    assert at_data_done["detail"] == "550 5.7.1 Message rejected: looks like spam"
+    assert [p["status"] for p in await statuses(bus, at_data)] == ["queued", "failed"]
+    assert at_rcpt_done["status"] == "failed"
+    assert "nobody@customer.test: 550 5.1.1 No such user here" in at_rcpt_done["detail"]
+    # Some recipients refused, others not: sent to those, the refusals reported with it.
+    assert partly_done["status"] == "sent"
+    assert (
+        "not accepted for nobody@customer.test: 550 5.1.1 No such user here"
+        in partly_done["detail"]
+    )
+    assert [r.rcpt_tos for r in sink.received] == [[CUSTOMER]]
+    assert sink.handler.data_calls == 2
+
+
+async def test_a_message_over_the_relays_size_limit_fails(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool
+) -> None:
+    sink = await Sink(data_size_limit=2000).start()
+    try:
+        async with running(settings_for(sender_db, bus, sink)):
+            conv = await conversation(bus, sender_pool)
+            done = await final_status(
+                bus, await send(bus, conv, html="<p>" + "word " * 600 + "</p>")
+            )
+    finally:
+        await sink.stop()
+    assert done["status"] == "failed" and "accepts at most 2000" in done["detail"]
+    assert sink.handler.data_calls == 0
+
+
+async def test_relay_down_at_first_gets_the_message_when_it_comes_up(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool
+) -> None:
+    sink = Sink()  # its port stays closed for now
+    async with running(settings_for(sender_db, bus, sink)):
+        conv = await conversation(bus, sender_pool)
+        send_id = await send(bus, conv)
+
+        async def deferred() -> bool:
+            return any(p["status"] == "deferred" for p in await statuses(bus, send_id))
+
+        await testing.eventually(deferred, timeout=10)
+        await sink.start()
+        try:
+            done = await final_status(bus, send_id)
+        finally:
+            await sink.stop()
+    first = next(p for p in await statuses(bus, send_id) if p["status"] == "deferred")
+    assert "connection to 127.0.0.1:" in first["detail"] and first["next_attempt_at"]
+    assert done["status"] == "sent" and len(sink.received) == 1
+
+
+async def test_connections_are_pooled_and_bounded_per_relay(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    sink.handler.delay_s = 0.15
+    async with running(settings_for(sender_db, bus, sink, relay_max_connections=2)):
+        conv = await conversation(bus, sender_pool)
+        ids = [await send(bus, conv) for _ in range(8)]
+        done = [await final_status(bus, i) for i in ids]
+    assert {d["status"] for d in done} == {"sent"}
+    assert len(sink.received) == 8
+    assert sink.handler.max_active == 2  # in parallel, but never more than the bound
+    assert sink.connections == 2  # and the same two connections carried all eight
+
+
+async def test_a_connection_the_relay_closed_is_replaced_without_a_deferral(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    async with running(settings_for(sender_db, bus, sink)):
+        conv = await conversation(bus, sender_pool)
+        assert (await final_status(bus, await send(bus, conv)))["status"] == "sent"
+        sink.drop_connections()  # the relay restarted, or timed the idle connection out
+        await asyncio.sleep(0.1)
+        second = await send(bus, conv)
+        second_done = await final_status(bus, second)
+        # A relay going down answers the next MAIL on the pooled connection with 421.
+        sink.handler.mail_replies = ["421 4.3.2 Shutting down, try another connection"]
+        third = await send(bus, conv)
+        third_done = await final_status(bus, third)
+    for sid, done in ((second, second_done), (third, third_done)):
+        assert done["status"] == "sent" and done["attempt"] == 1
+        assert [p["status"] for p in await statuses(bus, sid)] == ["queued", "sent"]
+    assert sink.connections == 3 and len(sink.received) == 3
+
+
+async def test_retries_stop_at_max_queue_age(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    sink.handler.data_replies = ["451 4.3.2 System not accepting network messages"] * 50
+    async with running(settings_for(sender_db, bus, sink, max_queue_age_s=1.0)):
+        conv = await conversation(bus, sender_pool)
+        send_id = await send(bus, conv)
+        done = await final_status(bus, send_id)
+    assert done["status"] == "failed"
+    assert done["detail"].startswith(f"gave up after {done['attempt']} attempts")
+    assert "451 4.3.2 System not accepting network messages" in done["detail"]
+    assert done["attempt"] >= 2 and sink.received == []
+
+
+async def test_unsendable_commands_fail_with_a_clear_detail(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    async with running(settings_for(sender_db, bus, sink, max_message_bytes=40_000)):
+        conv = await conversation(bus, sender_pool)
+        cases = {
+            await send(bus, str(uuid.uuid4())): "unknown conversation",
+            await send(
+                bus, conv, attachments=["att-missing"]
+            ): "attachment 'att-missing' not found",
+            await send(bus, conv, to=[]): "no recipients",
+            await send(
+                bus, conv, to=[{"name": "Zoë\r\nBcc: victim@evil.test", "address": CUSTOMER}]
+            ): "invalid message: To name: CR, LF or NUL in header value",
+            await send(bus, conv, subject="Hello\r\nBcc: victim@evil.test"): (
+                "invalid message: Subject: CR, LF or NUL in header value"
+            ),
+            await send(
+                bus, conv, html="<p>" + "x" * 60_000 + "</p>"
+            ): "over the limit of 40000 bytes",
+            await send(bus, conv, send_id="not-a-uuid"): "send_id 'not-a-uuid' is not a UUID",
+        }
+        done = {sid: await final_status(bus, sid) for sid in cases}
+    for sid, expected in cases.items():
+        assert done[sid]["status"] == "failed", done[sid]
+        assert expected in done[sid]["detail"], (expected, done[sid]["detail"])
+    unknown = next(s for s, e in cases.items() if e == "unknown conversation")
+    assert "(not seen within 0.6 s)" in done[unknown]["detail"]
+    assert sink.received == [] and sink.connections == 0
+
+
+async def test_a_conversation_arriving_late_is_waited_for(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    async with running(settings_for(sender_db, bus, sink, unknown_conversation_wait_s=5.0)):
+        conv = str(uuid.uuid4())
+        early = await send(bus, conv)
+        await asyncio.sleep(0.5)
+        await publish_mailbox(bus)
+        await publish_conversation(bus, conv=conv)
+        done = await final_status(bus, early)
+    assert done["status"] == "sent"
+
+
+async def test_same_send_id_or_client_id_sends_once(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    async with running(settings_for(sender_db, bus, sink)):
+        conv = await conversation(bus, sender_pool)
+        once = await send(bus, conv)
+        await send(bus, conv, send_id=once)  # a second envelope, the same command
+        first = await send(bus, conv, client_id="c-1")
+        repeat = await send(bus, conv, client_id="c-1")  # a client's retry: new send_id
+        other_user = await send(bus, conv, client_id="c-1", user_id="u-other")
+        for sid in (once, first, other_user):
+            assert (await final_status(bus, sid))["status"] == "sent"
+        await asyncio.sleep(0.5)
+    assert sorted(sink.count_by_message_id().values()) == [1, 1, 1]
+    assert [p["status"] for p in await statuses(bus, once)] == ["queued", "sent"]
+    assert await statuses(bus, repeat) == []
+    assert await sender_pool.fetchval("SELECT count(*) FROM sends") == 3
+
+
+async def test_an_attachment_by_id_is_sent(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    data = bytes(range(256)) * 4
+    await sender_pool.execute(
+        """INSERT INTO attachments (id, mailbox_id, filename, content_type, data)
+           VALUES ('att-1', $1, 'fatura março.pdf', 'application/pdf', $2)""",
+        MAILBOX,
+        data,
+    )
+    async with running(settings_for(sender_db, bus, sink)):
+        conv = await conversation(bus, sender_pool)
+        assert (await final_status(bus, await send(bus, conv, attachments=["att-1"])))[
+            "status"
+        ] == "sent"
+    (part,) = list(parsed(sink.received[0].raw).iter_attachments())
+    assert part.get_filename() == "fatura março.pdf" and part.get_content() == data

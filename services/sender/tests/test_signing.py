@@ -1,0 +1,84 @@
+"""DKIM keys and signatures: both RSA backends give the same bytes, and dkimpy verifies them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from services.sender.settings import DkimKeySetting
+from services.sender.signing import DkimKeyError, Signer, load_keys
+from services.sender.tests.conftest import DkimKey
+
+MESSAGE = (
+    b"From: Support <support@chatflow.test>\r\nTo: zoe@customer.test\r\n"
+    b"Subject: Re: Where is my order? [#1042]\r\nDate: Fri, 17 May 2024 09:30:00 -0300\r\n"
+    b"Message-ID: <a1.1042@chatflow.test>\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n\r\nIt ships today.  \r\n\r\n\r\n"
+)
+
+
+def test_openssl_and_dkimpy_rsa_give_the_same_signature(dkim_key: DkimKey) -> None:
+    keys = load_keys(dkim_key.folder, {})
+    with mock.patch("time.time", return_value=1_715_949_000):
+        fast, d1 = Signer(keys, "openssl").sign(MESSAGE, "chatflow.test")
+        slow, d2 = Signer(keys, "dkimpy").sign(MESSAGE, "chatflow.test")
+    assert fast == slow and d1 == d2 == "chatflow.test"
+    assert dkim.verify(fast, dnsfunc=dkim_key.dns)
+    # relaxed/relaxed: a relay refolding a header or trimming trailing blanks keeps it valid
+    refolded = fast.replace(b"Subject: Re: Where", b"Subject:  Re:\r\n Where")
+    assert dkim.verify(refolded, dnsfunc=dkim_key.dns)
+
+
+def test_subdomains_use_the_nearest_parent_key_and_others_pass_unsigned(dkim_key: DkimKey) -> None:
+    signer = Signer(load_keys(dkim_key.folder, {}))
+    assert signer.key_for("eu.chatflow.test") is not None
+    assert signer.key_for("chatflow.test.evil.test") is None
+    assert signer.key_for("test") is None
+    assert signer.sign(MESSAGE, "other.test") == (MESSAGE, None)
+
+
+def test_keys_from_the_setting_win_and_pkcs8_is_accepted(tmp_path: Path, dkim_key: DkimKey) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "k.pem").write_bytes(pkcs8)
+    keys = load_keys(
+        dkim_key.folder,
+        {
+            "chatflow.test": DkimKeySetting(selector="env1", key_file=tmp_path / "k.pem"),
+            "other.test": DkimKeySetting(selector="s1", key=dkim_key.pem.decode()),
+        },
+    )
+    assert keys["chatflow.test"].selector == "env1"
+    assert keys["chatflow.test"].pem.startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    assert keys["other.test"].selector == "s1"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "error"),
+    [
+        ("chatflow.test.s1.key", b"not a key", "not a PEM private key"),
+        ("nodots.key", None, "name must be <domain>.<selector>.key"),
+        ("chatflow.test.s1.key", "ec", "only RSA keys"),
+    ],
+)
+def test_unusable_keys_stop_the_service(
+    tmp_path: Path, name: str, content: object, error: str
+) -> None:
+    if content == "ec":
+        data = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    else:
+        data = content if isinstance(content, bytes) else b"x"
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DkimKeyError, match=error):
+        load_keys(tmp_path, {})
