@@ -40,6 +40,7 @@ bench: certs
 	@$(PY) -m bench.run $(BENCH_ARGS)
 
 up:
+	@test -f deploy/compose/docker-compose.yml || { echo "deploy/compose/ is not written yet (its own issue); use make run"; exit 1; }
 	docker compose -f deploy/compose/docker-compose.yml up --build
 
 clean:
