@@ -211,6 +211,7 @@ class ConversationState(_Payload):
     channel: str = "email"
     subject: str = ""
     status: Literal["open", "pending", "closed"] = "open"
+    assignee: str | None = None
     message_count: int = 0
     last_message_at: datetime
     participants: list[Address] = []

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs.common import outbox
-from libs.common.events import Address, Envelope, MailSend
+from libs.common.events import Address, ConversationUpdated, Envelope, MailSend
 from libs.common.tokens import Identity
 from libs.common.web import ApiError, identity_dependency
 from services.threader import storage
@@ -60,17 +60,24 @@ async def agent(who: Identity = Depends(identity)) -> Identity:
     return who
 
 
-def _cursor_encode(at: datetime, id_: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(json.dumps([at.isoformat(), str(id_)]).encode()).decode()
+def _cursor_encode(at: datetime, id_: uuid.UUID, as_of: int) -> str:
+    raw = json.dumps([at.isoformat(), str(id_), as_of]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
 
 
-def _cursor_decode(cursor: str) -> tuple[datetime, uuid.UUID]:
+def _cursor_decode(cursor: str) -> tuple[datetime, uuid.UUID, int | None]:
+    """(position, id, walk snapshot); cursors from before snapshots carry none."""
     try:
-        at, id_ = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        at, id_, *rest = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         when = datetime.fromisoformat(at)
         if when.tzinfo is None:
             raise ValueError("naive timestamp")
-        return when, uuid.UUID(id_)
+        as_of = None
+        if rest:
+            (as_of,) = rest
+            if type(as_of) is not int or not 0 <= as_of < 2**63:
+                raise ValueError("bad snapshot")
+        return when, uuid.UUID(id_), as_of
     except Exception as exc:
         raise ApiError(400, "invalid cursor") from exc
 
@@ -104,6 +111,7 @@ def _item(row: Any) -> dict[str, Any]:
         "mailbox": row["mailbox_id"],
         "channel": row["channel"],
         "status": row["status"],
+        "assignee": row["assignee"],
         "participants": row["participants"],
         "last_message_at": row["last_message_at"].isoformat(),
         "message_count": row["message_count"],
@@ -163,6 +171,7 @@ class ConversationItem(BaseModel):
     mailbox: str
     channel: str
     status: Literal["open", "pending", "closed"]
+    assignee: str | None = Field(None, description="user id of the agent it is assigned to")
     participants: list[Participant]
     last_message_at: datetime
     message_count: int
@@ -238,25 +247,50 @@ async def list_conversations(
     who: Identity = Depends(agent),
     mailbox: str | None = Query(None, max_length=200),
     status: Literal["open", "pending", "closed"] | None = None,
-    q: str | None = Query(None, max_length=200, pattern=NO_NUL),
+    assignee: str | None = Query(
+        None, min_length=1, max_length=200, pattern=NO_NUL, description="a user id, or `me`"
+    ),
+    unread: bool | None = Query(None, description="only unread (true) or only read (false)"),
+    q: str | None = Query(
+        None,
+        max_length=200,
+        pattern=NO_NUL,
+        description="full-text search over subject, bodies and participants (accents ignored)",
+    ),
     cursor: str | None = Query(None, max_length=500, pattern=CURSOR),
     limit: int = Query(25, ge=1, le=100),
 ) -> dict[str, Any]:
+    """Newest activity first, in pages joined by ``next_cursor``.
+
+    A walk (a first page and the cursors that follow from it) is a snapshot of the order at its
+    first page: every conversation that existed then is returned exactly once, even when mail
+    arrives while paging.  A conversation that gets new activity moves to the top and may
+    appear again on a later *first* page, but never twice in one walk; conversations created
+    after the walk started belong to the next walk.  Filters apply to the current state.
+    """
     boxes = sorted(who.mailboxes)
     if mailbox is not None:
         boxes = [mailbox] if mailbox in who.mailboxes else []
-    rows = await storage.list_conversations(
-        request.app.state.service.pool,
-        user_id=who.sub,
-        mailboxes=boxes,
-        status=status,
-        q=_like_literal(q) if q else None,
-        after=_cursor_decode(cursor) if cursor else None,
-        limit=limit + 1,
-    )
+    after = _cursor_decode(cursor) if cursor else None
+    pool = request.app.state.service.pool
+    async with pool.acquire() as conn, conn.transaction():
+        as_of = after[2] if after and after[2] is not None else await storage.snapshot(conn, boxes)
+        rows = await storage.list_conversations(
+            conn,
+            user_id=who.sub,
+            mailboxes=boxes,
+            status=status,
+            assignee=who.sub if assignee == "me" else assignee,
+            unread=unread,
+            q=q.strip() or None if q else None,
+            after=after[:2] if after else None,
+            as_of=as_of,
+            limit=limit + 1,
+        )
     more = len(rows) > limit
     rows = rows[:limit]
-    nxt = _cursor_encode(rows[-1]["last_message_at"], rows[-1]["id_conversa"]) if more else None
+    last = rows[-1] if rows else None
+    nxt = _cursor_encode(last["walk_key"], last["id_conversa"], as_of) if more and last else None
     return {"items": [_item(r) for r in rows], "next_cursor": nxt}
 
 
@@ -291,6 +325,60 @@ async def get_conversation(
 async def mark_read(id_conversa: str, request: Request, who: Identity = Depends(agent)) -> None:
     row = await _visible(request, who, id_conversa)
     await storage.mark_read(request.app.state.service.pool, who.sub, row["id_conversa"])
+
+
+class StateIn(BaseModel):
+    """The fields to change; an absent field stays as it is, ``assignee: null`` unassigns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["open", "pending", "closed"] | None = None
+    assignee: OneLine | None = Field(
+        None, min_length=1, max_length=200, description="a user id, `me`, or null to unassign"
+    )
+
+
+@router.patch(
+    "/api/conversations/{id_conversa}",
+    response_model=None,
+    responses={200: {"model": ConversationItem}, **_errors(401, 403, 404, 422)},
+)
+async def update_conversation(
+    id_conversa: str, body: StateIn, request: Request, who: Identity = Depends(agent)
+) -> dict[str, Any]:
+    """Set status and/or assignee; a real change is announced as ``conversation.updated`` in the
+    same transaction (the event has no assignee field: it lives in libs.common)."""
+    if "status" in body.model_fields_set and body.status is None:
+        raise ApiError(422, "status must be open, pending or closed")
+    svc = request.app.state.service
+    for _ in range(3):  # a merge between lookup and lock moves the change to the survivor
+        row = await _visible(request, who, id_conversa)
+        async with svc.pool.acquire() as conn, conn.transaction():
+            done = await storage.update_state(
+                conn,
+                row["id_conversa"],
+                status=body.status,
+                assignee=who.sub if body.assignee == "me" else body.assignee,
+                set_assignee="assignee" in body.model_fields_set,
+            )
+            if done is None:
+                continue
+            updated, changed = done
+            if changed:
+                conv = storage.state(updated)
+                await outbox.add(
+                    conn,
+                    Envelope.of(
+                        ConversationUpdated(**conv.model_dump(by_alias=False)),
+                        producer="threader",
+                    ),
+                )
+        if changed:
+            svc.relay.wake()
+        item = _item(updated)
+        item["unread"] = await storage.is_unread(svc.pool, who.sub, updated["id_conversa"])
+        return item
+    raise ApiError(404, "conversation not found")
 
 
 class AddressIn(BaseModel):

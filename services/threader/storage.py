@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,6 +13,46 @@ import asyncpg
 
 from libs.common.events import Address, ConversationState, MessageSummary
 from services.threader.domain.threading import candidate_ids, decide
+
+# The three text-search configurations every document and query goes through: 'simple' keeps
+# every word (names, codes, "acao" folded from "ação"), the other two add stems ("reembolsos" ->
+# "reembols", "refunds" -> "refund").  Lexemes are stripped of positions so a conversation's
+# vector stays a set of words, bounded by its vocabulary rather than its length.
+_TSV = (
+    "strip(to_tsvector('simple', {0}) || to_tsvector('portuguese', {0})"
+    " || to_tsvector('english', {0}))"
+)
+# Stripped vectors have no positions, so a phrase operator (which the parser also makes of one
+# word it splits, such as "9955e5a84e" -> '9955e5' <-> 'a84e') could never match: each becomes AND.
+_PHRASE_AS_AND = (
+    "regexp_replace(websearch_to_tsquery('{cfg}', {{0}})::text, '<(-|[0-9]+)>', '&', 'g')::tsquery"
+)
+_TSQ = (
+    "("
+    + " || ".join(_PHRASE_AS_AND.format(cfg=c) for c in ("simple", "portuguese", "english"))
+    + ")"
+)
+# A tsvector holds at most 1 MB: each message adds at most this much text, and a conversation
+# whose vector is already this large keeps what it has (its first messages stay searchable).
+_DOC_LIMIT = 50_000
+_VECTOR_FULL = 300_000
+_TAGS = re.compile(r"<[^>]*>")
+_PARTS = re.compile(r"[@.+_-]+")
+
+
+def fold(text: str) -> str:
+    """Lowercase without accents (NFKD, combining marks dropped): the service role cannot create
+    the ``unaccent`` extension, so documents and queries are folded here, the same way."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def search_document(subject: str, addrs: list[Address], text: str, html: str = "") -> str:
+    """What one message adds to its conversation's search vector: subject, participants (the
+    address whole and in parts, so "ana" or "example" find ana@example.com) and body."""
+    people = " ".join(f"{a.name} {a.address} {_PARTS.sub(' ', a.address)}" for a in addrs)
+    body = text or _TAGS.sub(" ", html)
+    return fold(f"{subject} {people} {body}")[:_DOC_LIMIT]
 
 
 @dataclass
@@ -124,9 +166,13 @@ async def place_message(
         "SELECT participants FROM conversations WHERE id_conversa = $1", uuid.UUID(target)
     )
     participants = _participants(current["participants"], sender, *to, *cc)
+    doc = search_document(subject, [sender, *to, *cc], text, html)
     conversation = await conn.fetchrow(
-        """UPDATE conversations SET
+        f"""UPDATE conversations SET
                last_message_at = GREATEST(last_message_at, $2),
+               search = CASE WHEN octet_length(search::text) < {_VECTOR_FULL}
+                             THEN search || {_TSV.format("$5::text")} ELSE search END,
+               activity_seq = nextval('activity_seq'),
                last_inbound_at = CASE WHEN $3 = 'in' THEN clock_timestamp() ELSE last_inbound_at END,
                message_count = (SELECT count(*) FROM messages WHERE id_conversa = $1),
                participants = $4,
@@ -136,6 +182,13 @@ async def place_message(
         date,
         direction,
         participants,
+        doc,
+    )
+    await conn.execute(
+        "INSERT INTO activity (seq, id_conversa, last_message_at) VALUES ($1, $2, $3)",
+        conversation["activity_seq"],
+        conversation["id_conversa"],
+        conversation["last_message_at"],
     )
     return Placed(conversation, message, merged)
 
@@ -151,6 +204,13 @@ async def _merge(conn: asyncpg.Connection, old: uuid.UUID, into: uuid.UUID) -> N
         old,
         into,
     )
+    await conn.execute(
+        f"""UPDATE conversations SET search = search || (SELECT search FROM conversations
+                                                         WHERE id_conversa = $1)
+            WHERE id_conversa = $2 AND octet_length(search::text) < {_VECTOR_FULL}""",
+        old,
+        into,
+    )
 
 
 def state(conv: asyncpg.Record) -> ConversationState:
@@ -161,6 +221,7 @@ def state(conv: asyncpg.Record) -> ConversationState:
         channel=conv["channel"],
         subject=conv["subject"],
         status=conv["status"],
+        assignee=conv["assignee"],
         message_count=conv["message_count"],
         last_message_at=conv["last_message_at"],
         participants=[Address(**p) for p in conv["participants"]],
@@ -200,8 +261,22 @@ async def resolve(pool: asyncpg.Pool, id_conversa: uuid.UUID) -> asyncpg.Record 
     return None
 
 
+async def snapshot(conn: asyncpg.Connection, mailboxes: list[str]) -> int:
+    """The activity seq a walk of the list starts at.
+
+    Run inside a transaction: the shared advisory locks wait for placements in flight in these
+    mailboxes (they hold the exclusive per-mailbox lock until commit), so every change with a
+    seq up to the answer is visible, and any later change gets a larger seq.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock_shared(hashtext('thread:' || m)) FROM unnest($1::text[]) m",
+        sorted(set(mailboxes)),
+    )
+    return int(await conn.fetchval("SELECT coalesce(max(seq), 0) FROM activity"))
+
+
 async def list_conversations(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection | asyncpg.Pool,
     *,
     user_id: str,
     mailboxes: list[str],
@@ -209,25 +284,88 @@ async def list_conversations(
     q: str | None,
     after: tuple[datetime, uuid.UUID] | None,
     limit: int,
+    as_of: int,
+    assignee: str | None = None,
+    unread: bool | None = None,
 ) -> list[asyncpg.Record]:
+    """One page, ordered by each conversation's position as of activity seq ``as_of``.
+
+    Conversations unchanged since then sit where they are (index order); the few that moved
+    since are placed by their last ``activity`` row up to ``as_of``, and those created after it
+    are left out.  ``walk_key`` is that position: the cursor for the next page is built from it.
+    Filters (status, assignee, unread, q) apply to the current state.
+    """
     conds = ["c.merged_into IS NULL", "c.mailbox_id = ANY($1::text[])"]
-    args: list[Any] = [mailboxes, user_id, limit]
+    args: list[Any] = [mailboxes, user_id, limit, as_of]
     if status:
         args.append(status)
         conds.append(f"c.status = ${len(args)}")
+    if assignee:
+        args.append(assignee)
+        conds.append(f"c.assignee = ${len(args)}")
+    unread_sql = """(c.last_inbound_at IS NOT NULL AND NOT EXISTS (
+                        SELECT 1 FROM reads r0 WHERE r0.id_conversa = c.id_conversa
+                          AND r0.user_id = $2 AND r0.read_at >= c.last_inbound_at))"""
+    if unread is not None:
+        conds.append(unread_sql if unread else f"NOT {unread_sql}")
     if q:
-        args.append(f"%{q.replace('%', '').replace('_', '')}%")
-        conds.append(f"c.subject ILIKE ${len(args)}")
+        args.append(fold(q))
+        conds.append(f"c.search @@ {_TSQ.format(f'${len(args)}::text')}")
+    where = " AND ".join(conds)
+    before_now = before_then = "TRUE"
     if after:
         args.extend(after)
-        conds.append(f"(c.last_message_at, c.id_conversa) < (${len(args) - 1}, ${len(args)})")
-    sql = f"""SELECT c.*, (c.last_inbound_at IS NOT NULL AND
-                           (r.read_at IS NULL OR r.read_at < c.last_inbound_at)) AS unread
-              FROM conversations c
+        a, b = len(args) - 1, len(args)
+        before_now = f"(c.last_message_at, c.id_conversa) < (${a}, ${b})"
+        before_then = f"(h.last_message_at, c.id_conversa) < (${a}, ${b})"
+    sql = f"""WITH pos AS (
+                (SELECT c.id_conversa, c.last_message_at AS walk_key FROM conversations c
+                 WHERE {where} AND c.activity_seq <= $4 AND {before_now}
+                 ORDER BY c.last_message_at DESC, c.id_conversa DESC LIMIT $3)
+                UNION ALL
+                (SELECT c.id_conversa, h.last_message_at FROM conversations c
+                 CROSS JOIN LATERAL (SELECT a.last_message_at FROM activity a
+                                     WHERE a.id_conversa = c.id_conversa AND a.seq <= $4
+                                     ORDER BY a.seq DESC LIMIT 1) h
+                 WHERE {where} AND c.activity_seq > $4 AND {before_then}))
+              SELECT c.*, pos.walk_key,
+                     (c.last_inbound_at IS NOT NULL AND
+                      (r.read_at IS NULL OR r.read_at < c.last_inbound_at)) AS unread
+              FROM pos JOIN conversations c USING (id_conversa)
               LEFT JOIN reads r ON r.id_conversa = c.id_conversa AND r.user_id = $2
-              WHERE {" AND ".join(conds)}
-              ORDER BY c.last_message_at DESC, c.id_conversa DESC LIMIT $3"""
-    return list(await pool.fetch(sql, *args))
+              ORDER BY pos.walk_key DESC, c.id_conversa DESC LIMIT $3"""
+    return list(await conn.fetch(sql, *args))
+
+
+async def update_state(
+    conn: asyncpg.Connection,
+    id_conversa: uuid.UUID,
+    *,
+    status: str | None,
+    assignee: str | None,
+    set_assignee: bool,
+) -> tuple[asyncpg.Record, bool] | None:
+    """Apply a status/assignee change; (row, changed), or None when it was merged meanwhile.
+
+    The row lock orders this against a placement reopening the same conversation.
+    """
+    row = await conn.fetchrow(
+        "SELECT * FROM conversations WHERE id_conversa = $1 AND merged_into IS NULL FOR UPDATE",
+        id_conversa,
+    )
+    if row is None:
+        return None
+    new_status = status or row["status"]
+    new_assignee = assignee if set_assignee else row["assignee"]
+    if new_status == row["status"] and new_assignee == row["assignee"]:
+        return row, False
+    row = await conn.fetchrow(
+        "UPDATE conversations SET status = $2, assignee = $3 WHERE id_conversa = $1 RETURNING *",
+        id_conversa,
+        new_status,
+        new_assignee,
+    )
+    return row, True
 
 
 async def messages_of(pool: asyncpg.Pool, id_conversa: uuid.UUID) -> list[asyncpg.Record]:

@@ -1,0 +1,371 @@
+"""Conversation state, full-text search and cursor walks, against PostgreSQL and Redis.
+
+ThreaderService runs in-process (no relay, no consumers): mail goes straight to the stream
+handler, the API through ASGITransport, and the outbox is read from the table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import OKPKey
+
+from libs.common import db, testing
+from libs.common.bus import Bus
+from libs.common.events import Address, Envelope, JwksPublished, MailReceived
+from services.threader import storage
+from services.threader.service import ThreaderService
+from services.threader.settings import ThreaderSettings
+from services.threader.stream import handlers
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> OKPKey:
+    return OKPKey.generate_key("Ed25519", parameters={"kid": f"test-{uuid.uuid4().hex[:8]}"})
+
+
+@pytest.fixture(scope="session")
+async def migrated(database_url: str) -> str:
+    s = ThreaderSettings.load(database_url=database_url)
+    await db.migrate(
+        s.database_url, s.own_database_url, s.db_role, s.db_schema, ThreaderService.migrations
+    )
+    return database_url
+
+
+@dataclass
+class Env:
+    svc: ThreaderService
+    client: httpx.AsyncClient
+    key: OKPKey
+    mailbox: str
+
+    def token(self, sub: str = "agent-1", mailboxes: list[str] | None = None) -> dict[str, str]:
+        s = self.svc.settings
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": s.jwt_issuer,
+            "aud": s.jwt_audience,
+            "sub": sub,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 900,
+            "jti": uuid.uuid4().hex,
+            "roles": ["agent"],
+            "mailboxes": [self.mailbox] if mailboxes is None else mailboxes,
+            "scope": "",
+            "client_id": "spa",
+        }
+        tok = jwt.encode({"alg": "Ed25519", "kid": self.key.kid}, claims, self.key, ["Ed25519"])
+        return {"Authorization": f"Bearer {tok}"}
+
+    async def mail(
+        self,
+        subject: str = "Help",
+        *,
+        text: str = "hello",
+        reply_to: str | None = None,
+        sender: Address | None = None,
+        date: datetime | None = None,
+    ) -> str:
+        """Deliver one inbound message; returns its Message-ID."""
+        mid = f"<{uuid.uuid4().hex}@customer.test>"
+        now = datetime.now(UTC)
+        payload = MailReceived.model_validate(
+            {
+                "ingest_id": uuid.uuid4().hex,
+                "mailbox_id": self.mailbox,
+                "mailbox_address": "support@chatflow.test",
+                "message_id": mid,
+                "in_reply_to": [reply_to] if reply_to else [],
+                "references": [reply_to] if reply_to else [],
+                "from": sender or Address(name="Ana", address="ana@customer.test"),
+                "to": [Address(address="support@chatflow.test")],
+                "subject": subject,
+                "date": date or now,
+                "received_at": now,
+                "text": text,
+            }
+        )
+        on_received, _ = handlers(self.svc)
+        await on_received(Envelope.of(payload, producer="ingest"), "0-1")
+        return mid
+
+    async def conv_of(self, message_id: str) -> str:
+        cid = await self.svc.pool.fetchval(
+            "SELECT id_conversa FROM messages WHERE message_id = $1", message_id
+        )
+        return str(cid)
+
+    async def updates(self, cid: str) -> list[dict[str, Any]]:
+        rows = await self.svc.pool.fetch(
+            "SELECT envelope FROM outbox WHERE stream_type = 'conversation.updated' ORDER BY id"
+        )
+        envs = [json.loads(r["envelope"]) for r in rows]
+        return [e["payload"] for e in envs if e["payload"]["id_conversa"] == cid]
+
+
+@pytest.fixture
+async def env(migrated: str, bus: Bus, signing_key: OKPKey) -> AsyncIterator[Env]:
+    await bus.publish(
+        Envelope.of(JwksPublished(keys=[signing_key.as_dict(private=False)]), producer="auth")
+    )
+    settings = ThreaderSettings.load(
+        database_url=migrated,
+        stream_prefix=bus.prefix,
+        http_port=testing.free_port(),
+        db_pool_min=1,
+        db_pool_max=4,
+    )
+    svc = ThreaderService(settings)
+    await svc.connect()
+    await svc.on_start()
+    transport = httpx.ASGITransport(app=svc.app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://threader") as client:
+        yield Env(svc, client, signing_key, f"mb-{uuid.uuid4().hex[:10]}")
+    await svc.pool.close()
+    await svc.redis.aclose()
+
+
+# ---- state ------------------------------------------------------------------------------------
+
+
+async def test_patch_status_and_assignee_writes_updated_event(env: Env) -> None:
+    cid = await env.conv_of(await env.mail("Order late"))
+    before = len(await env.updates(cid))
+    r = await env.client.patch(
+        f"/api/conversations/{cid}",
+        json={"status": "pending", "assignee": "me"},
+        headers=env.token("agent-7"),
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "pending"
+    assert r.json()["assignee"] == "agent-7"
+    events = await env.updates(cid)
+    assert len(events) == before + 1
+    assert events[-1]["status"] == "pending"
+    assert events[-1]["assignee"] == "agent-7"
+
+    # Unchanged values: answered, nothing announced.
+    r = await env.client.patch(
+        f"/api/conversations/{cid}", json={"status": "pending"}, headers=env.token()
+    )
+    assert r.status_code == 200 and r.json()["assignee"] == "agent-7"
+    assert len(await env.updates(cid)) == before + 1
+
+    r = await env.client.patch(
+        f"/api/conversations/{cid}", json={"assignee": None}, headers=env.token()
+    )
+    assert r.json()["assignee"] is None and r.json()["status"] == "pending"
+    assert len(await env.updates(cid)) == before + 2
+    assert (await env.updates(cid))[-1]["assignee"] is None
+    detail = await env.client.get(f"/api/conversations/{cid}", headers=env.token())
+    assert detail.json()["assignee"] is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "done"},
+        {"status": None},
+        {"assignee": ""},
+        {"assignee": "a\nb"},
+        {"assignee": "x" * 201},
+        {"assignee": 5},
+        {"other": 1},
+    ],
+)
+async def test_patch_refuses_bad_values(env: Env, body: dict[str, Any]) -> None:
+    cid = await env.conv_of(await env.mail())
+    r = await env.client.patch(f"/api/conversations/{cid}", json=body, headers=env.token())
+    assert r.status_code == 422, r.text
+
+
+async def test_patch_outside_mailboxes_is_404(env: Env) -> None:
+    cid = await env.conv_of(await env.mail())
+    for target in (cid, str(uuid.uuid4()), "not-a-uuid"):
+        r = await env.client.patch(
+            f"/api/conversations/{target}",
+            json={"status": "closed"},
+            headers=env.token(mailboxes=["other-box"]),
+        )
+        assert r.status_code == 404, target
+    row = await env.svc.pool.fetchrow(
+        "SELECT status FROM conversations WHERE id_conversa=$1::uuid", cid
+    )
+    assert row["status"] == "open"
+
+
+async def test_inbound_mail_reopens_closed_conversation(env: Env) -> None:
+    first = await env.mail("Broken")
+    cid = await env.conv_of(first)
+    r = await env.client.patch(
+        f"/api/conversations/{cid}", json={"status": "closed"}, headers=env.token()
+    )
+    assert r.json()["status"] == "closed"
+    await env.mail("Re: Broken", reply_to=first)
+    detail = await env.client.get(f"/api/conversations/{cid}", headers=env.token())
+    assert detail.json()["status"] == "open"
+    assert (await env.updates(cid))[-1]["status"] == "open"
+
+
+async def test_list_filters(env: Env) -> None:
+    a = await env.conv_of(await env.mail("A"))
+    b = await env.conv_of(await env.mail("B"))
+    c = await env.conv_of(await env.mail("C"))
+    h = env.token("agent-1")
+    await env.client.patch(f"/api/conversations/{a}", json={"assignee": "me"}, headers=h)
+    await env.client.patch(
+        f"/api/conversations/{b}", json={"assignee": "agent-2", "status": "closed"}, headers=h
+    )
+    await env.client.post(f"/api/conversations/{c}/read", headers=h)
+
+    async def ids(**params: Any) -> set[str]:
+        r = await env.client.get("/api/conversations", params=params, headers=h)
+        assert r.status_code == 200, r.text
+        return {i["id_conversa"] for i in r.json()["items"]}
+
+    assert await ids() == {a, b, c}
+    assert await ids(assignee="me") == {a}
+    assert await ids(assignee="agent-2") == {b}
+    assert await ids(status="closed") == {b}
+    assert await ids(status="open") == {a, c}
+    assert await ids(unread="true") == {a, b}
+    assert await ids(unread="false") == {c}
+    assert await ids(unread="true", assignee="me", status="open") == {a}
+
+
+# ---- search -----------------------------------------------------------------------------------
+
+
+def test_fold_drops_accents() -> None:
+    assert storage.fold("Ação São Paulo ÉCOLE naïve ﬁ") == "acao sao paulo ecole naive fi"
+
+
+async def test_full_text_search(env: Env) -> None:
+    acao = await env.conv_of(await env.mail("Ação necessária", text="por favor"))
+    reemb = await env.conv_of(await env.mail("Pedido 42", text="Quero dois reembolsos do pedido"))
+    refund = await env.conv_of(await env.mail("Order", text="Where are my refunds?"))
+    person = await env.conv_of(
+        await env.mail("Hi", sender=Address(name="João Müller", address="jm@acme.example"))
+    )
+    first = await env.mail("Invoice", text="nothing here")
+    invoice = await env.conv_of(first)
+    await env.mail("Re: Invoice", text="segunda mensagem sobre fatura", reply_to=first)
+    h = env.token()
+
+    async def found(q: str) -> set[str]:
+        r = await env.client.get("/api/conversations", params={"q": q}, headers=h)
+        assert r.status_code == 200, r.text
+        return {i["id_conversa"] for i in r.json()["items"]}
+
+    assert await found("acao") == {acao}
+    assert await found("AÇÃO") == {acao}
+    assert await found("necessaria") == {acao}
+    assert await found("reembolso") == {reemb}
+    assert await found("refund") == {refund}
+    assert await found("joao") == {person}
+    assert await found("muller") == {person}
+    assert await found("jm@acme.example") == {person}
+    assert await found("acme") == {person}
+    assert await found("fatura") == {invoice}  # a later message's body
+    assert await found("refund OR reembolso") == {refund, reemb}
+    coded = await env.conv_of(await env.mail("Access check 9955e5a84e", text="x"))
+    # The parser splits such a word into a phrase; on our position-less vectors it must still hit.
+    assert await found("Access check 9955e5a84e") == {coded}
+    assert await found('"check 9955e5a84e"') == {coded}
+    assert await found("zzzz-nothing") == set()
+    assert await found("!!! ' \" & | :*") == set()  # no syntax error reaches PostgreSQL
+    plan = await env.svc.pool.fetchval(
+        "SELECT indexdef FROM pg_indexes WHERE indexname = 'conversations_search'"
+    )
+    assert "gin" in plan
+
+
+async def test_search_results_keep_order_and_cursor(env: Env) -> None:
+    base = datetime.now(UTC) - timedelta(hours=1)
+    made = [
+        await env.conv_of(await env.mail(f"reembolso {i}", date=base + timedelta(minutes=i)))
+        for i in range(5)
+    ]
+    await env.mail("other", date=base + timedelta(minutes=10))
+    h = env.token()
+    seen: list[str] = []
+    params: dict[str, Any] = {"q": "reembolsos", "limit": 2}
+    while True:
+        r = (await env.client.get("/api/conversations", params=params, headers=h)).json()
+        seen += [i["id_conversa"] for i in r["items"]]
+        if not r["next_cursor"]:
+            break
+        params["cursor"] = r["next_cursor"]
+    assert seen == list(reversed(made))
+
+
+# ---- cursor walks -----------------------------------------------------------------------------
+
+
+async def test_walk_is_stable_while_mail_arrives(env: Env) -> None:
+    base = datetime.now(UTC) - timedelta(days=1)
+    firsts: dict[str, str] = {}
+    for i in range(60):
+        mid = await env.mail(f"ticket {i}", date=base + timedelta(minutes=i))
+        firsts[await env.conv_of(mid)] = mid
+    order = list(firsts)[::-1]  # newest first
+    h = env.token()
+    seen: list[str] = []
+    params: dict[str, Any] = {"limit": 25}
+    page = 0
+    while True:
+        r = await env.client.get("/api/conversations", params=params, headers=h)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        seen += [i["id_conversa"] for i in body["items"]]
+        # Between pages: replies to conversations not yet seen (they jump to the top), to
+        # one already seen, and brand-new conversations.
+        page += 1
+        not_seen = [c for c in order if c not in seen]
+        for cid in not_seen[:3] + not_seen[-2:] + seen[:1]:
+            await env.mail("Re: more", reply_to=firsts[cid])
+        await env.mail(f"new during walk {page}")
+        if not body["next_cursor"]:
+            break
+        params["cursor"] = body["next_cursor"]
+    assert page == 3
+    assert len(seen) == len(set(seen)), "a conversation came twice in one walk"
+    assert seen == order, "the walk must follow the order of its first page"
+    # A fresh walk shows the conversations that moved on top.
+    top = (await env.client.get("/api/conversations", params={"limit": 5}, headers=h)).json()
+    assert top["items"][0]["subject"] == "new during walk 3"
+
+
+async def test_old_cursor_without_snapshot_still_works(env: Env) -> None:
+    base = datetime.now(UTC) - timedelta(hours=2)
+    made = [
+        await env.conv_of(await env.mail(f"x {i}", date=base + timedelta(minutes=i)))
+        for i in range(3)
+    ]
+    row = await env.svc.pool.fetchrow(
+        "SELECT last_message_at, id_conversa FROM conversations WHERE id_conversa = $1::uuid",
+        made[2],
+    )
+    import base64
+
+    old = base64.urlsafe_b64encode(
+        json.dumps([row["last_message_at"].isoformat(), str(row["id_conversa"])]).encode()
+    ).decode()
+    r = await env.client.get("/api/conversations", params={"cursor": old}, headers=env.token())
+    assert [i["id_conversa"] for i in r.json()["items"]] == [made[1], made[0]]
+    bad = base64.urlsafe_b64encode(
+        json.dumps([row["last_message_at"].isoformat(), str(row["id_conversa"]), "x"]).encode()
+    ).decode()
+    r = await env.client.get("/api/conversations", params={"cursor": bad}, headers=env.token())
+    assert r.status_code == 400
