@@ -122,6 +122,21 @@ async def test_mail_in_reply_out_answer_threads(
                 break
         assert frame["id_conversa"] == id_conversa
 
+        # A client that drops References and In-Reply-To still reaches the conversation through
+        # the signed token of our Reply-To address.
+        reply_to = reply["Reply-To"].addresses[0].addr_spec
+        assert reply_to.startswith("support+") and reply_to.endswith("@chatflow.test")
+        token = reply_to.split("+", 1)[1].split("@", 1)[0]
+        assert f".{token}@" in reply["Message-ID"]
+        lost = customer_mail("Another question", "One more thing.")
+        lost.replace_header("To", reply_to)
+        await smtp_send(stack, lost, ca_context)
+        while True:
+            frame = await next_frame(ws, "message.added")
+            if frame["message"]["message_id"] == lost["Message-ID"]:
+                break
+        assert frame["id_conversa"] == id_conversa
+
     async with httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http:
         r = await http.get(
             f"/api/conversations/{id_conversa}", headers={"Authorization": f"Bearer {agent_token}"}
@@ -129,8 +144,13 @@ async def test_mail_in_reply_out_answer_threads(
         assert r.status_code == 200, r.text
         conv = r.json()
         ids = [m["message_id"] for m in conv["messages"]]
-        assert ids == [first["Message-ID"], reply["Message-ID"], answer["Message-ID"]]
-        assert [m["direction"] for m in conv["messages"]] == ["in", "out", "in"]
+        assert ids == [
+            first["Message-ID"],
+            reply["Message-ID"],
+            answer["Message-ID"],
+            lost["Message-ID"],
+        ]
+        assert [m["direction"] for m in conv["messages"]] == ["in", "out", "in", "in"]
         assert conv["unread"] is True
         auth = {"Authorization": f"Bearer {agent_token}"}
         assert (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import secrets
 import sys
 from pathlib import Path
 
@@ -49,8 +50,16 @@ def _valid(path: Path) -> bool:
     return cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
 
 
+def make_secret(path: Path) -> None:
+    """A dev HMAC key (conversation tokens); production sets CHATFLOW_THREAD_TOKEN_SECRET."""
+    if not path.exists():
+        path.write_text(secrets.token_hex(32) + "\n")
+        path.chmod(0o600)
+
+
 def make(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    make_secret(folder / "thread-token.key")
     ca_pem, srv_pem = folder / "ca.pem", folder / "server.pem"
     if _valid(ca_pem) and _valid(srv_pem) and (folder / "server.key").exists():
         return

@@ -208,6 +208,8 @@ class ConversationState(_Payload):
     id_conversa: str
     mailbox_id: str
     number: int | None = None  # the short ticket number shown as [#number] in subjects
+    # The signed token our mail carries in Message-ID and Reply-To (number-hmac).
+    token: str | None = None
     channel: str = "email"
     subject: str = ""
     status: Literal["open", "pending", "closed"] = "open"

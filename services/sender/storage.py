@@ -65,8 +65,8 @@ async def upsert_mailbox(
 async def add_thread_message(conn: asyncpg.Connection, values: tuple[Any, ...]) -> None:
     await conn.execute(
         """INSERT INTO thread_messages (id_conversa, message_id, mailbox_id, number,
-               conv_subject, direction, sender, to_addrs, cc_addrs, subject, date, refs)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)
+               conv_subject, direction, sender, to_addrs, cc_addrs, subject, date, refs, token)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)
            ON CONFLICT DO NOTHING""",
         *values,
     )

@@ -59,6 +59,7 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
                     m.subject,
                     m.date,
                     m.references,
+                    ev.conversation.token,
                 ),
             )
         svc.delivery.wake()

@@ -365,7 +365,7 @@ async def update_conversation(
                 continue
             updated, changed = done
             if changed:
-                conv = storage.state(updated)
+                conv = storage.state(updated, request.app.state.service.token_secret)
                 await outbox.add(
                     conn,
                     Envelope.of(

@@ -22,7 +22,10 @@ class ThreaderService(Service):
         app.include_router(router)
         return app
 
+    token_secret: bytes = b""
+
     async def on_start(self) -> None:
+        self.token_secret = self.settings.token_secret()  # type: ignore[attr-defined]
         on_received, on_status = handlers(self)
         self.consumer(["mail.received"], on_received, group="threader")
         self.consumer(["mail.status"], on_status, group="threader-status")

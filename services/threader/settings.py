@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from libs.common.settings import ServiceSettings
+from pathlib import Path
+
+from libs.common.settings import ROOT, ServiceSettings
 
 
 class ThreaderSettings(ServiceSettings):
     service = "threader"
     http_port: int = 8104
     page_max: int = 100
+    # The HMAC key of conversation tokens: the value, or a file holding it (made by make certs).
+    thread_token_secret: str = ""
+    thread_token_secret_file: Path = ROOT / "var/certs/thread-token.key"
+
+    def token_secret(self) -> bytes:
+        if self.thread_token_secret:
+            return self.thread_token_secret.encode()
+        return self.thread_token_secret_file.read_bytes().strip()

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from libs.common.events import Address, ConversationState, MessageSummary
+from services.threader.domain import tokens
 from services.threader.domain.threading import candidate_ids, decide
 
 # The three text-search configurations every document and query goes through: 'simple' keeps
@@ -92,6 +93,7 @@ async def place_message(
     status: str | None,
     flags: dict[str, Any],
     id_conversa: str | None = None,
+    token_secret: bytes = b"",
 ) -> Placed | None:
     """Thread one message; None when this mailbox already has this Message-ID (a retry, a Bcc copy).
 
@@ -114,6 +116,10 @@ async def place_message(
     owners = {r["message_id"]: (str(r["id_conversa"]), r["created_at"]) for r in rows}
     decision = decide(message_id, in_reply_to, references, owners)
     target = id_conversa or decision.id_conversa
+    if target is None and direction == "in" and token_secret:
+        target = await _named_conversation(
+            conn, mailbox_id, sender, [*to, *cc], [*in_reply_to, *references], subject, token_secret
+        )
     # A forced conversation (our own outbound mail) absorbs whatever the links also point at.
     linked = [decision.id_conversa, *decision.merge] if id_conversa else decision.merge
     merged = [m for m in dict.fromkeys(linked) if m and m != target]
@@ -193,6 +199,62 @@ async def place_message(
     return Placed(conversation, message, merged)
 
 
+async def _named_conversation(
+    conn: asyncpg.Connection,
+    mailbox_id: str,
+    sender: Address,
+    recipients: list[Address],
+    ids: list[str],
+    subject: str,
+    secret: bytes,
+) -> str | None:
+    """With no Message-ID link: our signed token in a Reply-To address or a Message-ID, else the
+    ``[#number]`` of the subject, but only from someone already in that conversation."""
+    numbers = tokens.numbers_named([a.address for a in recipients], ids, secret)
+    for number in numbers:
+        row = await conn.fetchrow(
+            "SELECT id_conversa FROM conversations WHERE number = $1 AND mailbox_id = $2",
+            number,
+            mailbox_id,
+        )
+        if row is not None:
+            return await _survivor(conn, row["id_conversa"])
+    in_subject = tokens.subject_number(subject)
+    if in_subject is None or not sender.address:
+        return None
+    row = await conn.fetchrow(
+        """SELECT id_conversa FROM conversations
+           WHERE number = $1 AND mailbox_id = $2
+             AND participants @> jsonb_build_array(jsonb_build_object('address', $3::text))""",
+        in_subject,
+        mailbox_id,
+        sender.address,
+    )
+    if row is None:
+        # Addresses are compared without case: look again the slow way.
+        row = await conn.fetchrow(
+            """SELECT id_conversa FROM conversations c
+               WHERE number = $1 AND mailbox_id = $2 AND EXISTS (
+                   SELECT 1 FROM jsonb_array_elements(c.participants) p
+                   WHERE lower(p ->> 'address') = lower($3))""",
+            in_subject,
+            mailbox_id,
+            sender.address,
+        )
+    return await _survivor(conn, row["id_conversa"]) if row is not None else None
+
+
+async def _survivor(conn: asyncpg.Connection, id_conversa: uuid.UUID) -> str:
+    for _ in range(10):
+        merged = await conn.fetchval(
+            "SELECT merged_into FROM conversations WHERE id_conversa = $1", id_conversa
+        )
+        if merged is None:
+            break
+        id_conversa = merged
+    return str(id_conversa)
+
+
 async def _merge(conn: asyncpg.Connection, old: uuid.UUID, into: uuid.UUID) -> None:
     await conn.execute("UPDATE messages SET id_conversa = $2 WHERE id_conversa = $1", old, into)
     await conn.execute("UPDATE thread_keys SET id_conversa = $2 WHERE id_conversa = $1", old, into)
@@ -213,11 +275,12 @@ async def _merge(conn: asyncpg.Connection, old: uuid.UUID, into: uuid.UUID) -> N
     )
 
 
-def state(conv: asyncpg.Record) -> ConversationState:
+def state(conv: asyncpg.Record, token_secret: bytes = b"") -> ConversationState:
     return ConversationState(
         id_conversa=str(conv["id_conversa"]),
         mailbox_id=conv["mailbox_id"],
         number=conv["number"],
+        token=tokens.sign(conv["number"], token_secret) if token_secret else None,
         channel=conv["channel"],
         subject=conv["subject"],
         status=conv["status"],

@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 CONSUMER = "threader"
 
 
-async def _announce(conn: object, env: Envelope, placed: storage.Placed) -> None:
-    conv = storage.state(placed.conversation)
+async def _announce(
+    conn: object, env: Envelope, placed: storage.Placed, token_secret: bytes
+) -> None:
+    conv = storage.state(placed.conversation, token_secret)
     events = [
         Envelope.of(
             ConversationMessageAdded(
@@ -79,9 +81,10 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 attachments=[a.model_dump() for a in mail.attachments],
                 status=None,
                 flags=mail.flags.model_dump(),
+                token_secret=svc.token_secret,
             )
             if placed is not None:
-                await _announce(conn, env, placed)
+                await _announce(conn, env, placed, svc.token_secret)
         svc.relay.wake()
 
     async def on_mail_status(env: Envelope, entry_id: str) -> None:
@@ -118,7 +121,7 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 id_conversa=st.id_conversa,
             )
             if placed is not None:
-                await _announce(conn, env, placed)
+                await _announce(conn, env, placed, svc.token_secret)
         svc.relay.wake()
 
     return on_mail_received, on_mail_status

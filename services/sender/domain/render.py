@@ -76,6 +76,10 @@ def plan(
     domain = box["address"].rpartition("@")[2]
     number = last["number"]
     token = str(number) if number is not None else cmd.id_conversa.split("-")[0]
+    # The threader's signed token (number-hmac) names the conversation in the Message-ID and the
+    # Reply-To, so an answer that lost its References still finds it.
+    signed = next((m.get("token") for m in reversed(thread) if m.get("token")), None)
+    local = box["address"].rpartition("@")[0]
     draft = c.Draft(
         mailbox=c.Addr(box["name"], box["address"]),
         to=to,
@@ -83,8 +87,8 @@ def plan(
         html=cmd.html,
         attachments=[],
         # Short enough that clients' folders keep it one plain token (long ids get encoded).
-        message_id=f"<{uuid.UUID(cmd.send_id).hex}.{token}@{domain}>",
-        reply_to=None,
+        message_id=f"<{uuid.UUID(cmd.send_id).hex}.{signed or token}@{domain}>",
+        reply_to=c.Addr(box["name"], f"{local}+{signed}@{domain}") if signed else None,
         date=now,
     )
     subject = cmd.subject or thread[0]["conv_subject"] or thread[0]["subject"]

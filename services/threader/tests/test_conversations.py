@@ -76,6 +76,7 @@ class Env:
         reply_to: str | None = None,
         sender: Address | None = None,
         date: datetime | None = None,
+        to: list[Address] | None = None,
     ) -> str:
         """Deliver one inbound message; returns its Message-ID."""
         mid = f"<{uuid.uuid4().hex}@customer.test>"
@@ -89,7 +90,7 @@ class Env:
                 "in_reply_to": [reply_to] if reply_to else [],
                 "references": [reply_to] if reply_to else [],
                 "from": sender or Address(name="Ana", address="ana@customer.test"),
-                "to": [Address(address="support@chatflow.test")],
+                "to": to or [Address(address="support@chatflow.test")],
                 "subject": subject,
                 "date": date or now,
                 "received_at": now,
@@ -369,3 +370,30 @@ async def test_old_cursor_without_snapshot_still_works(env: Env) -> None:
     ).decode()
     r = await env.client.get("/api/conversations", params={"cursor": bad}, headers=env.token())
     assert r.status_code == 400
+
+
+async def test_an_answer_that_lost_its_references_finds_its_conversation_by_token(env: Env) -> None:
+    from services.threader.domain import tokens
+
+    cid = await env.conv_of(await env.mail("Broken tablet"))
+    number = await env.svc.pool.fetchval(
+        "SELECT number FROM conversations WHERE id_conversa = $1::uuid", cid
+    )
+    token = tokens.sign(number, env.svc.token_secret)
+    assert (await env.updates(cid))[-1]["token"] == token  # what our outbound mail will carry
+
+    by_reply_to = await env.mail(
+        "Re: Broken tablet", to=[Address(address=f"support+{token}@chatflow.test")]
+    )
+    assert await env.conv_of(by_reply_to) == cid
+    forged = await env.mail(
+        "Re: Broken tablet", to=[Address(address=f"support+{number}-aaaaaaaaaa@chatflow.test")]
+    )
+    assert await env.conv_of(forged) != cid
+
+    # The [#number] of a subject counts only from someone already in the conversation.
+    from_customer = await env.mail(f"Still broken [#{number}]")
+    assert await env.conv_of(from_customer) == cid
+    stranger = Address(name="Eve", address="eve@elsewhere.test")
+    from_stranger = await env.mail(f"Question [#{number}]", sender=stranger)
+    assert await env.conv_of(from_stranger) != cid
