@@ -62,7 +62,7 @@ def _check(domain: str, selector: str, pem: bytes, where: str) -> DkimKey:
         raise DkimKeyError(f"{where}: only RSA keys are supported")
     if key.key_size < MIN_BITS:
         raise DkimKeyError(f"{where}: {key.key_size}-bit key, at least {MIN_BITS} needed")
-    # dkimpy reads PKCS#1 ("BEGIN RSA PRIVATE KEY"); accept PKCS#8 files by converting.
+    # dkimpy reads PKCS#1 PEM ("RSA" in its header line); accept PKCS#8 files by converting.
     pkcs1 = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,

