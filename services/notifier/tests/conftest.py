@@ -237,3 +237,12 @@ def message_added(
             participants=[Address(name="Ana", address="ana@customer.test")],
         ),
     )
+
+
+def mbx() -> str:
+    """A mailbox id of this test's own."""
+    return f"mb-{uuid.uuid4().hex[:8]}"
+
+
+def user() -> str:
+    return f"u-{uuid.uuid4().hex[:8]}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from datetime import timedelta
 
 import asyncpg
@@ -19,20 +18,14 @@ from .conftest import (
     Env,
     Starter,
     assert_silent,
+    mbx,
     message_added,
     recv_json,
     recv_type,
+    user,
     wait_closed,
     ws_connect,
 )
-
-
-def mbx() -> str:
-    return f"mb-{uuid.uuid4().hex[:8]}"
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 async def set_user(env: Env, user_id: str, active: bool) -> Envelope:

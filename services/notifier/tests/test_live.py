@@ -25,20 +25,14 @@ from .conftest import (
     Starter,
     assert_silent,
     client_ssl,
+    mbx,
     message_added,
     recv_json,
     recv_type,
+    user,
     wait_closed,
     ws_connect,
 )
-
-
-def mbx() -> str:
-    return f"mb-{uuid.uuid4().hex[:8]}"
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 async def known_conversation(env: Env, ws: Any, mailbox_id: str) -> str:
