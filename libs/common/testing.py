@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -28,10 +29,32 @@ ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("CHATFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+_HANDED: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port to start a server on later.
+
+    Not from the kernel's ephemeral range (32768-60999 here): between our check and the server's
+    bind, any outgoing connection (to PostgreSQL, Redis) could take such a port. Each pytest-xdist
+    worker draws from its own band so two workers never hand out the same one.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + (index % 4) * 3000
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, low + 3000)
+        if port in _HANDED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED.add(port)
+        return port
+    raise RuntimeError("no free port left in this worker's band")
 
 
 def with_db(admin_url: str, db: str) -> str:
