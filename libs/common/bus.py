@@ -31,6 +31,10 @@ Handler = Callable[[Envelope, str], Awaitable[None]]
 DEAD_LETTER = "deadletter"
 
 
+REDIS_MAX_CONNECTIONS = 200
+REDIS_POOL_WAIT_S = 20.0
+
+
 def connect(url: str, ca: str | None = None) -> aioredis.Redis:
     """A client for ``redis://`` or ``rediss://`` (TLS, verified against ``ca``)."""
     # Blocking reads wait up to consumer_block_ms; the socket timeout must outlast them.
@@ -42,7 +46,13 @@ def connect(url: str, ca: str | None = None) -> aioredis.Redis:
     }
     if url.startswith("rediss://") and ca:
         kwargs["ssl_ca_certs"] = ca
-    return aioredis.from_url(url, **kwargs)
+    # A burst (a thousand WebSocket upgrades, a thousand disconnects) must wait for a connection,
+    # not fail: redis-py's default pool raises MaxConnectionsError when it runs out, and a
+    # consumer whose XACK raises stops its service.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_S, **kwargs
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class Bus:

@@ -80,7 +80,12 @@ async def ensure_role_and_schema(admin_url: str, role: str, schema: str) -> None
         await conn.execute("SELECT pg_advisory_lock(hashtext('chatflow.roles'))")
         exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
         if not exists:
-            await conn.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+            # Roles are cluster-wide but advisory locks are per database: a migration of another
+            # database (another test run, another environment) may create the same role now.
+            try:
+                await conn.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+            except (asyncpg.UniqueViolationError, asyncpg.DuplicateObjectError):
+                pass
         db = await conn.fetchval("SELECT current_database()")
         await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         await conn.execute(f'REVOKE ALL ON DATABASE "{db}" FROM PUBLIC')

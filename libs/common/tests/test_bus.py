@@ -168,3 +168,20 @@ async def test_broadcast_readers_each_see_every_entry(bus: Bus) -> None:
         r.stop()
     await asyncio.wait(tasks, timeout=3)
     assert seen["r1"] == seen["r2"] == [i.decode() for i in ids]
+
+
+async def test_a_burst_waits_for_a_redis_connection_instead_of_failing() -> None:
+    """More concurrent commands than the pool holds: they queue, none raises."""
+    from libs.common import bus as bus_mod
+
+    redis = bus_mod.connect(testing.REDIS_URL)
+    try:
+        pool = redis.connection_pool
+        assert pool.max_connections == bus_mod.REDIS_MAX_CONNECTIONS
+        # Hold the commands on the server so the pool really runs dry (BLPOP on an empty key).
+        key = f"{testing.new_run_id()}:burst"
+        n = bus_mod.REDIS_MAX_CONNECTIONS + 50
+        results = await asyncio.gather(*(redis.blpop([key], timeout=0.2) for _ in range(n)))
+        assert results == [None] * n
+    finally:
+        await redis.aclose()
