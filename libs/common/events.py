@@ -188,6 +188,10 @@ class MailReceived(_Payload):
     html: str = ""
     attachments: list[AttachmentRef] = []
     flags: MailFlags = MailFlags()
+    # Outlook's thread headers, as sent (base64 Thread-Index, one-line Thread-Topic): the
+    # threader uses them where References are missing.
+    thread_index: str | None = None
+    thread_topic: str | None = None
 
 
 class MessageSummary(_Payload):
@@ -240,6 +244,26 @@ class ConversationMerged(_Payload):
     merged: list[str]
 
 
+@register("conversation.read")
+class ConversationRead(_Payload):
+    """An agent marked a conversation read (REST or the WebSocket ``read`` frame): their unread
+    badge of it goes to 0."""
+
+    id_conversa: str
+    mailbox_id: str
+    user_id: str
+    read_at: datetime
+
+
+class NewConversation(_Payload):
+    """Set on the ``mail.send`` that opens an outbound conversation: it has no messages yet, so
+    this is what the sender threads it by (the threader's number and signed token)."""
+
+    number: int
+    token: str
+    subject: str
+
+
 @register("mail.send")
 class MailSend(_Payload):
     """A command: send this reply (or first message) of a conversation."""
@@ -254,6 +278,9 @@ class MailSend(_Payload):
     to: list[Address] | None = None
     cc: list[Address] | None = None
     subject: str | None = None
+    # Sent by automation rather than typed by an agent: carries Auto-Submitted (RFC 3834).
+    automatic: bool = False
+    conversation: NewConversation | None = None
 
 
 class SentMessage(_Payload):
@@ -281,3 +308,28 @@ class MailStatus(_Payload):
     attempt: int = 0
     next_attempt_at: datetime | None = None
     message: SentMessage | None = None
+
+
+class BouncedRecipient(_Payload):
+    address: str
+    action: Literal["failed", "delayed", "delivered", "relayed", "expanded"]
+    status: str = ""  # RFC 3463 enhanced code, e.g. "5.1.1"
+    diagnostic: str = ""  # the remote server's reply, one line
+    remote_mta: str = ""
+
+
+@register("mail.bounced")
+class MailBounced(_Payload):
+    """A delivery status notification that names the Message-ID of the message it reports on.
+
+    Published by ingest for a stored bounce (RFC 3464 report, or a plain one it could read);
+    the sender marks its send with that Message-ID failed when a recipient failed.
+    """
+
+    ingest_id: str
+    mailbox_id: str
+    original_message_id: str
+    reporting_mta: str = ""
+    structured: bool = True  # False: read from a plain-text bounce, not a delivery-status part
+    recipients: list[BouncedRecipient] = []
+    received_at: datetime

@@ -1,4 +1,8 @@
-"""Turning what the reader found into the channel-neutral ``mail.received`` payload."""
+"""Turning what the reader found into the channel-neutral ``mail.received`` payload.
+
+The HTML's ``cid:`` images are linked to their stored parts here (``domain/cid.py``), because
+the attachment ids only exist once ``IngestHandler.store`` has inserted the parts.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from libs.common.events import Address, AttachmentRef, MailFlags, MailReceived
+from services.ingest.domain.cid import cid_map, link_inline_images
 from services.ingest.storage import Mailbox
 
 
@@ -17,6 +22,9 @@ def to_event(
     read: Any, ingest_id: str, box: Mailbox, parts: list[tuple[str, Any]], received_at: datetime
 ) -> MailReceived:
     date = read.date or received_at
+    html, shown = link_inline_images(
+        read.html, cid_map((att_id, p.content_id) for att_id, p in parts)
+    )
     return MailReceived.model_validate(
         {
             "ingest_id": ingest_id,
@@ -33,7 +41,10 @@ def to_event(
             "date": date,
             "received_at": received_at,
             "text": read.text,
-            "html": read.html,
+            "html": html,
+            # The reader keeps these two among its headers; empty means absent.
+            "thread_index": read.headers.get("Thread-Index") or None,
+            "thread_topic": read.headers.get("Thread-Topic") or None,
             "attachments": [
                 AttachmentRef(
                     id=att_id,
@@ -41,7 +52,7 @@ def to_event(
                     content_type=p.content_type,
                     size=len(p.data),
                     content_id=p.content_id,
-                    inline=p.inline,
+                    inline=p.inline or att_id in shown,
                 )
                 for att_id, p in parts
             ],

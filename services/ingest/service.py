@@ -1,8 +1,11 @@
-"""Ingest: the MX. Receives mail over SMTP, stores it raw and read, announces ``mail.received``."""
+"""Ingest: the MX. Receives mail over SMTP (or LMTP, or ``POST /api/messages/raw``), stores it raw
+and read, announces ``mail.received`` (and ``mail.bounced`` for a DSN about one of our messages);
+admins see what it quarantined (``/api/admin/quarantine``)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from pathlib import Path
@@ -13,14 +16,17 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from libs.common import inbox, tls
-from libs.common.events import Envelope, MailboxChanged
+from libs.common.bus import BroadcastReader
+from libs.common.events import Envelope, EventError, MailboxChanged
 from libs.common.service import Service
 from libs.common.tokens import Identity
 from libs.common.web import ApiError, identity_dependency
-from services.ingest import lmtp, storage
+from services.ingest import lmtp, quarantine, storage, submit
+from services.ingest.bounces import BounceScanner
 from services.ingest.settings import IngestSettings
 from services.ingest.smtp import smtp_factory
 
+log = logging.getLogger("chatflow.ingest")
 identity = identity_dependency(lambda request: request.app.state.service.verifier)
 
 
@@ -52,6 +58,20 @@ def header_token(content_type: str) -> str:
     return bare.lower() if _MEDIA_TYPE.match(bare) else "application/octet-stream"
 
 
+MAILBOX_CHANGED = "mailbox.changed"
+
+
+def apply_mailbox_change(
+    boxes: dict[str, storage.Mailbox], change: MailboxChanged
+) -> dict[str, storage.Mailbox]:
+    """The map of active mailboxes by address after ``change`` (a new dict: readers keep theirs)."""
+    out = {addr: b for addr, b in boxes.items() if b.id != change.mailbox_id}
+    if change.active:
+        address = change.address.lower()
+        out[address] = storage.Mailbox(change.mailbox_id, address, change.name)
+    return out
+
+
 class IngestService(Service):
     name = "ingest"
     settings_cls = IngestSettings
@@ -63,6 +83,7 @@ class IngestService(Service):
         self.mailboxes: dict[str, storage.Mailbox] = {}
         self._smtp: asyncio.AbstractServer | None = None
         self._lmtp: asyncio.AbstractServer | None = None
+        self.bounces = BounceScanner(self)
 
     def build_app(self) -> FastAPI:
         app = FastAPI(title="ChatFLOW ingest")
@@ -105,11 +126,28 @@ class IngestService(Service):
             )
 
         app.include_router(router)
+        app.include_router(submit.router(self, identity))
+        app.include_router(quarantine.router(self, identity))
         return app
 
     async def on_start(self) -> None:
+        # Every replica answers RCPT from memory. The group consumer below stores a change once
+        # for all replicas, so each replica also reads the whole stream itself (a broadcast
+        # reader from its first entry: mailbox changes are few) and applies every change in
+        # stream order on top of what the schema held at start, including changes published
+        # while no ingest ran.
         self.mailboxes = await storage.load_mailboxes(self.pool)
-        self.consumer(["mailbox.changed"], self.on_mailbox_changed)
+        self.consumer([MAILBOX_CHANGED], self.on_mailbox_changed)
+        self.consumers.append(
+            BroadcastReader(
+                self.bus,
+                [MAILBOX_CHANGED],
+                self.on_mailbox_entry,
+                start="0-0",
+                block_ms=self.settings.consumer_block_ms,
+            )
+        )
+        self.background.append(self.bounces.run)
         s = self.settings
         ctx = tls.server_context(s.tls_cert, s.tls_key)
         loop = asyncio.get_running_loop()
@@ -124,7 +162,22 @@ class IngestService(Service):
             if not await inbox.first_time(conn, "ingest", env.id):
                 return
             await storage.upsert_mailbox(conn, box.mailbox_id, box.address, box.name, box.active)
-        self.mailboxes = await storage.load_mailboxes(self.pool)
+        # The map is not reloaded here: the broadcast reader applies every change in stream
+        # order, and a reload could put back an older state than one it has already applied.
+
+    async def on_mailbox_entry(
+        self, stream: str, entry_id: str, fields: dict[bytes, bytes]
+    ) -> None:
+        """This replica's map follows every change at once (another replica may store it)."""
+        data = fields.get(b"e")
+        try:
+            if data is None:
+                raise EventError("entry has no 'e' field")
+            box = Envelope.from_json(data).payload_as(MailboxChanged)
+        except EventError as exc:
+            log.warning("skipping invalid mailbox entry", extra={"error": str(exc)})
+            return
+        self.mailboxes = apply_mailbox_change(self.mailboxes, box)
 
     async def before_stop(self) -> None:
         # Stop taking new sessions; sessions in DATA finish their commit before the pool closes.

@@ -199,6 +199,10 @@ async def mx(stream_prefix: str) -> AsyncIterator[Mx]:
     # support@ arrives the production way (auth publishes mailbox.changed), sales@ through storage.
     await bus.publish(Envelope.of(MailboxChanged(mailbox_id="mb-support", address=SUPPORT), "test"))
     await testing.eventually(lambda: SUPPORT in svc.mailboxes, timeout=10)
+    # Stored too (the group consumer may commit after the broadcast reader applied it), so the
+    # reload below cannot lose it.
+    stored = "SELECT 1 FROM mailboxes WHERE address = $1"
+    await testing.eventually(lambda: pool.fetchval(stored, SUPPORT), timeout=10)
     async with pool.acquire() as conn:
         await storage.upsert_mailbox(conn, "mb-sales", SALES, "Sales", True)
     svc.mailboxes = await storage.load_mailboxes(svc.pool)
