@@ -19,7 +19,13 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs.common import outbox
-from libs.common.events import Address, ConversationUpdated, Envelope, MailSend
+from libs.common.events import (
+    Address,
+    ConversationRead,
+    ConversationUpdated,
+    Envelope,
+    MailSend,
+)
 from libs.common.tokens import Identity
 from libs.common.web import ApiError, identity_dependency
 from services.threader import storage
@@ -116,6 +122,7 @@ def _item(row: Any) -> dict[str, Any]:
         "last_message_at": row["last_message_at"].isoformat(),
         "message_count": row["message_count"],
         "unread": bool(row.get("unread", False)) if hasattr(row, "get") else False,
+        "linked_to": str(row["linked_to"]) if row["linked_to"] else None,
     }
 
 
@@ -176,6 +183,11 @@ class ConversationItem(BaseModel):
     last_message_at: datetime
     message_count: int
     unread: bool
+    linked_to: str | None = Field(
+        None,
+        description="the earlier conversation this one follows: the broadcast of ours it "
+        "answers, or the closed conversation it came after once older than the reopen age",
+    )
 
 
 class ConversationPage(BaseModel):
@@ -323,8 +335,19 @@ async def get_conversation(
     responses=_errors(401, 403, 404),
 )
 async def mark_read(id_conversa: str, request: Request, who: Identity = Depends(agent)) -> None:
+    """Read for this agent; ``conversation.read`` tells the notifier to zero their badge."""
     row = await _visible(request, who, id_conversa)
-    await storage.mark_read(request.app.state.service.pool, who.sub, row["id_conversa"])
+    svc = request.app.state.service
+    async with svc.pool.acquire() as conn, conn.transaction():
+        read_at = await storage.mark_read(conn, who.sub, row["id_conversa"])
+        event = ConversationRead(
+            id_conversa=str(row["id_conversa"]),
+            mailbox_id=row["mailbox_id"],
+            user_id=who.sub,
+            read_at=read_at,
+        )
+        await outbox.add(conn, Envelope.of(event, producer="threader"))
+    svc.relay.wake()
 
 
 class StateIn(BaseModel):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
 
 from libs.common.service import Service
 from services.threader.http import router
+from services.threader.outbound import router as outbound_router
 from services.threader.settings import ThreaderSettings
+from services.threader.storage import Rules
 from services.threader.stream import handlers
 
 
@@ -20,12 +23,19 @@ class ThreaderService(Service):
     def build_app(self) -> FastAPI:
         app = FastAPI(title="ChatFLOW threader")
         app.include_router(router)
+        app.include_router(outbound_router)
         return app
 
     token_secret: bytes = b""
+    rules: Rules = Rules()
 
     async def on_start(self) -> None:
-        self.token_secret = self.settings.token_secret()  # type: ignore[attr-defined]
+        s = self.settings
+        self.token_secret = s.token_secret()  # type: ignore[attr-defined]
+        self.rules = Rules(
+            subject_window=timedelta(hours=s.subject_window_hours),  # type: ignore[attr-defined]
+            reopen_max_age=timedelta(days=s.reopen_max_age_days),  # type: ignore[attr-defined]
+        )
         on_received, on_status = handlers(self)
         self.consumer(["mail.received"], on_received, group="threader")
         self.consumer(["mail.status"], on_status, group="threader-status")

@@ -11,6 +11,12 @@ class ThreaderSettings(ServiceSettings):
     service = "threader"
     http_port: int = 8104
     page_max: int = 100
+    # Mail with no link joins a conversation by subject + a person in common only within this
+    # many hours of its messages (0 turns the subject fallback off).
+    subject_window_hours: float = 72.0
+    # A closed conversation quiet for longer than this many days is not reopened by new mail:
+    # the mail starts a new conversation linked to it (0: always reopen).
+    reopen_max_age_days: float = 30.0
     # The HMAC key of conversation tokens: the value, or a file holding it (made by make certs).
     thread_token_secret: str = ""
     thread_token_secret_file: Path = ROOT / "var/certs/thread-token.key"

@@ -6,14 +6,25 @@ import re
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from libs.common.events import Address, ConversationState, MessageSummary
 from services.threader.domain import tokens
-from services.threader.domain.threading import candidate_ids, decide
+from services.threader.domain.customers import is_broadcast
+from services.threader.domain.fallback import (
+    SubjectCandidate,
+    continues,
+    is_unlinked,
+    people,
+    subject_key,
+    subject_matches,
+)
+from services.threader.domain.keys import inbound_keys, outbound_keys
+from services.threader.domain.outlook import thread_index_key
+from services.threader.domain.threading import decide
 
 # The three text-search configurations every document and query goes through: 'simple' keeps
 # every word (names, codes, "acao" folded from "ação"), the other two add stems ("reembolsos" ->
@@ -63,6 +74,14 @@ class Placed:
     merged: list[str]
 
 
+@dataclass(frozen=True)
+class Rules:
+    """The tunable threading rules (from ThreaderSettings)."""
+
+    subject_window: timedelta = timedelta(hours=72)
+    reopen_max_age: timedelta = timedelta(days=30)  # zero: a closed conversation always reopens
+
+
 def _participants(current: list[dict[str, Any]], *addrs: Address) -> list[dict[str, Any]]:
     seen = {p["address"].lower() for p in current}
     out = list(current)
@@ -71,6 +90,59 @@ def _participants(current: list[dict[str, Any]], *addrs: Address) -> list[dict[s
             seen.add(a.address.lower())
             out.append({"name": a.name, "address": a.address})
     return out
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+async def _subject_candidates(
+    conn: asyncpg.Connection,
+    mailbox_id: str,
+    key: str,
+    date: datetime,
+    window: timedelta,
+    unlinked: bool,
+    marked: bool,
+    our_domain: str,
+    reopen_max_age: timedelta,
+) -> list[SubjectCandidate]:
+    """Messages with this subject key within the window that could pair with this one (a loose
+    one for a linked message, a marked one for an unmarked message), in conversations that
+    could take it: not closed for longer than the reopen age."""
+    rows = await conn.fetch(
+        """SELECT m.id_conversa, c.created_at, m.sender, m.to_addrs, m.cc_addrs, m.date, m.loose,
+                  m.marked, c.broadcast
+           FROM messages m JOIN conversations c USING (id_conversa)
+           WHERE m.mailbox_id = $1 AND m.subject_key = $2 AND m.subject_key <> ''
+             AND m.date BETWEEN $3::timestamptz - $4::interval AND $3::timestamptz + $4::interval
+             AND (m.loose OR $5) AND (m.marked OR $6)
+             AND NOT (c.status = 'closed' AND $7::interval > '0'::interval
+                      AND clock_timestamp() - c.last_message_at > $7::interval)
+           ORDER BY m.date DESC LIMIT 500""",
+        mailbox_id,
+        key,
+        date,
+        window,
+        unlinked,
+        marked,
+        reopen_max_age,
+    )
+    return [
+        SubjectCandidate(
+            id_conversa=str(r["id_conversa"]),
+            created_at=r["created_at"],
+            participants=people(
+                (a["address"] for a in [r["sender"], *r["to_addrs"], *r["cc_addrs"]]), our_domain
+            ),
+            first_at=r["date"],
+            last_at=r["date"],
+            loose=r["loose"],
+            marked=r["marked"],
+            broadcast=r["broadcast"],
+        )
+        for r in rows
+    ]
 
 
 async def place_message(
@@ -94,55 +166,155 @@ async def place_message(
     flags: dict[str, Any],
     id_conversa: str | None = None,
     token_secret: bytes = b"",
+    our_domain: str = "",
+    thread_index: str | None = None,
+    thread_topic: str | None = None,
+    rules: Rules = Rules(),
 ) -> Placed | None:
     """Thread one message; None when this mailbox already has this Message-ID (a retry, a Bcc copy).
 
     Serialized per mailbox with an advisory lock so two replicas can't split one thread.
-    ``id_conversa`` forces the conversation (our own outbound messages know theirs).
+    ``id_conversa`` forces the conversation (our own outbound messages know theirs).  The rules,
+    in order: thread keys (``domain.keys``: JWZ ids, our ids scoped per customer, the Outlook
+    thread), the subject fallback (``domain.fallback``), our signed token, the subject number
+    from a participant; then a broadcast is only linked to, and a closed conversation older than
+    the reopen age hands its thread to a new conversation linked to it.
     """
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('thread:' || $1))", mailbox_id)
     if await conn.fetchval(
         "SELECT 1 FROM messages WHERE mailbox_id = $1 AND message_id = $2", mailbox_id, message_id
     ):
         return None
-    keys = candidate_ids(message_id, in_reply_to, references)
+    our_domain = our_domain.lower()
+    inbound = direction == "in"
+    broadcast = False
+    ours: list[str] = []
+    if inbound:
+        found = inbound_keys(
+            message_id,
+            in_reply_to,
+            references,
+            sender=sender.address,
+            our_domain=our_domain,
+            thread_index=thread_index,
+        )
+        keys, ours = found.join, found.ours
+    else:
+        if id_conversa is not None:
+            has_inbound = bool(
+                await conn.fetchval(
+                    "SELECT 1 FROM messages WHERE id_conversa = $1::uuid AND direction = 'in'",
+                    id_conversa,
+                )
+            )
+            broadcast = is_broadcast([a.address for a in to], our_domain, has_inbound)
+        keys = outbound_keys(
+            message_id,
+            in_reply_to,
+            references,
+            recipients=[a.address for a in [*to, *cc]],
+            our_domain=our_domain,
+            broadcast=broadcast,
+        )
     rows = await conn.fetch(
-        """SELECT k.message_id, c.id_conversa, c.created_at
+        """SELECT k.message_id, c.id_conversa, c.created_at,
+                  c.status = 'closed' AND $3::interval > '0'::interval
+                  AND clock_timestamp() - c.last_message_at > $3::interval AS stale
            FROM thread_keys k JOIN conversations c USING (id_conversa)
            WHERE k.mailbox_id = $1 AND k.message_id = ANY($2::text[])""",
         mailbox_id,
-        keys,
+        [*keys, *ours],
+        rules.reopen_max_age,
     )
-    owners = {r["message_id"]: (str(r["id_conversa"]), r["created_at"]) for r in rows}
-    decision = decide(message_id, in_reply_to, references, owners)
-    target = id_conversa or decision.id_conversa
-    if target is None and direction == "in" and token_secret:
+    found_owners = {r["message_id"]: (str(r["id_conversa"]), r["created_at"]) for r in rows}
+    stale_known = {str(r["id_conversa"]): bool(r["stale"]) for r in rows}
+    owners = {k: v for k, v in found_owners.items() if k in keys}
+    decision = decide(message_id, in_reply_to, references, owners, keys=keys)
+    chosen = {decision.id_conversa, *decision.merge}
+    created = {c: at for c, at in owners.values() if c in chosen}
+    ti_key = thread_index_key(thread_index)
+    unlinked = inbound and is_unlinked(message_id, in_reply_to, references, ti_key)
+    skey = subject_key(subject, thread_topic)
+    marked = continues(subject, thread_topic)
+    if inbound and skey and rules.subject_window > timedelta(0):
+        cands = await _subject_candidates(
+            conn,
+            mailbox_id,
+            skey,
+            date,
+            rules.subject_window,
+            unlinked,
+            marked,
+            our_domain,
+            rules.reopen_max_age,
+        )
+        who = people([a.address for a in [sender, *to, *cc]], our_domain)
+        hits = set(subject_matches(skey, unlinked, who, date, cands, rules.subject_window, marked))
+        created.update({c.id_conversa: c.created_at for c in cands if c.id_conversa in hits})
+    ranked = sorted(created, key=lambda c: (created[c], c))
+    target = id_conversa or (ranked[0] if ranked else None)
+    linked_to: str | None = None
+    if target is None and inbound and token_secret:
         target = await _named_conversation(
             conn, mailbox_id, sender, [*to, *cc], [*in_reply_to, *references], subject, token_secret
         )
+        if target is not None and await conn.fetchval(
+            "SELECT broadcast FROM conversations WHERE id_conversa = $1::uuid", target
+        ):
+            target, linked_to = (
+                None,
+                target,
+            )  # an answer to a broadcast is a conversation of its own
+    if target is None and ours:
+        linked = sorted({found_owners[k] for k in ours if k in found_owners}, key=lambda o: o[1])
+        if linked:
+            linked_to = await _survivor(conn, uuid.UUID(linked[0][0]))
     # A forced conversation (our own outbound mail) absorbs whatever the links also point at.
-    linked = [decision.id_conversa, *decision.merge] if id_conversa else decision.merge
-    merged = [m for m in dict.fromkeys(linked) if m and m != target]
+    merged = [m for m in ranked if m != target]
+    stale: uuid.UUID | None = None
+    if target is not None and inbound and id_conversa is None and rules.reopen_max_age:
+        # Closed and quiet past the reopen age: known from the key lookup, else asked.
+        is_stale = stale_known.get(target)
+        if is_stale is None:
+            is_stale = bool(
+                await conn.fetchval(
+                    """SELECT status = 'closed' AND clock_timestamp() - last_message_at > $2
+                       FROM conversations WHERE id_conversa = $1""",
+                    uuid.UUID(target),
+                    rules.reopen_max_age,
+                )
+            )
+        if is_stale:
+            stale, linked_to, target = uuid.UUID(target), target, None
     if target is None:
         target = str(uuid.uuid4())
         await conn.execute(
             """INSERT INTO conversations (id_conversa, mailbox_id, channel, subject, created_at,
-                                          last_message_at)
-               VALUES ($1, $2, $3, $4, clock_timestamp(), $5)""",
+                                          last_message_at, linked_to)
+               VALUES ($1, $2, $3, $4, clock_timestamp(), $5, $6)""",
             uuid.UUID(target),
             mailbox_id,
             channel,
             subject,
             date,
+            uuid.UUID(linked_to) if linked_to else None,
         )
-    for old in merged:
-        await _merge(conn, uuid.UUID(old), uuid.UUID(target))
+        if stale is not None:
+            # The old thread goes on here: later mail naming its messages lands in this one.
+            await conn.execute(
+                "UPDATE thread_keys SET id_conversa = $2 WHERE id_conversa = $1",
+                stale,
+                uuid.UUID(target),
+            )
+    for old_id in merged:
+        await _merge(conn, uuid.UUID(old_id), uuid.UUID(target))
     msg_uuid = uuid.uuid4()
     message = await conn.fetchrow(
         """INSERT INTO messages (id, id_conversa, mailbox_id, channel, message_id, direction, sender,
                                  to_addrs, cc_addrs, subject, date, text_body, html_body,
-                                 attachments, status, in_reply_to, refs, flags)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)
+                                 attachments, status, in_reply_to, refs, flags, subject_key,
+                                 loose, marked)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)
            RETURNING *""",
         msg_uuid,
         uuid.UUID(target),
@@ -162,39 +334,46 @@ async def place_message(
         in_reply_to,
         references,
         flags,
+        skey,
+        unlinked,
+        marked,
     )
     await conn.executemany(
         """INSERT INTO thread_keys (mailbox_id, message_id, id_conversa) VALUES ($1, $2, $3)
            ON CONFLICT (mailbox_id, message_id) DO NOTHING""",
         [(mailbox_id, k, uuid.UUID(target)) for k in keys],
     )
-    current = await conn.fetchrow(
-        "SELECT participants FROM conversations WHERE id_conversa = $1", uuid.UUID(target)
-    )
-    participants = _participants(current["participants"], sender, *to, *cc)
+    # The message's people, deduplicated; those the conversation lacks (by address, without
+    # case) are appended in SQL, and the activity row is written by the same statement.
+    people_in = _participants([], sender, *to, *cc)
     doc = search_document(subject, [sender, *to, *cc], text, html)
     conversation = await conn.fetchrow(
-        f"""UPDATE conversations SET
+        f"""WITH u AS (UPDATE conversations SET
                last_message_at = GREATEST(last_message_at, $2),
                search = CASE WHEN octet_length(search::text) < {_VECTOR_FULL}
                              THEN search || {_TSV.format("$5::text")} ELSE search END,
                activity_seq = nextval('activity_seq'),
                last_inbound_at = CASE WHEN $3 = 'in' THEN clock_timestamp() ELSE last_inbound_at END,
                message_count = (SELECT count(*) FROM messages WHERE id_conversa = $1),
-               participants = $4,
-               status = CASE WHEN $3 = 'in' AND status = 'closed' THEN 'open' ELSE status END
-           WHERE id_conversa = $1 RETURNING *""",
+               participants = participants || coalesce((
+                   SELECT jsonb_agg(n.value ORDER BY n.ord)
+                   FROM jsonb_array_elements($4::jsonb) WITH ORDINALITY AS n(value, ord)
+                   WHERE NOT EXISTS (
+                       SELECT 1 FROM jsonb_array_elements(conversations.participants) p
+                       WHERE lower(p ->> 'address') = lower(n.value ->> 'address'))),
+                   '[]'::jsonb),
+               status = CASE WHEN $3 = 'in' AND status = 'closed' THEN 'open' ELSE status END,
+               broadcast = broadcast OR $6
+           WHERE id_conversa = $1 RETURNING *),
+           a AS (INSERT INTO activity (seq, id_conversa, last_message_at)
+                 SELECT activity_seq, id_conversa, last_message_at FROM u)
+           SELECT * FROM u""",
         uuid.UUID(target),
         date,
         direction,
-        participants,
+        people_in,
         doc,
-    )
-    await conn.execute(
-        "INSERT INTO activity (seq, id_conversa, last_message_at) VALUES ($1, $2, $3)",
-        conversation["activity_seq"],
-        conversation["id_conversa"],
-        conversation["last_message_at"],
+        broadcast,
     )
     return Placed(conversation, message, merged)
 
@@ -374,6 +553,10 @@ async def list_conversations(
     if q:
         args.append(fold(q))
         conds.append(f"c.search @@ {_TSQ.format(f'${len(args)}::text')}")
+        if getattr(conn, "is_in_transaction", lambda: False)():
+            # A generic plan cannot know how common the words are: a rare word wants the GIN
+            # index, a common one the ordered walk that stops after a page.  Plan per query.
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     where = " AND ".join(conds)
     before_now = before_then = "TRUE"
     if after:
@@ -381,10 +564,15 @@ async def list_conversations(
         a, b = len(args) - 1, len(args)
         before_now = f"(c.last_message_at, c.id_conversa) < (${a}, ${b})"
         before_then = f"(h.last_message_at, c.id_conversa) < (${a}, ${b})"
+    # One ordered index walk per mailbox (``mailbox_id = ANY(...)`` cannot use the index order,
+    # so it would sort every conversation of the mailboxes), merged by the outer sort.
+    each = where.replace("c.mailbox_id = ANY($1::text[])", "c.mailbox_id = mb.id")
     sql = f"""WITH pos AS (
-                (SELECT c.id_conversa, c.last_message_at AS walk_key FROM conversations c
-                 WHERE {where} AND c.activity_seq <= $4 AND {before_now}
-                 ORDER BY c.last_message_at DESC, c.id_conversa DESC LIMIT $3)
+                (SELECT x.id_conversa, x.walk_key FROM unnest($1::text[]) AS mb(id)
+                 CROSS JOIN LATERAL (
+                     SELECT c.id_conversa, c.last_message_at AS walk_key FROM conversations c
+                     WHERE {each} AND c.activity_seq <= $4 AND {before_now}
+                     ORDER BY c.last_message_at DESC, c.id_conversa DESC LIMIT $3) x)
                 UNION ALL
                 (SELECT c.id_conversa, h.last_message_at FROM conversations c
                  CROSS JOIN LATERAL (SELECT a.last_message_at FROM activity a
@@ -454,10 +642,25 @@ async def is_unread(pool: asyncpg.Pool, user_id: str, id_conversa: uuid.UUID) ->
     )
 
 
-async def mark_read(pool: asyncpg.Pool, user_id: str, id_conversa: uuid.UUID) -> None:
-    await pool.execute(
+async def mark_read(
+    conn: asyncpg.Connection | asyncpg.Pool, user_id: str, id_conversa: uuid.UUID
+) -> datetime:
+    read_at: datetime = await conn.fetchval(
         """INSERT INTO reads (user_id, id_conversa, read_at) VALUES ($1, $2, now())
-           ON CONFLICT (user_id, id_conversa) DO UPDATE SET read_at = now()""",
+           ON CONFLICT (user_id, id_conversa) DO UPDATE SET read_at = now()
+           RETURNING read_at""",
         user_id,
         id_conversa,
     )
+    return read_at
+
+
+async def mark_message_failed(conn: asyncpg.Connection, mailbox_id: str, message_id: str) -> bool:
+    """Our sent message bounced: its status in the conversation becomes ``failed``."""
+    done: str = await conn.execute(
+        """UPDATE messages SET status = 'failed'
+           WHERE mailbox_id = $1 AND message_id = $2 AND direction = 'out'""",
+        mailbox_id,
+        message_id,
+    )
+    return done != "UPDATE 0"

@@ -82,6 +82,10 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 status=None,
                 flags=mail.flags.model_dump(),
                 token_secret=svc.token_secret,
+                our_domain=mail.mailbox_address.rpartition("@")[2],
+                thread_index=mail.thread_index,
+                thread_topic=mail.thread_topic,
+                rules=svc.rules,
             )
             if placed is not None:
                 await _announce(conn, env, placed, svc.token_secret)
@@ -89,6 +93,12 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
 
     async def on_mail_status(env: Envelope, entry_id: str) -> None:
         st = env.payload_as(MailStatus)
+        if st.status == "failed" and st.message is not None:
+            # A bounce (a DSN after our 250 from the relay): the sent message shows as failed.
+            async with svc.pool.acquire() as conn, conn.transaction():
+                if await inbox.first_time(conn, CONSUMER, env.id):
+                    await storage.mark_message_failed(conn, st.mailbox_id, st.message.message_id)
+            return
         if st.status != "sent" or st.message is None:
             return
         m = st.message
@@ -119,6 +129,8 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 status="sent",
                 flags={},
                 id_conversa=st.id_conversa,
+                our_domain=m.from_.address.rpartition("@")[2],
+                rules=svc.rules,
             )
             if placed is not None:
                 await _announce(conn, env, placed, svc.token_secret)

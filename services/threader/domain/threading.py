@@ -25,6 +25,7 @@ __all__ = [
     "MemoryThreader",
     "candidate_ids",
     "decide",
+    "has_reply_marker",
     "normalize_msgid",
     "normalize_subject",
 ]
@@ -168,6 +169,7 @@ def decide(
     in_reply_to: Iterable[str] | None,
     references: Iterable[str] | None,
     owners: Mapping[str, tuple[str, datetime]],
+    keys: Iterable[str] | None = None,
 ) -> Decision:
     """Pick the conversation for a new message from the owners of its candidate ids.
 
@@ -177,11 +179,12 @@ def decide(
     conversation ids stay stable; every other owner is listed in ``merge``.
     A duplicate Message-ID is just an owned own-id, so it joins the first copy's
     conversation.  Use timezone-aware datetimes consistently (naive and aware
-    values cannot be compared).
+    values cannot be compared).  ``keys`` replaces the candidate ids when the caller derived
+    its own (customer-scoped ids, the Outlook thread: see ``domain.keys``).
     """
     irt = _as_list(in_reply_to)
     refs = _as_list(references)
-    keys = candidate_ids(message_id, irt, refs)
+    keys = list(keys) if keys is not None else candidate_ids(message_id, irt, refs)
     created: dict[str, datetime] = {}
     for key in keys:
         owner = owners.get(key)
@@ -394,3 +397,18 @@ def normalize_subject(subject: str | None) -> str:
             break
         s = t
     return _WS.sub(" ", s).strip()
+
+
+def has_reply_marker(subject: str | None) -> bool:
+    """True when the subject says it continues something: a reply or forward prefix (after any
+    leading ``[list]`` tags), a trailing ``(fwd)`` or a ``[fwd: ...]`` wrapper."""
+    if not subject:
+        return False
+    s = _WS.sub(" ", _decode_words(subject)).strip().casefold()
+    while True:
+        if _PREFIX_RE.match(s) or _FWD_WRAPPER_RE.match(s) or _TRAILER_RE.search(s):
+            return True
+        b = _BLOB_RE.match(s)
+        if not b:
+            return False
+        s = s[b.end() :].lstrip()

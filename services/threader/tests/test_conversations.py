@@ -21,7 +21,14 @@ from joserfc.jwk import OKPKey
 
 from libs.common import db, testing
 from libs.common.bus import Bus
-from libs.common.events import Address, Envelope, JwksPublished, MailReceived
+from libs.common.events import (
+    Address,
+    Envelope,
+    JwksPublished,
+    MailReceived,
+    MailStatus,
+    SentMessage,
+)
 from services.threader import storage
 from services.threader.service import ThreaderService
 from services.threader.settings import ThreaderSettings
@@ -386,8 +393,9 @@ async def test_an_answer_that_lost_its_references_finds_its_conversation_by_toke
         "Re: Broken tablet", to=[Address(address=f"support+{token}@chatflow.test")]
     )
     assert await env.conv_of(by_reply_to) == cid
+    # (another subject: the same one from the same customer would join by the subject fallback)
     forged = await env.mail(
-        "Re: Broken tablet", to=[Address(address=f"support+{number}-aaaaaaaaaa@chatflow.test")]
+        "Screen cracked", to=[Address(address=f"support+{number}-aaaaaaaaaa@chatflow.test")]
     )
     assert await env.conv_of(forged) != cid
 
@@ -397,3 +405,58 @@ async def test_an_answer_that_lost_its_references_finds_its_conversation_by_toke
     stranger = Address(name="Eve", address="eve@elsewhere.test")
     from_stranger = await env.mail(f"Question [#{number}]", sender=stranger)
     assert await env.conv_of(from_stranger) != cid
+
+
+# ---- reads and bounces --------------------------------------------------------------------------
+
+
+async def test_mark_read_announces_conversation_read(env: Env) -> None:
+    cid = await env.conv_of(await env.mail("Where is my order"))
+    r = await env.client.post(f"/api/conversations/{cid}/read", headers=env.token("agent-9"))
+    assert r.status_code == 204, r.text
+    rows = await env.svc.pool.fetch(
+        "SELECT envelope FROM outbox WHERE stream_type = 'conversation.read' ORDER BY id"
+    )
+    mine = [
+        json.loads(r["envelope"])["payload"]
+        for r in rows
+        if json.loads(r["envelope"])["payload"]["id_conversa"] == cid
+    ]
+    assert len(mine) == 1
+    assert mine[0]["user_id"] == "agent-9" and mine[0]["mailbox_id"] == env.mailbox
+
+
+async def test_a_bounce_marks_our_sent_message_failed(env: Env) -> None:
+    cid = await env.conv_of(await env.mail("Refund"))
+    _, on_status = handlers(env.svc)
+    our_id = f"<{uuid.uuid4().hex}.tok@chatflow.test>"
+    sent = SentMessage.model_validate(
+        {
+            "message_id": our_id,
+            "from": Address(name="Support", address="support@chatflow.test"),
+            "to": [Address(address="ana@customer.test")],
+            "subject": "Re: Refund",
+            "date": datetime.now(UTC),
+            "text": "done",
+        }
+    )
+
+    def status(value: str) -> Envelope:
+        st = MailStatus(
+            send_id=uuid.uuid4().hex,
+            id_conversa=cid,
+            mailbox_id=env.mailbox,
+            status=value,  # type: ignore[arg-type]
+            message=sent,
+        )
+        return Envelope.of(st, producer="sender")
+
+    await on_status(status("sent"), "0-1")
+    stored = "SELECT status FROM messages WHERE message_id = $1"
+    assert await env.svc.pool.fetchval(stored, our_id) == "sent"
+    failed = status("failed")
+    await on_status(failed, "0-2")
+    await on_status(failed, "0-2")  # redelivered: the same effect
+    assert await env.svc.pool.fetchval(stored, our_id) == "failed"
+    detail = await env.client.get(f"/api/conversations/{cid}", headers=env.token())
+    assert [m["status"] for m in detail.json()["messages"] if m["direction"] == "out"] == ["failed"]
