@@ -101,6 +101,8 @@ class Stack:
             CHATFLOW_GATEWAY_AUTH_URL=f"https://127.0.0.1:{p.auth}",
             CHATFLOW_GATEWAY_INGEST_URL=f"https://127.0.0.1:{p.ingest}",
             CHATFLOW_GATEWAY_THREADER_URL=f"https://127.0.0.1:{p.threader}",
+            CHATFLOW_GATEWAY_SENDER_URL=f"https://127.0.0.1:{p.sender}",
+            CHATFLOW_GATEWAY_NOTIFIER_URL=f"https://127.0.0.1:{p.notifier}",
             CHATFLOW_GATEWAY_NOTIFIER_WS_URL=f"wss://127.0.0.1:{p.notifier_ws}/ws",
             CHATFLOW_AUTH_HTTP_PORT=str(p.auth),
             CHATFLOW_AUTH_WEB_REDIRECT_URI=f"{self.origin}/callback",

@@ -201,6 +201,10 @@ def service_apps() -> dict[str, FastAPI]:
     from services.auth.settings import AuthSettings
     from services.ingest.service import IngestService
     from services.ingest.settings import IngestSettings
+    from services.notifier.service import NotifierService
+    from services.notifier.settings import NotifierSettings
+    from services.sender.service import SenderService
+    from services.sender.settings import SenderSettings
     from services.threader.service import ThreaderService
     from services.threader.settings import ThreaderSettings
 
@@ -208,11 +212,13 @@ def service_apps() -> dict[str, FastAPI]:
         routing.AUTH: AuthService(AuthSettings.load()).build_app(),
         routing.THREADER: ThreaderService(ThreaderSettings.load()).build_app(),
         routing.INGEST: IngestService(IngestSettings.load()).build_app(),
+        routing.SENDER: SenderService(SenderSettings.load()).build_app(),
+        routing.NOTIFIER: NotifierService(NotifierSettings.load()).build_app(),
     }
 
 
-def _public(path: str, upstream: str) -> bool:
-    target = routing.resolve(path)
+def _public(path: str, upstream: str, method: str = "get") -> bool:
+    target = routing.resolve(path, method)
     return target is not None and target.upstream == upstream
 
 
@@ -244,11 +250,12 @@ def build() -> dict[str, Any]:
     for upstream, app in service_apps().items():
         doc = app.openapi()
         for path, item in doc.get("paths", {}).items():
-            if not _public(path, upstream):
-                continue
-            if path in paths:
-                raise SystemExit(f"{path} is defined by two services")
-            paths[path] = copy.deepcopy(item)
+            for method, op in item.items():
+                if not _public(path, upstream, method):
+                    continue
+                if method in paths.get(path, {}):
+                    raise SystemExit(f"{method.upper()} {path} is defined by two services")
+                paths.setdefault(path, {})[method] = copy.deepcopy(op)
         for name, schema in doc.get("components", {}).get("schemas", {}).items():
             if name in schemas and schemas[name] != schema:
                 raise SystemExit(f"schema {name} differs between services")

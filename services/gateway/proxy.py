@@ -132,7 +132,7 @@ class Proxy:
             await send({"type": "websocket.close", "code": 1008})
             return
         path: str = scope["path"]
-        target = resolve(path)
+        target = resolve(path, scope["method"])
         if target is None:
             await send_json(send, 404, "not found")
             return

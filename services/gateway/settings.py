@@ -23,6 +23,8 @@ class GatewaySettings(ServiceSettings):
     auth_url: str = field("https://127.0.0.1:8102", "auth service base URL")
     ingest_url: str = field("https://127.0.0.1:8103", "ingest service base URL")
     threader_url: str = field("https://127.0.0.1:8104", "threader service base URL")
+    sender_url: str = field("https://127.0.0.1:8105", "sender service base URL (uploads)")
+    notifier_url: str = field("https://127.0.0.1:8106", "notifier HTTP base URL (Web Push API)")
     notifier_ws_url: str = field("wss://127.0.0.1:8116/ws", "notifier WebSocket URL")
 
     allowed_origins: list[str] = field(
@@ -69,7 +71,7 @@ class GatewaySettings(ServiceSettings):
         """Origins compare as exact strings, so a trailing slash would never match."""
         return [o.rstrip("/") for o in v]
 
-    @field_validator("auth_url", "ingest_url", "threader_url")
+    @field_validator("auth_url", "ingest_url", "threader_url", "sender_url", "notifier_url")
     @classmethod
     def _https(cls, v: str) -> str:
         """Upstream traffic carries bearer tokens: TLS only."""

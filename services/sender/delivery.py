@@ -17,6 +17,10 @@ Stages (one row of ``sends`` each, state in brackets):
    [failed]. A partly refused recipient list is sent to the accepted ones; the refusals go into
    the ``sent`` detail (``mail.status`` has one status per send, not per recipient).
 
+The writes of steps 4 and 5 (and the unlock after 5) are group-committed with those of the other
+attempts in flight (``groupcommit.py``): each attempt still waits for its own commit before it
+writes the ``.`` or lets its lock go, so nothing below changes.
+
 Ownership without timeouts: a process holds a PostgreSQL *session* advisory lock on every send
 it has in [sending], taken by the claim statement itself on one dedicated connection. When the
 process dies -- SIGKILL, OOM, power -- its session ends and the locks go with it, so "sending and
@@ -36,7 +40,7 @@ Exactly once across crashes -- the policy for an orphaned row of attempt ``n``:
   a message before answering the ``.``, so we take it as accepted. The row becomes [sent] with
   detail "relay accepted before crash (unconfirmed)" and the ``sent`` event (so the conversation
   shows it); it is never resent. The rare wrong guess (the relay refused it at end of data, or
-  the ``.`` never left our process in the microseconds between the mark and the write) loses
+  the ``.`` never left our process in the instant between the mark and the write) loses
   that message *visibly*: the agent sees "unconfirmed". ``unconfirmed_policy = "resend"`` turns
   this around for relays or receivers that deduplicate by Message-ID: the same bytes, with the
   same Message-ID, go again (at least once instead of at most once).
@@ -72,6 +76,7 @@ from libs.common import db
 from libs.common.events import MailSend
 from services.sender import storage, workers
 from services.sender.domain.render import Job, Refusal, Rendered, render
+from services.sender.groupcommit import GroupCommit
 from services.sender.relay import Accepted, LostAfterDot, Rejected, RelayPool, SessionError, TooBig
 from services.sender.signing import Signer, load_keys
 
@@ -153,6 +158,13 @@ class Delivery:
             max_messages_per_connection=s.relay_max_messages_per_connection,
         )
         self.locks = Locks(svc)
+        # Group commit of the per-attempt writes (see groupcommit.py); the order each attempt
+        # sees is unchanged: its mark commits before its '.', its outcome before its unlock.
+        self._dots: GroupCommit[tuple[uuid.UUID, int], bool] = GroupCommit("dots", self._write_dots)
+        self._outcomes: GroupCommit[storage.Outcome, Any] = GroupCommit(
+            "outcomes", self._write_outcomes
+        )
+        self._unlocks: GroupCommit[uuid.UUID, None] = GroupCommit("unlocks", self._write_unlocks)
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: dict[uuid.UUID, asyncio.Task[None]] = {}
@@ -228,7 +240,7 @@ class Delivery:
             for row in rows:
                 cmd = cmds[row["send_id"]]
                 box, thread = boxes.get(cmd.mailbox_id), threads.get(cmd.id_conversa, [])
-                missing = box is None or not thread
+                missing = box is None or (not thread and cmd.conversation is None)
                 if missing and now < row["created_at"] + wait:
                     await storage.postpone(conn, row["send_id"], row["created_at"] + wait)
                     continue
@@ -296,7 +308,7 @@ class Delivery:
         send_id, n = row["send_id"], row["attempts"]
 
         async def before_dot() -> None:
-            if not await storage.mark_dot(self.svc.pool, send_id, n):
+            if not await self._dots.submit((send_id, n)):
                 raise LostOwnership(f"attempt {n} is no longer current")
 
         state, outcome = "deferred", "deferred"
@@ -336,9 +348,23 @@ class Delivery:
 
     async def _unlock(self, send_id: uuid.UUID) -> None:
         try:
-            await self.locks.run(storage.unlock, [send_id])
+            await self._unlocks.submit(send_id)
         except Exception:
             log.exception("unlock failed", extra={"send_id": str(send_id)})
+
+    async def _write_dots(self, items: list[tuple[uuid.UUID, int]]) -> list[bool]:
+        marked = await storage.mark_dots(self.svc.pool, items)
+        return [item in marked for item in items]
+
+    async def _write_outcomes(self, items: list[storage.Outcome]) -> list[Any]:
+        async with self.svc.pool.acquire() as conn, conn.transaction():
+            done = await storage.finish_many(conn, items)
+        self.svc.relay.wake()
+        return [done.get((item[0], item[1])) for item in items]
+
+    async def _write_unlocks(self, send_ids: list[uuid.UUID]) -> list[None]:
+        await self.locks.run(storage.unlock, send_ids)
+        return [None] * len(send_ids)
 
     async def finish(self, row: Any, state: str, detail: str, outcome: str) -> None:
         s = self.svc.settings
@@ -356,17 +382,15 @@ class Delivery:
             else:
                 wait = backoff(row["attempts"], s.retry_base_s, s.retry_max_s)
                 next_at = min(now + timedelta(seconds=wait), deadline)
-        async with self.svc.pool.acquire() as conn, conn.transaction():
-            done = await storage.finish(
-                conn, row["send_id"], row["attempts"], state, detail, outcome, next_at
-            )
+        done = await self._outcomes.submit(
+            (row["send_id"], row["attempts"], state, detail, outcome, next_at)
+        )
         if done is None:
             log.warning(
                 "outcome not recorded: attempt no longer current",
                 extra={"send_id": str(row["send_id"])},
             )
             return
-        self.svc.relay.wake()
         log.info(
             "delivery attempt",
             extra={"send_id": str(row["send_id"]), "attempt": row["attempts"], "state": state},

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
+
 from libs.common import tls
 from libs.common.service import Service
+from services.sender import bounces, storage
 from services.sender.delivery import Delivery
+from services.sender.http import router
 from services.sender.settings import SenderSettings
 from services.sender.stream import handlers
+
+log = logging.getLogger("chatflow.sender")
 
 
 class SenderService(Service):
@@ -27,8 +35,32 @@ class SenderService(Service):
         on_mailbox, on_added, on_send = handlers(self)
         self.consumer(["mailbox.changed"], on_mailbox, group="sender-mailboxes")
         self.consumer(["conversation.message_added"], on_added, group="sender-threads")
-        self.consumer(["mail.send"], on_send, group="sender")
+        for _ in range(self.settings.send_consumers):
+            self.consumer(["mail.send"], on_send, group="sender")
+        self.consumer(["mail.bounced"], bounces.handler(self), group=bounces.CONSUMER)
         self.background.append(self.delivery.run)
+        self.background.append(self.expire_uploads)
+
+    def build_app(self) -> FastAPI:
+        app = FastAPI(title="ChatFLOW sender")
+        app.include_router(router)
+        return app
+
+    async def expire_uploads(self) -> None:
+        """Uploads no send used within ``upload_orphan_ttl_s`` are deleted, now and then."""
+        s = self.settings
+        while not self.stop_event.is_set():
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    gone = await storage.expire_uploads(conn, s.upload_orphan_ttl_s)
+                if gone:
+                    log.info("expired unused uploads", extra={"count": gone})
+            except Exception:
+                log.exception("upload expiry failed; retrying later")
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), s.upload_expire_interval_s)
+            except TimeoutError:
+                pass
 
     async def before_stop(self) -> None:
         # Attempts in flight record their outcome before the outbox relay drains and stops.

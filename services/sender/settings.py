@@ -49,6 +49,9 @@ class SenderSettings(ServiceSettings):
         4 * 24 * 3600.0, "a message still undelivered this long after it was queued fails"
     )
     delivery_poll_ms: int = 500
+    send_consumers: int = field(
+        8, "readers of mail.send in this process: commands they hold at once commit together"
+    )
     delivery_concurrency: int = field(32, "sends in flight per process, over all relays")
     prepare_batch: int = field(20, "commands composed (and signed) per transaction")
     render_workers: int = field(
@@ -68,6 +71,13 @@ class SenderSettings(ServiceSettings):
     max_message_bytes: int = field(
         25 * 1024 * 1024, "composed size limit (attachments included); larger sends fail"
     )
+
+    # ---- agents' uploads (POST /api/attachments)
+    upload_max_bytes: int = field(10 * 1024 * 1024, "largest file an agent may upload (413 above)")
+    upload_orphan_ttl_s: float = field(
+        24 * 3600.0, "an upload no send has used this long after it was made is deleted"
+    )
+    upload_expire_interval_s: float = field(600.0, "how often unused uploads are looked for")
 
     # ---- DKIM
     dkim_keys_dir: Path | None = field(

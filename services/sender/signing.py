@@ -16,6 +16,7 @@ deterministic: both give the same signature bytes for the same input, which a te
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ _OVERSIGN = (
     b"reply-to", b"sender",
 )  # fmt: skip
 MIN_BITS = 1024
+# dkimpy parses the PEM key (in pure Python) on every sign() call; the key of a domain never
+# changes while we run, so the parse is done once per key. A pure function: same result.
+if not hasattr(dkim.parse_pem_private_key, "cache_info"):
+    dkim.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkim.parse_pem_private_key)
 
 
 class DkimKeyError(ValueError):

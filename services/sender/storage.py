@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -81,24 +82,33 @@ async def add_thread_message(conn: asyncpg.Connection, values: tuple[Any, ...]) 
 # ---- accepting commands ------------------------------------------------------------------------
 
 
-async def insert_send(
-    conn: asyncpg.Connection, send_id: uuid.UUID, cmd: MailSend, correlation_id: str
-) -> asyncpg.Record | None:
-    """The new queued send, or None when this send_id or (user_id, client_id) is already queued."""
-    row: asyncpg.Record | None = await conn.fetchrow(
+async def insert_sends(
+    conn: asyncpg.Connection, items: list[tuple[uuid.UUID, MailSend, str]]
+) -> dict[uuid.UUID, asyncpg.Record]:
+    """New queued sends for ``(send_id, command, correlation_id)``, in one statement; the new
+    rows by send_id (a send_id or a (user_id, client_id) already queued is left out)."""
+    if not items:
+        return {}
+    rows = await conn.fetch(
         f"""INSERT INTO sends (send_id, client_id, user_id, id_conversa, mailbox_id, state,
                                command, correlation_id)
-            VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7)
+            SELECT v.send_id, v.client_id, v.user_id, v.id_conversa, v.mailbox_id, 'queued',
+                   v.command, v.correlation_id
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                        $7::text[]) WITH ORDINALITY
+                 AS v(send_id, client_id, user_id, id_conversa, mailbox_id, command,
+                      correlation_id, n)
+            ORDER BY v.n
             ON CONFLICT DO NOTHING RETURNING {SEND_COLUMNS}""",
-        send_id,
-        cmd.client_id,
-        cmd.user_id,
-        cmd.id_conversa,
-        cmd.mailbox_id,
-        cmd.model_dump(mode="json"),
-        correlation_id,
+        [i[0] for i in items],
+        [i[1].client_id for i in items],
+        [i[1].user_id for i in items],
+        [i[1].id_conversa for i in items],
+        [i[1].mailbox_id for i in items],
+        [i[1].model_dump(mode="json") for i in items],
+        [i[2] for i in items],
     )
-    return row
+    return {r["send_id"]: r for r in rows}
 
 
 # ---- the prepare stage -------------------------------------------------------------------------
@@ -138,7 +148,13 @@ async def attachments(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str,
     wanted = list(set(ids))
     if not wanted:
         return {}
-    rows = await conn.fetch("SELECT * FROM attachments WHERE id = ANY($1::text[])", wanted)
+    rows = await conn.fetch(
+        """SELECT a.id, a.mailbox_id, a.mailboxes, a.filename, a.content_type, a.content_id,
+                  COALESCE(a.data, b.data) AS data
+           FROM attachments a LEFT JOIN blobs b ON b.sha256 = a.sha256
+           WHERE a.id = ANY($1::text[])""",
+        wanted,
+    )
     return {
         r["id"]: StoredAttachment(
             id=r["id"],
@@ -147,6 +163,7 @@ async def attachments(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str,
             content_type=r["content_type"],
             data=bytes(r["data"]),
             content_id=r["content_id"],
+            mailboxes=frozenset(r["mailboxes"]),
         )
         for r in rows
     }
@@ -229,17 +246,6 @@ async def unlock(conn: asyncpg.Connection, send_ids: list[uuid.UUID]) -> None:
     )
 
 
-async def mark_dot(conn: asyncpg.Connection, send_id: uuid.UUID, attempt: int) -> bool:
-    """Commit "the final '.' of this attempt is being sent"; False if the attempt is not ours."""
-    done = await conn.execute(
-        """UPDATE sends SET smtp_dot_at = clock_timestamp()
-           WHERE send_id = $1 AND state = 'sending' AND attempts = $2""",
-        send_id,
-        attempt,
-    )
-    return bool(done == "UPDATE 1")
-
-
 async def finish(
     conn: asyncpg.Connection,
     send_id: uuid.UUID,
@@ -289,3 +295,155 @@ async def orphan(conn: asyncpg.Connection, send_id: uuid.UUID) -> asyncpg.Record
         send_id,
     )
     return row
+
+
+# ---- agents' uploads ---------------------------------------------------------------------------
+
+
+async def put_upload(
+    conn: asyncpg.Connection,
+    *,
+    upload_id: str,
+    mailboxes: list[str],
+    user_id: str,
+    filename: str,
+    content_type: str,
+    data: bytes,
+) -> None:
+    """Store the bytes once by their sha256, and this upload's name, type and mailboxes."""
+    digest = hashlib.sha256(data).hexdigest()
+    await conn.execute(
+        # DO UPDATE locks an existing row, so a concurrent expiry cannot delete it under us.
+        """INSERT INTO blobs (sha256, size, data) VALUES ($1, $2, $3)
+           ON CONFLICT (sha256) DO UPDATE SET size = EXCLUDED.size""",
+        digest,
+        len(data),
+        data,
+    )
+    await conn.execute(
+        """INSERT INTO attachments (id, mailbox_id, mailboxes, user_id, filename, content_type,
+                                    sha256, size)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+        upload_id,
+        mailboxes[0],
+        mailboxes,
+        user_id,
+        filename,
+        content_type,
+        digest,
+        len(data),
+    )
+
+
+async def upload(pool: asyncpg.Pool, upload_id: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await pool.fetchrow(
+        """SELECT a.mailbox_id, a.mailboxes, a.filename, a.content_type,
+                  COALESCE(a.data, b.data) AS data
+           FROM attachments a LEFT JOIN blobs b ON b.sha256 = a.sha256 WHERE a.id = $1""",
+        upload_id,
+    )
+    return row
+
+
+async def mark_used(conn: asyncpg.Connection, ids: list[str], mailbox_id: str) -> None:
+    """A send of ``mailbox_id`` queued these files: no longer orphans the expiry may delete."""
+    if ids:
+        await conn.execute(
+            """UPDATE attachments SET used_at = now()
+               WHERE id = ANY($1::text[]) AND used_at IS NULL
+                 AND (mailbox_id = $2 OR $2 = ANY(mailboxes))""",
+            ids,
+            mailbox_id,
+        )
+
+
+async def expire_uploads(conn: asyncpg.Connection, older_than_s: float) -> int:
+    """Delete uploads no send used within ``older_than_s``, and bytes nothing refers to any more.
+
+    A send that queues a file concurrently updates ``used_at`` first (row lock), and the DELETE
+    re-checks ``used_at IS NULL`` on the row it waited for, so a used file is never deleted.
+    """
+    gone = await conn.fetch(
+        """DELETE FROM attachments
+           WHERE used_at IS NULL AND created_at < now() - make_interval(secs => $1)
+           RETURNING sha256""",
+        older_than_s,
+    )
+    digests = list({r["sha256"] for r in gone if r["sha256"]})
+    if digests:
+        await conn.execute(
+            """DELETE FROM blobs b WHERE b.sha256 = ANY($1::text[])
+                 AND NOT EXISTS (SELECT 1 FROM attachments a WHERE a.sha256 = b.sha256)""",
+            digests,
+        )
+    return len(gone)
+
+
+# ---- the same writes, for many attempts at once (services/sender/groupcommit.py) ---------------
+
+
+async def mark_dots(conn: Any, attempts: list[tuple[uuid.UUID, int]]) -> set[tuple[uuid.UUID, int]]:
+    """Commit "the final '.' of this attempt is being sent" for many attempts, in one statement
+    (atomic on its own); the (send_id, attempt) pairs marked, leaving out attempts no longer
+    current."""
+    rows = await conn.fetch(
+        """UPDATE sends s SET smtp_dot_at = clock_timestamp()
+           FROM unnest($1::uuid[], $2::int[]) AS v(send_id, attempt)
+           WHERE s.send_id = v.send_id AND s.state = 'sending' AND s.attempts = v.attempt
+           RETURNING s.send_id, s.attempts""",
+        [a[0] for a in attempts],
+        [a[1] for a in attempts],
+    )
+    return {(r["send_id"], r["attempts"]) for r in rows}
+
+
+Outcome = tuple[uuid.UUID, int, str, str, str, datetime | None]
+
+
+async def finish_many(
+    conn: asyncpg.Connection, outcomes: list[Outcome]
+) -> dict[tuple[uuid.UUID, int], asyncpg.Record]:
+    """:func:`finish` for many attempts ``(send_id, attempt, state, detail, outcome, next_at)``
+    in the caller's transaction; the rows whose attempt was still current, by (id, attempt)."""
+    cols = ", ".join("s." + c.strip() for c in SEND_COLUMNS.split(","))
+    rows = await conn.fetch(
+        f"""UPDATE sends s SET state = v.state, detail = v.detail, updated_at = now(),
+                next_attempt_at = COALESCE(v.next_at, s.next_attempt_at),
+                sent_at = CASE WHEN v.state = 'sent' THEN now() ELSE s.sent_at END
+            FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
+                 AS v(send_id, attempt, state, detail, next_at)
+            WHERE s.send_id = v.send_id AND s.state = 'sending' AND s.attempts = v.attempt
+            RETURNING {cols}""",
+        [o[0] for o in outcomes],
+        [o[1] for o in outcomes],
+        [o[2] for o in outcomes],
+        [o[3] for o in outcomes],
+        [o[5] for o in outcomes],
+    )
+    done = {(r["send_id"], r["attempts"]): r for r in rows}
+    mine = [o for o in outcomes if (o[0], o[1]) in done]
+    if not mine:
+        return done
+    await conn.execute(
+        """INSERT INTO attempts (send_id, attempt, started_at, dot_at, outcome, detail)
+           SELECT v.send_id, v.attempt, s.attempt_started_at, s.smtp_dot_at, v.outcome, v.detail
+           FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[])
+                AS v(send_id, attempt, outcome, detail)
+           JOIN sends s ON s.send_id = v.send_id
+           ON CONFLICT DO NOTHING""",
+        [o[0] for o in mine],
+        [o[1] for o in mine],
+        [o[4] for o in mine],
+        [o[3] for o in mine],
+    )
+    events = []
+    for o in mine:
+        row = done[(o[0], o[1])]
+        extra: dict[str, Any] = {}
+        if o[2] == "deferred":
+            extra["next_attempt_at"] = row["next_attempt_at"]
+        if o[2] == "sent":
+            extra["message"] = sent_message(row)
+        events.append(status_event(row, o[2], o[3], **extra))
+    await outbox.add(conn, *events)
+    return done

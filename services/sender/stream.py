@@ -1,7 +1,7 @@
 """Sender's stream handlers: keep our view of mailboxes and threads, queue ``mail.send`` commands.
 
-The ``mail.send`` handler only stores the command (one short transaction) and publishes
-``queued``: composing waits for the conversation and costs CPU, so it happens in the delivery
+The ``mail.send`` handler only stores the command (one short transaction, shared with the
+commands other readers of the stream hand in at the same time) and publishes ``queued``: composing waits for the conversation and costs CPU, so it happens in the delivery
 queue's prepare stage, and one slow or early command never holds up the ones behind it.
 """
 
@@ -21,6 +21,7 @@ from libs.common.events import (
     MailStatus,
 )
 from services.sender import storage
+from services.sender.groupcommit import GroupCommit
 
 if TYPE_CHECKING:
     from services.sender.service import SenderService
@@ -64,39 +65,54 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
             )
         svc.delivery.wake()
 
-    async def on_send(env: Envelope, entry_id: str) -> None:
-        cmd = env.payload_as(MailSend)
-        try:
-            send_id = uuid.UUID(cmd.send_id)
-        except ValueError:
-            send_id = None
+    async def accept_many(items: list[tuple[Envelope, MailSend]]) -> list[None]:
+        """Store a group of commands and their ``queued`` events in one transaction."""
+        events: list[Envelope] = []
         async with svc.pool.acquire() as conn, conn.transaction():
-            if not await inbox.first_time(conn, CONSUMER, env.id):
-                return
-            if send_id is None:
-                # Nothing to queue under that id, but the sender of the command hears why.
-                failed = MailStatus(
-                    send_id=cmd.send_id,
-                    client_id=cmd.client_id,
-                    id_conversa=cmd.id_conversa,
-                    mailbox_id=cmd.mailbox_id,
-                    user_id=cmd.user_id,
-                    status="failed",
-                    detail=f"send_id {cmd.send_id!r} is not a UUID",
-                )
-                await outbox.add(
-                    conn, Envelope.of(failed, producer="sender", correlation_id=env.correlation_id)
-                )
-            else:
-                row = await storage.insert_send(conn, send_id, cmd, env.correlation_id)
+            fresh: list[tuple[Envelope, MailSend, uuid.UUID]] = []
+            for env, cmd in items:
+                if not await inbox.first_time(conn, CONSUMER, env.id):
+                    continue
+                try:
+                    fresh.append((env, cmd, uuid.UUID(cmd.send_id)))
+                except ValueError:
+                    # Nothing to queue under that id, but the sender of the command hears why.
+                    failed = MailStatus(
+                        send_id=cmd.send_id,
+                        client_id=cmd.client_id,
+                        id_conversa=cmd.id_conversa,
+                        mailbox_id=cmd.mailbox_id,
+                        user_id=cmd.user_id,
+                        status="failed",
+                        detail=f"send_id {cmd.send_id!r} is not a UUID",
+                    )
+                    events.append(
+                        Envelope.of(failed, producer="sender", correlation_id=env.correlation_id)
+                    )
+            rows = await storage.insert_sends(
+                conn, [(send_id, cmd, env.correlation_id) for env, cmd, send_id in fresh]
+            )
+            for _env, cmd, send_id in fresh:
+                row = rows.pop(send_id, None)  # a send_id twice in this group is queued once
                 if row is None:
                     log.info(
                         "duplicate mail.send ignored",
                         extra={"send_id": cmd.send_id, "client_id": cmd.client_id},
                     )
-                    return
-                await outbox.add(conn, storage.status_event(row, "queued", "queued"))
+                    continue
+                await storage.mark_used(conn, list(cmd.attachments), cmd.mailbox_id)
+                events.append(storage.status_event(row, "queued", "queued"))
+            if events:
+                await outbox.add(conn, *events)
         svc.relay.wake()
         svc.delivery.wake()
+        return [None] * len(items)
+
+    # Several readers of mail.send (send_consumers) hand their commands here at once; what
+    # arrives while one group is being committed goes in the next (see groupcommit.py).
+    accept: GroupCommit[tuple[Envelope, MailSend], None] = GroupCommit("accept", accept_many)
+
+    async def on_send(env: Envelope, entry_id: str) -> None:
+        await accept.submit((env, env.payload_as(MailSend)))
 
     return on_mailbox, on_message_added, on_send

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AUTH, INGEST, THREADER = "auth", "ingest", "threader"
+AUTH, INGEST, THREADER, SENDER = "auth", "ingest", "threader", "sender"
+NOTIFIER = "notifier"  # its HTTP API: Web Push subscriptions
+# Agents' uploads live in the sender (their mail attaches them) under ids with this prefix;
+# every other attachment id is an inbound one, kept by ingest.
+UPLOAD_PREFIX = "up_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,9 +24,13 @@ class Target:
 _API: tuple[tuple[str, str], ...] = (
     ("/api/me", AUTH),
     ("/api/mailboxes", AUTH),
+    # More specific prefixes first: the quarantine is ingest's, the rest of /api/admin is auth's.
+    ("/api/admin/quarantine", INGEST),
     ("/api/admin", AUTH),
+    ("/api/messages", INGEST),
     ("/api/conversations", THREADER),
     ("/api/attachments", INGEST),
+    ("/api/push", NOTIFIER),
 )
 _OPEN: tuple[tuple[str, str], ...] = (("/oauth", AUTH), ("/.well-known", AUTH))
 _UNKNOWN_API = Target(None, True)
@@ -33,9 +41,19 @@ def under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
-def resolve(path: str) -> Target | None:
-    """The target of ``path``; None when the gateway does not proxy it at all."""
+def _attachments(path: str, method: str) -> str:
+    """``POST /api/attachments`` (an upload) and ``/api/attachments/up_…`` go to the sender."""
+    if path == "/api/attachments":
+        return SENDER if method == "POST" else INGEST
+    first = path[len("/api/attachments/") :].split("/", 1)[0]
+    return SENDER if first.startswith(UPLOAD_PREFIX) else INGEST
+
+
+def resolve(path: str, method: str = "GET") -> Target | None:
+    """The target of ``method path``; None when the gateway does not proxy it at all."""
     if under(path, "/api"):
+        if under(path, "/api/attachments"):
+            return Target(_attachments(path, method.upper()), True)
         for prefix, upstream in _API:
             if under(path, prefix):
                 return Target(upstream, True)

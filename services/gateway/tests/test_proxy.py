@@ -137,6 +137,8 @@ async def test_insane_request_id_is_replaced(client: httpx.AsyncClient, good_tok
         ("PATCH", "/api/admin/users/u1", "auth", True),
         ("GET", "/api/conversations", "threader", True),
         ("GET", "/api/attachments/a1", "ingest", True),
+        ("POST", "/api/attachments", "sender", True),
+        ("GET", "/api/attachments/up_0123456789abcdef0123456789abcdef", "sender", True),
         ("GET", "/.well-known/jwks.json", "auth", False),
         ("POST", "/oauth/token", "auth", False),
         ("GET", "/oauth/authorize?client_id=spa", "auth", False),

@@ -41,6 +41,27 @@ def test_route_table() -> None:
     assert not has_dot_segments("/api/attachments/a..b")
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "upstream"),
+    [
+        ("POST", "/api/attachments", "sender"),  # an agent's upload
+        ("post", "/api/attachments", "sender"),
+        ("GET", "/api/attachments/up_0123456789abcdef0123456789abcdef", "sender"),
+        ("HEAD", "/api/attachments/up_x", "sender"),
+        ("GET", "/api/attachments/6f1c2b9e-1d0a-4c3e-9a7b-2f4d5e6a7b8c", "ingest"),  # inbound
+        ("GET", "/api/attachments/upx", "ingest"),
+        ("GET", "/api/attachments/xup_1", "ingest"),
+        ("GET", "/api/attachments", "ingest"),
+        ("PUT", "/api/attachments", "ingest"),
+        ("POST", "/api/attachments/a1", "ingest"),
+        ("POST", "/api/attachmentsx", None),
+        ("POST", "/api/conversations", "threader"),
+    ],
+)
+def test_attachment_routes_by_method_and_id(method: str, path: str, upstream: str | None) -> None:
+    assert resolve(path, method) == Target(upstream, True)
+
+
 def test_request_ids() -> None:
     assert sane_request_id("abc-123_x.y:z") == "abc-123_x.y:z"
     for bad in (None, "", "a b", "x" * 200, "-leading", "ünïcode", "a\r\nb"):

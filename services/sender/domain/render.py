@@ -29,6 +29,11 @@ class StoredAttachment:
     content_type: str
     data: bytes
     content_id: str | None = None
+    # Every mailbox whose agents may send it (an upload records its uploader's mailboxes).
+    mailboxes: frozenset[str] = frozenset()
+
+    def usable_by(self, mailbox_id: str) -> bool:
+        return mailbox_id == self.mailbox_id or mailbox_id in self.mailboxes
 
 
 @dataclass
@@ -63,23 +68,37 @@ def _addr(d: Mapping[str, Any]) -> c.Addr:
 def plan(
     cmd: MailSend, box: Mapping[str, Any], thread: Sequence[Mapping[str, Any]], now: datetime
 ) -> tuple[c.Draft, c.ThreadContext]:
-    """Who gets the reply and which headers thread it, from our view of the conversation."""
-    last = thread[-1]
-    last_in = next((m for m in reversed(thread) if m["direction"] == "in"), None)
-    if cmd.to is not None:
-        to = [c.Addr(a.name, a.address) for a in cmd.to]
-    elif last_in is not None:
-        to = [_addr(last_in["sender"])]
-    else:
-        to = [_addr(a) for a in last["to_addrs"]]
+    """Who gets the message and which headers thread it, from our view of the conversation.
+
+    With no message of the conversation in our view, the command must open it
+    (``cmd.conversation``): its first message goes to ``cmd.to`` with no In-Reply-To.
+    """
     cc = [c.Addr(a.name, a.address) for a in cmd.cc] if cmd.cc is not None else []
     domain = box["address"].rpartition("@")[2]
-    number = last["number"]
-    token = str(number) if number is not None else cmd.id_conversa.split("-")[0]
-    # The threader's signed token (number-hmac) names the conversation in the Message-ID and the
-    # Reply-To, so an answer that lost its References still finds it.
-    signed = next((m.get("token") for m in reversed(thread) if m.get("token")), None)
     local = box["address"].rpartition("@")[0]
+    if thread:
+        last = thread[-1]
+        last_in = next((m for m in reversed(thread) if m["direction"] == "in"), None)
+        if cmd.to is not None:
+            to = [c.Addr(a.name, a.address) for a in cmd.to]
+        elif last_in is not None:
+            to = [_addr(last_in["sender"])]
+        else:
+            to = [_addr(a) for a in last["to_addrs"]]
+        number = last["number"]
+        # The threader's signed token (number-hmac) names the conversation in the Message-ID and
+        # the Reply-To, so an answer that lost its References still finds it.
+        signed = next((m.get("token") for m in reversed(thread) if m.get("token")), None)
+        subject = cmd.subject or thread[0]["conv_subject"] or thread[0]["subject"]
+        last_id: str | None = last["message_id"]
+        refs = list(last["refs"])
+    else:
+        opening = cmd.conversation
+        assert opening is not None, "render() checks that a thread or an opening is there"
+        to = [c.Addr(a.name, a.address) for a in cmd.to or []]
+        number, signed = opening.number, opening.token
+        subject, last_id, refs = opening.subject or cmd.subject or "", None, []
+    token = str(number) if number is not None else cmd.id_conversa.split("-")[0]
     draft = c.Draft(
         mailbox=c.Addr(box["name"], box["address"]),
         to=to,
@@ -90,14 +109,9 @@ def plan(
         message_id=f"<{uuid.UUID(cmd.send_id).hex}.{signed or token}@{domain}>",
         reply_to=c.Addr(box["name"], f"{local}+{signed}@{domain}") if signed else None,
         date=now,
+        auto_generated=cmd.automatic,
     )
-    subject = cmd.subject or thread[0]["conv_subject"] or thread[0]["subject"]
-    ctx = c.ThreadContext(
-        subject=subject,
-        last_message_id=last["message_id"],
-        references=list(last["refs"]),
-        token=token,
-    )
+    ctx = c.ThreadContext(subject=subject, last_message_id=last_id, references=refs, token=token)
     return draft, ctx
 
 
@@ -108,22 +122,28 @@ def render(job: Job, signer: Signer, now: datetime, max_bytes: int) -> Rendered 
         return Refusal(f"unknown mailbox {cmd.mailbox_id!r}")
     if not box["active"]:
         return Refusal(f"mailbox {box['address']} is inactive")
-    if not job.thread:
+    if not job.thread and cmd.conversation is None:
         return Refusal(f"unknown conversation {cmd.id_conversa!r}")
-    if cmd.mailbox_id != job.thread[-1]["mailbox_id"]:
+    if job.thread and cmd.mailbox_id != job.thread[-1]["mailbox_id"]:
         return Refusal(f"conversation {cmd.id_conversa!r} belongs to another mailbox")
     files: list[c.Attachment] = []
     for att_id in cmd.attachments:
         att = job.attachments.get(att_id)
-        if att is None or att.mailbox_id != cmd.mailbox_id:
+        if att is None:
             return Refusal(f"attachment {att_id!r} not found")
+        if not att.usable_by(cmd.mailbox_id):
+            return Refusal(
+                f"attachment {att_id!r} was uploaded for another mailbox and cannot be sent "
+                f"from {box['address']}"
+            )
         files.append(c.Attachment(att.filename, att.content_type, att.data, att.content_id))
     try:
         draft, ctx = plan(cmd, box, job.thread, now)
         draft.attachments = files
         if not draft.to:
             return Refusal("no recipients: To is empty and the conversation has no sender")
-        mime = c.compose(draft, ctx)
+        composed = c.compose_message(draft, ctx)
+        mime = composed.raw
         mail_from = c.envelope_address(c.Addr("", draft.mailbox.address), "From")
         recipients = list(
             dict.fromkeys(
@@ -131,9 +151,6 @@ def render(job: Job, signer: Signer, now: datetime, max_bytes: int) -> Rendered 
                 + [c.envelope_address(c.Addr("", a.address), "Cc") for a in draft.cc]
             )
         )
-        clean = c.sanitize(draft.html)
-        irt, refs = c.build_references(ctx.last_message_id, ctx.references)
-        subject = c.reply_subject(ctx.subject, ctx.token)
     except (c.HeaderInjection, c.InvalidDraft) as exc:
         return Refusal(f"invalid message: {exc}")
     # Checked before signing too: no CPU spent on a message that cannot go anyway.
@@ -148,12 +165,12 @@ def render(job: Job, signer: Signer, now: datetime, max_bytes: int) -> Rendered 
             "from": {"name": draft.mailbox.name, "address": draft.mailbox.address},
             "to": [{"name": a.name, "address": a.address} for a in draft.to],
             "cc": [{"name": a.name, "address": a.address} for a in draft.cc],
-            "subject": subject,
+            "subject": composed.subject,
             "date": draft.date,
-            "text": c.html_to_text(clean),
-            "html": clean,
-            "in_reply_to": irt,
-            "references": refs,
+            "text": composed.text,
+            "html": composed.html,
+            "in_reply_to": composed.in_reply_to,
+            "references": composed.references,
         }
     )
     return Rendered(

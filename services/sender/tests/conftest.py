@@ -43,7 +43,7 @@ from services.sender.signing import public_record
 MAILBOX = "mb-support"
 ADDRESS = "support@chatflow.test"
 CUSTOMER = "zoe@customer.test"
-TABLES = "sends, attempts, attachments, thread_messages, mailboxes, outbox, processed_events"
+TABLES = "sends, attempts, attachments, blobs, thread_messages, mailboxes, outbox, processed_events"
 Hook = Callable[[Envelope], Awaitable[None]]
 
 
