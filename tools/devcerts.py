@@ -57,9 +57,16 @@ def make_secret(path: Path) -> None:
         path.chmod(0o600)
 
 
+def make_vapid(path: Path) -> None:
+    """The notifier's VAPID key (Web Push, RFC 8292): a P-256 key; production sets its own."""
+    if not path.exists():
+        _write_key(path, ec.generate_private_key(ec.SECP256R1()))
+
+
 def make(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     make_secret(folder / "thread-token.key")
+    make_vapid(folder / "vapid.pem")
     ca_pem, srv_pem = folder / "ca.pem", folder / "server.pem"
     if _valid(ca_pem) and _valid(srv_pem) and (folder / "server.key").exists():
         return

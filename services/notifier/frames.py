@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.events import (
+    ConversationMerged,
     ConversationMessageAdded,
     ConversationState,
     MailStatus,
@@ -52,6 +53,9 @@ class NotifierFrame(BaseModel):
     user_id: str | None = None
     frame: dict[str, Any]
     access: AccessChange | None = None
+    # The unread-badge change of the same event (``badge_store``), turned by each replica into
+    # every agent's own ``badge`` frame; riding on the entry keeps one entry per event.
+    badge: dict[str, Any] | None = None
 
     @classmethod
     def of_access(cls, change: AccessChange) -> NotifierFrame:
@@ -87,11 +91,32 @@ class PingFrame(_ClientFrame):
     type: Literal["ping"]
 
 
+class ReadFrame(_ClientFrame):
+    """Mark a conversation read for this agent (its badge goes to 0)."""
+
+    type: Literal["read"]
+    id_conversa: str = Field(min_length=1, max_length=200)
+
+
+class PresenceFrame(_ClientFrame):
+    """``viewing`` (opened it), ``typing`` (repeat every few seconds while typing), ``left``."""
+
+    type: Literal["viewing", "typing", "left"]
+    id_conversa: str = Field(min_length=1, max_length=200)
+
+
 CLIENT_FRAMES: dict[str, type[_ClientFrame]] = {
     "send": SendFrame,
     "resume": ResumeFrame,
     "ping": PingFrame,
+    "read": ReadFrame,
+    "viewing": PresenceFrame,
+    "typing": PresenceFrame,
+    "left": PresenceFrame,
 }
+# Server frames that are state rather than history: not replayed by ``resume`` (badges are
+# re-sent whole after auth, presence is only worth its current value).
+EPHEMERAL = frozenset({"badge", "presence"})
 
 
 # ---- server → client ---------------------------------------------------------------------------
@@ -111,6 +136,11 @@ def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
 def conversation_updated(state: ConversationState) -> dict[str, Any]:
     fields = state.model_dump(mode="json", by_alias=True)
     return {"type": "conversation.updated", **fields}
+
+
+def conversation_merged(ev: ConversationMerged) -> dict[str, Any]:
+    """``merged`` ids now answer as ``into``: a client showing one of them switches over."""
+    return {"type": "conversation.merged", "into": ev.into, "merged": list(ev.merged)}
 
 
 def send_status(ev: MailStatus) -> dict[str, Any]:

@@ -15,12 +15,19 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from fastapi import FastAPI
+
 from libs.common import web
 from libs.common.bus import BroadcastReader
 from libs.common.service import Service
+from services.notifier import push, push_http
 from services.notifier.access import AccessState
+from services.notifier.badges import Badges
+from services.notifier.drafts import DRAFT_TYPE
 from services.notifier.frames import FRAME_TYPE
 from services.notifier.hub import Hub
+from services.notifier.live_state import LiveState
+from services.notifier.presence import Presence
 from services.notifier.settings import NotifierSettings
 from services.notifier.stream import TYPES, StreamHandlers
 from services.notifier.ws import LiveServer
@@ -36,6 +43,14 @@ class NotifierService(Service):
     hub: Hub
     live: LiveServer
     access: AccessState
+    presence: Presence
+    pusher: push.Pusher
+    vapid: Any = None
+
+    def build_app(self) -> FastAPI:
+        app = FastAPI(title="ChatFLOW notifier")
+        app.include_router(push_http.router)
+        return app
 
     @property
     def cfg(self) -> NotifierSettings:
@@ -46,25 +61,58 @@ class NotifierService(Service):
         # Upgrade requests carry the token in a header; keep websockets' debug logging off.
         logging.getLogger("websockets.server").setLevel(logging.WARNING)
         self.hub = Hub(s.ws_slow_consumer_bytes, s.resume_max_entries)
-        self.consumer(TYPES, StreamHandlers(self.pool, self.relay).handle)
+        self.access = AccessState()
+        self.presence = Presence(
+            self.bus,
+            self.pool,
+            self.hub,
+            view_ttl_s=s.presence_view_ttl_s,
+            typing_ttl_s=s.presence_typing_ttl_s,
+            heartbeat_s=s.presence_heartbeat_s,
+        )
+        self.vapid = push.load_vapid(s)
+        self.pusher = push.Pusher(s, self.pool, self.presence, self.access, self.vapid)
+        handlers = StreamHandlers(self.pool, self.relay, s.push_delay_s, self.pusher.wake)
+        self.consumer(TYPES, handlers.handle)
         # The cursor first, then the stored access changes: whatever the load misses was
         # committed after it began, so its entry lies after the cursor (services.notifier.access).
         last: Any = await self.redis.xrevrange(self.bus.stream(FRAME_TYPE), count=1)
         cursor = last[0][0].decode() if last else "0-0"
-        self.access = AccessState()
         await self.access.load(self.pool)
+        badges = Badges(self.pool, self.hub, self.relay, s.badge_snapshot_max)
         self.live = LiveServer(
-            s, self.verifier, self.pool, self.relay, self.bus, self.hub, self.access
+            s,
+            self.verifier,
+            self.pool,
+            self.relay,
+            self.bus,
+            self.hub,
+            self.access,
+            LiveState(badges, self.presence),
         )
         reader = BroadcastReader(
             self.bus, [FRAME_TYPE], self.live.on_frame, start=cursor, block_ms=s.consumer_block_ms
         )
         self.consumers.append(reader)  # readiness covers it; stopped with the consumers
+        # Other replicas' draft changes, from before this one can open any (drafts.py).
+        drafts_last: Any = await self.redis.xrevrange(self.bus.stream(DRAFT_TYPE), count=1)
+        self.consumers.append(
+            BroadcastReader(
+                self.bus,
+                [DRAFT_TYPE],
+                self.live.drafts.on_stream,
+                start=drafts_last[0][0].decode() if drafts_last else "0-0",
+                block_ms=s.consumer_block_ms,
+            )
+        )
         self.background.append(self._trim_frames)
+        self.background.append(lambda: self.presence.heartbeat(self.stop_event))
+        self.background.append(lambda: self.pusher.run(self.stop_event))
         await self.live.start()
 
     async def before_stop(self) -> None:
         await self.live.close()
+        await self.live.drafts.drain()  # compactions of the drafts its editors just left
 
     def extra_checks(self) -> dict[str, web.Check]:
         async def websocket() -> bool:

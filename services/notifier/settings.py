@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
-from libs.common.settings import ServiceSettings, field
+from libs.common.settings import ROOT, ServiceSettings, field
 
 
 class NotifierSettings(ServiceSettings):
@@ -34,3 +35,27 @@ class NotifierSettings(ServiceSettings):
     )
     frames_retention_s: int = field(3600, "frames older than this are trimmed from the stream")
     frames_trim_interval_s: float = field(60.0, "how often the frames stream is trimmed")
+
+    badge_snapshot_max: int = field(
+        500, "conversations listed in the badge snapshot after auth (totals count them all)"
+    )
+    presence_view_ttl_s: float = field(
+        60.0, "a view (and an open connection) lasts this long unless its replica refreshes it"
+    )
+    presence_typing_ttl_s: float = field(5.0, "typing stops this long after the last typing frame")
+    presence_heartbeat_s: float = field(20.0, "how often a replica refreshes its views")
+    vapid_private_key_file: Path = field(
+        ROOT / "var/certs/vapid.pem", "VAPID P-256 key (PEM) signing Web Push; absent: push off"
+    )
+    vapid_subject: str = field("mailto:support@chatflow.test", "VAPID sub claim (RFC 8292)")
+    push_delay_s: float = field(
+        2.0, "wait this long after a message before pushing (a live frame or a read comes first)"
+    )
+    push_ttl_s: int = field(3600, "TTL of a push: the push service drops it after that")
+    push_poll_s: float = field(1.0, "how often a replica looks for due pushes")
+    push_allow_http: bool = field(
+        False, "accept http:// push endpoints (tests with a local push service only)"
+    )
+    push_endpoint_hosts: list[str] = field(
+        [], "if set, only push endpoints on these hosts (or their subdomains) are accepted; JSON"
+    )

@@ -7,11 +7,15 @@ access away go the same way, as an ``access`` entry (see ``services.notifier.acc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 
 from libs.common import inbox, outbox
 from libs.common.events import (
+    ConversationMerged,
     ConversationMessageAdded,
+    ConversationRead,
     ConversationUpdated,
     Envelope,
     MailStatus,
@@ -19,7 +23,7 @@ from libs.common.events import (
     UserChanged,
 )
 from libs.common.outbox import OutboxRelay
-from services.notifier import frames, storage
+from services.notifier import badge_store, frames, push_store, storage
 from services.notifier.frames import AccessChange, NotifierFrame
 
 TYPES = (
@@ -28,24 +32,43 @@ TYPES = (
     "mail.status",
     "user.changed",
     "membership.changed",
+    "conversation.merged",
+    "conversation.read",
 )
 CONSUMER = "notifier"
 
 
 class StreamHandlers:
-    def __init__(self, pool: asyncpg.Pool, relay: OutboxRelay) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        relay: OutboxRelay,
+        push_delay_s: float = 2.0,
+        on_push: Callable[[], None] | None = None,
+    ) -> None:
         self.pool = pool
         self.relay = relay
+        self.push_delay_s = push_delay_s
+        self.on_push = on_push  # wakes the push sender when pushes were queued
 
     async def handle(self, env: Envelope, entry_id: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await inbox.first_time(conn, CONSUMER, env.id):
                 return
             frame = await self._effects(conn, env)
-            if frame is not None:
-                out = Envelope.of(frame, producer=CONSUMER, correlation_id=env.correlation_id)
-                await outbox.add(conn, out)
-        if frame is not None:
+            badge = await self._badges(conn, env)
+            if badge is not None and frame is not None and frame.user_id is None:
+                frame.badge, badge = badge.frame, None
+            out = [f for f in (frame, badge) if f is not None]
+            if out:
+                await outbox.add(
+                    conn,
+                    *(
+                        Envelope.of(f, producer=CONSUMER, correlation_id=env.correlation_id)
+                        for f in out
+                    ),
+                )
+        if out:
             self.relay.wake()
 
     async def _effects(self, conn: asyncpg.Connection, env: Envelope) -> NotifierFrame | None:
@@ -58,6 +81,11 @@ class StreamHandlers:
             await storage.upsert_conversation(conn, updated)
             return NotifierFrame(
                 mailbox_id=updated.mailbox_id, frame=frames.conversation_updated(updated)
+            )
+        if env.type == "conversation.merged":
+            merged = env.payload_as(ConversationMerged)
+            return NotifierFrame(
+                mailbox_id=merged.mailbox_id, frame=frames.conversation_merged(merged)
             )
         if env.type == "mail.status":
             status = env.payload_as(MailStatus)
@@ -75,6 +103,51 @@ class StreamHandlers:
             member = env.payload_as(MembershipChanged)
             return await self._access(conn, env, member.user_id, member.mailbox_id, member.active)
         return None
+
+    async def _badges(self, conn: asyncpg.Connection, env: Envelope) -> NotifierFrame | None:
+        """Unread badges and pushes of the same event, in the same transaction."""
+        op = None
+        if env.type == "conversation.message_added":
+            added = env.payload_as(ConversationMessageAdded)
+            count = added.conversation.message_count
+            if added.message.direction == "in":
+                m = added.message
+                alert = badge_store.Alert(
+                    m.from_.name or m.from_.address,
+                    f"{m.subject}\n{m.snippet}".strip()[:240],
+                    self.push_delay_s,
+                )
+                op, queued = await badge_store.inbound(
+                    conn, added.id_conversa, added.mailbox_id, count, m.date, alert
+                )
+                if queued and self.on_push is not None:
+                    self.on_push()
+            else:
+                await badge_store.answered(
+                    conn, added.id_conversa, added.mailbox_id, count, added.message.date
+                )
+                await push_store.drop(conn, added.id_conversa)  # answered: no alert any more
+        elif env.type == "conversation.updated":
+            updated = env.payload_as(ConversationUpdated)
+            if updated.status == "closed":
+                op = await badge_store.close(conn, updated.id_conversa, updated.message_count)
+                if op is not None:
+                    await push_store.drop(conn, updated.id_conversa)
+            # Other changes (assignee, reopening) move no badge: no statement for them.
+        elif env.type == "conversation.merged":
+            merged = env.payload_as(ConversationMerged)
+            op = await badge_store.merge(conn, merged.mailbox_id, merged.into, merged.merged)
+            for gone in merged.merged:
+                await push_store.drop(conn, gone)
+        elif env.type == "conversation.read" and env.producer != CONSUMER:
+            # Ours (the read frame) changed the badge when it was published.
+            read = env.payload_as(ConversationRead)
+            op = await badge_store.read(conn, read.user_id, read.id_conversa)
+            await push_store.drop(conn, read.id_conversa, read.user_id)
+            if op is not None:
+                return NotifierFrame(mailbox_id=op["mailbox"], user_id=read.user_id, frame=op)
+            return None
+        return None if op is None else NotifierFrame(mailbox_id=op["mailbox"], frame=op)
 
     async def _access(
         self,

@@ -37,6 +37,7 @@ from libs.common.tokens import Identity, InvalidToken, TokenVerifier, bearer_fro
 from services.notifier import frames, storage
 from services.notifier.access import AccessState
 from services.notifier.domain.rules import in_audience, is_after, needs_resync
+from services.notifier.drafts import DRAFT_FRAMES, Drafts
 from services.notifier.frames import (
     CLIENT_FRAMES,
     FRAME_TYPE,
@@ -47,6 +48,7 @@ from services.notifier.frames import (
     SendFrame,
 )
 from services.notifier.hub import Client, Hub
+from services.notifier.live_state import LiveState
 from services.notifier.settings import NotifierSettings
 
 log = logging.getLogger("chatflow.notifier.ws")
@@ -94,6 +96,7 @@ class LiveServer:
         bus: Bus,
         hub: Hub,
         access: AccessState | None = None,
+        state: LiveState | None = None,
     ) -> None:
         self.settings = settings
         self.verifier = verifier
@@ -102,6 +105,8 @@ class LiveServer:
         self.bus = bus
         self.hub = hub
         self.access = access or AccessState()
+        self.state = state  # badges and presence (services.notifier.live_state)
+        self.drafts = Drafts(pool, bus, hub, self.access)  # services.notifier.drafts
         self.stream = bus.stream(FRAME_TYPE)
         self.server: Server | None = None
         self._pending: weakref.WeakKeyDictionary[ServerConnection, object] = (
@@ -188,6 +193,8 @@ class LiveServer:
             return
         client = Client(conn, identity, self.access.effective(identity.sub, identity.mailboxes))
         self.hub.add(client)
+        if self.state is not None:
+            self.state.connected(client)  # before any await: no frame slips past
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, identity.exp - time.time()), self._expire, client
         )
@@ -199,6 +206,9 @@ class LiveServer:
         finally:
             expiry.cancel()
             self.hub.remove(client)
+            self.drafts.leave_all(client)
+            if self.state is not None:
+                self.state.disconnected(client)
 
     async def _first_frame_auth(self, conn: ServerConnection) -> Identity | None:
         try:
@@ -238,6 +248,9 @@ class LiveServer:
             await self._reply(client, frames.error("bad_request", "a frame is a typed object"))
             return
         client_id = data.get("client_id") if isinstance(data.get("client_id"), str) else None
+        if data["type"] in DRAFT_FRAMES:
+            await self.drafts.on_frame(client, data)  # answers its own errors
+            return
         model = CLIENT_FRAMES.get(data["type"])
         if model is None:
             await self._reply(client, frames.error("unknown_type", "unknown frame type"))
@@ -250,8 +263,12 @@ class LiveServer:
         try:
             if isinstance(frame, SendFrame):
                 await self._send(client, frame)
+                draft = data.get("draft")  # the draft it was written in, cleared once taken
+                await self.drafts.after_send(client, frame.id_conversa, frame.client_id, draft)
             elif isinstance(frame, ResumeFrame):
                 await self._resume(client, frame.after)
+            elif self.state is not None and await self.state.on_frame(client, frame):
+                pass
             else:
                 await self._reply(client, frames.PONG)
         except ConnectionClosed:
@@ -374,6 +391,7 @@ class LiveServer:
         if (
             nf is None
             or nf.access is not None
+            or nf.frame.get("type") in frames.EPHEMERAL
             or not in_audience(client.mailboxes, client.identity.sub, nf.mailbox_id, nf.user_id)
         ):
             return None
@@ -390,7 +408,11 @@ class LiveServer:
             return
         if not self.hub.by_mailbox.get(nf.mailbox_id):
             return
+        if self.state is not None and self.state.deliver(entry_id, nf):
+            return  # a badge-only entry, delivered per agent
         self.hub.deliver(nf.mailbox_id, nf.user_id, entry_id, render(entry_id, nf.frame))
+        if self.state is not None and nf.badge is not None:
+            self.state.deliver_badge(entry_id, nf)  # queued after the frame it counts
 
     def on_access(self, change: AccessChange) -> None:
         """Apply a directory change to this replica's connections, in stream order."""

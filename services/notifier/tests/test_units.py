@@ -96,8 +96,10 @@ def test_defaults() -> None:
 async def test_hub_index_holds_during_resume_and_kicks_on_overflow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sent: list[tuple[list[Any], str]] = []
-    monkeypatch.setattr(hub_module.websockets, "broadcast", lambda c, t: sent.append((list(c), t)))
+    import asyncio
+
+    sent: list[tuple[Any, list[bytes]]] = []
+    monkeypatch.setattr(hub_module, "write", lambda conn, chunks: sent.append((conn, chunks)))
     h = Hub(slow_bytes=100, max_held=2)
     a, b, c = (
         Client(FakeConn(), ident(s, *m))
@@ -106,14 +108,32 @@ async def test_hub_index_holds_during_resume_and_kicks_on_overflow(
     for cl in (a, b, c):
         h.add(cl)
     assert h.deliver("m1", None, "1-0", "x") == 2
-    assert {id(x) for x in sent[0][0]} == {id(a.conn), id(b.conn)}
-    assert h.deliver("m2", "uc", "2-0", "y") == 1 and sent[-1][0] == [c.conn]
+    assert h.deliver("m2", "uc", "2-0", "y") == 1
+    assert sent == []  # queued: written once per connection at the end of the loop's turn
+    await asyncio.sleep(0)
+    x, y = hub_module.encode("x"), hub_module.encode("y")
+    assert x == b"\x81\x01x"  # FIN + text, unmasked, length 1
+    assert {(id(conn), tuple(chunks)) for conn, chunks in sent} == {
+        (id(a.conn), (x,)),
+        (id(b.conn), (x,)),
+        (id(c.conn), (y,)),
+    }
+    sent.clear()
+    h.deliver("m1", None, "2-1", "p")
+    h.deliver("m1", None, "2-2", "q")
+    assert h.send([a], "badge") == 1  # joins a's write, after the frames queued before it
+    await asyncio.sleep(0)  # frames of one turn: one write each, in order
+    p, q, badge = (hub_module.encode(t) for t in ("p", "q", "badge"))
+    assert sorted((len(chunks), chunks[:2] == [p, q]) for _, chunks in sent) == [
+        (2, True),
+        (3, True),
+    ]
+    assert [chunks for conn, chunks in sent if conn is a.conn] == [[p, q, badge]]
+    sent.clear()
     b.resuming = True
     assert h.deliver("m1", None, "3-0", "z") == 1 and b.held == [("3-0", "m1", "z")]
     h.deliver("m2", None, "4-0", "w")
     h.deliver("m2", None, "5-0", "v")  # third held frame: over max_held
-    import asyncio
-
     await asyncio.sleep(0)
     assert b.closing and b.conn.closed == (4008, "slow consumer")  # type: ignore[attr-defined]
     assert b not in h.clients and b not in h.by_mailbox["m1"]

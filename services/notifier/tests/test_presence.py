@@ -1,0 +1,112 @@
+"""Presence and collision detection across two replicas, with real WSS clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from libs.common import testing
+from services.notifier.frames import FRAME_TYPE
+
+from .conftest import Env, Starter, assert_silent, mbx, message_added, recv_json, user, ws_connect
+
+
+async def presence(
+    ws: Any,
+    id_conversa: str,
+    viewing: list[str] | None = None,
+    typing: list[str] | None = None,
+    timeout: float = 5.0,
+) -> dict[str, Any]:
+    """The first presence frame about ``id_conversa`` in the given state (a viewer also gets
+    the state as a direct answer, so the same state may come twice)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        f = await recv_json(ws, max(0.01, left), skip=())
+        if f["type"] != "presence" or f["id_conversa"] != id_conversa:
+            continue
+        if (viewing is None or f["viewing"] == sorted(viewing)) and (
+            typing is None or f["typing"] == sorted(typing)
+        ):
+            return f
+
+
+async def known(env: Env, svc: Any, box: str) -> str:
+    ev = message_added(box)
+    await env.publish(ev)
+    await testing.eventually(
+        lambda: svc.pool.fetchval(
+            "SELECT 1 FROM conversations WHERE id_conversa = $1", ev.id_conversa
+        )
+    )
+    return ev.id_conversa
+
+
+async def test_viewing_and_typing_reach_the_mailboxs_agents_on_every_replica(
+    env: Env, start: Starter
+) -> None:
+    a = await start(presence_typing_ttl_s=0.6)
+    b = await start(presence_typing_ttl_s=0.6)
+    box, other = mbx(), mbx()
+    ana, bia, carl = user(), user(), user()
+    c1, c2 = await known(env, a, box), await known(env, a, box)
+    foreign = await known(env, a, other)
+    async with (
+        ws_connect(a, env.token(ana, [box])) as wa,
+        ws_connect(b, env.token(bia, [box])) as wb,
+        ws_connect(b, env.token(carl, [other])) as wc,
+    ):
+        await testing.eventually(lambda: a.presence.online(ana))
+        assert await a.presence.online(bia)  # any replica answers for any connection
+        await wa.send(json.dumps({"type": "viewing", "id_conversa": c1}))
+        await presence(wa, c1, [ana], [])
+        f = await presence(wb, c1, [ana], [])
+        assert f["event_id"]
+        # Bia types: Ana sees a collision coming; typing stops on its own.
+        await wb.send(json.dumps({"type": "typing", "id_conversa": c1}))
+        await presence(wa, c1, [ana], [bia])
+        await presence(wa, c1, [ana], [], timeout=3)
+        # Ana opens another conversation: she left the first one.
+        await wa.send(json.dumps({"type": "viewing", "id_conversa": c2}))
+        await presence(wb, c1, [], [])
+        await presence(wb, c2, [ana])
+        # An agent of another mailbox neither sees nor may announce.
+        await assert_silent(wc, 0.3, skip=("badge",))
+        await wc.send(json.dumps({"type": "viewing", "id_conversa": c1}))
+        err = await recv_json(wc)
+        assert (err["type"], err["code"]) == ("error", "not_found")
+        await wb.send(json.dumps({"type": "viewing", "id_conversa": foreign}))
+        assert (await recv_json(wb))["code"] == "not_found"
+        # Leaving explicitly.
+        await wb.send(json.dumps({"type": "viewing", "id_conversa": c2}))
+        await presence(wa, c2, [ana, bia])
+        await wb.send(json.dumps({"type": "left", "id_conversa": c2}))
+        await presence(wa, c2, [ana])
+        await wa.close()
+        # Disconnecting ends Ana's view, seen from the other replica.
+        await presence(wb, c2, [])
+        await testing.eventually(lambda: _not(a.presence.online(ana)))
+
+
+async def _not(aw: Any) -> bool:
+    return not await aw
+
+
+async def test_presence_is_not_replayed_on_resume(env: Env, start: Starter) -> None:
+    svc = await start()
+    box = mbx()
+    cid = await known(env, svc, box)
+    [(first, _)] = await testing.eventually(
+        lambda: env.bus.redis.xrange(env.bus.stream(FRAME_TYPE), count=1)
+    )
+    ana = user()
+    async with ws_connect(svc, env.token(ana, [box])) as wa:
+        async with ws_connect(svc, env.token(user(), [box])) as wb:
+            await wa.send(json.dumps({"type": "viewing", "id_conversa": cid}))
+            await presence(wb, cid, [ana])
+        async with ws_connect(svc, env.token(user(), [box])) as again:
+            await again.send(json.dumps({"type": "resume", "after": first.decode()}))
+            assert (await recv_json(again, skip=()))["snapshot"]  # badges come whole instead
+            await assert_silent(again, 0.6, skip=())
