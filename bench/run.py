@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from bench import gateway as gateway_bench
 from libs.common import testing
 from libs.common.settings import ROOT
@@ -163,9 +165,11 @@ def scenario(
     sent = smtp.result()
     n = len(sent["accepted"])
     obs.say(f"DONE {run} {n} {sends}")
+    seen = obs.result()
+    # The holders close only once the observers are done: their closes must not crowd the
+    # send → send.ack probe.
     for h in holders:
         h.say(f"DONE {run} {n}")
-    seen = obs.result()
     held = [h.result() for h in holders]
     accepted: dict[str, float] = sent["accepted"]
     lat = [
@@ -194,6 +198,11 @@ def scenario(
         "frames_received": received,
         "observer_frames_due": len(accepted) * OBSERVERS,
         "observer_frames_received": received_obs,
+        # Every frame the holders read (message.added, conversation.updated, badge, ...), to
+        # turn CPU seconds into CPU per frame; and frames that broke the protocol (must be 0).
+        "holder_frames_all": sum(h.get("all_frames", 0) for h in held),
+        "holder_frame_errors": sum(h.get("frame_errors", 0) for h in held),
+        "holders_closed_early": sum(h.get("closed_early", 0) for h in held),
         "send_to_ack_ms": {
             "p50": ms(statistics.median(seen["send_ack"])) if seen["send_ack"] else None,
             "p99": ms(pct(seen["send_ack"], 99)),
@@ -202,8 +211,131 @@ def scenario(
     }
 
 
-def throughput(stack: Stack, tokens: Path, count: int, size: int) -> dict[str, Any]:
-    """SMTP messages/s accepted with the durable commit, and end to end to an observer."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its reaped children (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from ``/proc/stat``."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tck = os.sysconf("SC_CLK_TCK")
+    idle = vals[3] + vals[4]
+    return (sum(vals) - idle) / tck, sum(vals) / tck
+
+
+def backends_cpu(database_url: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend connected to the bench's database."""
+
+    async def pids() -> list[int]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+        return [r["pid"] for r in rows]
+
+    return {pid: cpu_seconds(pid) for pid in asyncio.run(pids())}
+
+
+SMTP_CONNS = 20
+SMTP_PORTS: list[int] = []  # --ingest-replicas: one SMTP port per ingest process
+SMTP_PROCS = 2  # client processes sharing the 20 sessions (one is CPU-bound near 1,000 msg/s)
+
+
+def smtp_load(stack: Stack, count: int, size: int, run: str) -> dict[str, Any]:
+    """``count`` messages of ``size`` octets as fast as 20 STARTTLS sessions take them.
+
+    Returns the accepted Message-IDs with their 250 times, the rate, and CPU per message of
+    ingest, of the load clients and of the whole machine (PostgreSQL included) while it ran.
+    """
+    ca = str(stack.certs / "ca.pem")
+    ports = SMTP_PORTS or [stack.ports.smtp]
+    procs = min(max(SMTP_PROCS, len(ports)), SMTP_CONNS)
+    kids: list[Child] = []
+    for k in range(procs):
+        share = count // procs + (1 if k < count % procs else 0)
+        first = k * (count // procs) + min(k, count % procs)
+        kids.append(
+            Child(
+                [
+                    "smtp",
+                    "--ca",
+                    ca,
+                    "--port",
+                    str(ports[k % len(ports)]),
+                    "--conns",
+                    str(SMTP_CONNS // procs + (1 if k < SMTP_CONNS % procs else 0)),
+                    "--rate",
+                    "0",
+                    "--count",
+                    str(share),
+                    "--first",
+                    str(first),
+                    "--size",
+                    str(size),
+                    "--run",
+                    run,
+                ]
+            )
+        )
+    for kid in kids:
+        kid.ready()
+    ingest = [p.pid for name, p in stack.procs.items() if name.startswith("ingest")]
+    pg0 = backends_cpu(stack.database_url)
+    cpu0, (busy0, total0) = sum(map(cpu_seconds, ingest)), machine_busy()
+    for kid in kids:
+        kid.say()
+    results = [kid.result() for kid in kids]
+    cpu1, (busy1, total1) = sum(map(cpu_seconds, ingest)), machine_busy()
+    pg1 = backends_cpu(stack.database_url)
+    pg = sum(v - pg0.get(pid, 0.0) for pid, v in pg1.items() if v == v)
+    accepted: dict[str, float] = {}
+    for r in results:
+        accepted.update(r["accepted"])
+    begin = min(r["started"] for r in results)
+    end = max([begin, *accepted.values()])
+    elapsed = max(r["started"] + r["elapsed"] for r in results) - begin
+    n = max(1, len(accepted))
+    return {
+        "accepted": accepted,
+        "elapsed": elapsed,
+        "summary": {
+            "size_bytes": size,
+            "clients": SMTP_CONNS,
+            "client_processes": procs,
+            "ingest_processes": len(ingest),
+            "messages": count,
+            "accepted": len(accepted),
+            "failed": sum(r["failed"] for r in results),
+            "accepted_per_s": round(len(accepted) / (end - begin), 1) if end > begin else None,
+            "cpu_ms_per_msg": {
+                "ingest": round((cpu1 - cpu0) * 1000 / n, 3),
+                "postgres_backends": round(pg * 1000 / n, 3),
+                "clients": round(sum(r["cpu_s"] for r in results) * 1000 / n, 3),
+                "machine": round((busy1 - busy0) * 1000 / n, 3),
+            },
+            "machine_cpu_busy": round((busy1 - busy0) / max(1e-9, total1 - total0), 2),
+        },
+    }
+
+
+def throughput(stack: Stack, tokens: Path | None, count: int, size: int) -> dict[str, Any]:
+    """SMTP messages/s accepted with the durable commit, and end to end to an observer.
+
+    Without ``tokens`` (``--only ingest``) there is no observer: the accepted rate alone.
+    """
+    run = uuid.uuid4().hex[:8]
+    if tokens is None:
+        return smtp_load(stack, count, size, run)["summary"]
     url = ws_url(stack)
     ca = str(stack.certs / "ca.pem")
     obs = Child(
@@ -224,43 +356,94 @@ def throughput(stack: Stack, tokens: Path, count: int, size: int) -> dict[str, A
         ]
     )
     obs.ready()
-    run = uuid.uuid4().hex[:8]
-    smtp = Child(
-        [
-            "smtp",
-            "--ca",
-            ca,
-            "--port",
-            str(stack.ports.smtp),
-            "--conns",
-            "20",
-            "--rate",
-            "0",
-            "--count",
-            str(count),
-            "--size",
-            str(size),
-            "--run",
-            run,
-        ]
-    )
-    smtp.ready()
-    smtp.say()
-    sent = smtp.result()
-    obs.say(f"DONE {run} {len(sent['accepted'])} 0")
+    load = smtp_load(stack, count, size, run)
+    accepted = load["accepted"]
+    obs.say(f"DONE {run} {len(accepted)} 0")
     seen = obs.result()
-    accepted = sent["accepted"]
     times = [t for mid, t in seen["seen"][0].items() if mid in accepted]
     first = min(accepted.values()) if accepted else 0
     e2e = (len(times) / (max(times) - first)) if times and max(times) > first else None
     return {
-        "size_bytes": size,
-        "messages": count,
-        "accepted": len(accepted),
-        "accepted_per_s": round(len(accepted) / sent["elapsed"], 1),
+        **load["summary"],
         "delivered_to_websocket": len(times),
         "end_to_end_per_s": round(e2e, 1) if e2e else None,
     }
+
+
+def ingest_only(url: str, prefix: str, var: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """``--only ingest``: ingest alone (its schema, one mailbox), SMTP throughput only."""
+    stack = Stack(
+        database_url=url,
+        stream_prefix=prefix,
+        ports=Ports.free(),
+        var=var,
+        log_file=var / "stack.log",
+        echo=False,
+        inherit_env=False,
+        extra_env={"CHATFLOW_LOG_LEVEL": "WARNING"},
+    )
+    out: dict[str, Any] = {}
+    try:
+        var.mkdir(parents=True, exist_ok=True)
+        asyncio.run(stack.ensure_database())
+        stack.run_cmd("ingest", "migrate")
+        asyncio.run(_add_mailbox(stack))
+        stack.start_service("ingest")
+        SMTP_PORTS[:] = [stack.ports.smtp]
+        for i in range(1, a.ingest_replicas):
+            # Another replica, as a second MX would be: its own SMTP and HTTP ports, the same
+            # database (the outbox relays share the rows with SKIP LOCKED).
+            env = stack.env("ingest")
+            port = testing.free_port()
+            env.update(
+                CHATFLOW_INGEST_SMTP_PORT=str(port),
+                CHATFLOW_INGEST_HTTP_PORT=str(testing.free_port()),
+            )
+            stack._spawn(f"ingest{i}", ["-m", "services.ingest", "run"], env)
+            SMTP_PORTS.append(port)
+        stack.wait_ready(60, only=("ingest",))
+        for port in SMTP_PORTS:
+            testing.wait_port(port, 60)
+        for size, count in ((5000, a.throughput), (500_000, a.throughput_large)):
+            res = throughput(stack, None, count, size)
+            print(json.dumps(res), flush=True)
+            out[f"throughput_{size // 1000}kb"] = res
+    finally:
+        stack.stop()
+    return out
+
+
+async def _add_mailbox(stack: Stack) -> None:
+    from libs.common import db
+    from services.ingest import storage
+    from services.ingest.settings import IngestSettings
+
+    settings = IngestSettings.load(database_url=stack.database_url)
+    pool = await db.connect_pool(settings.own_database_url, settings.db_schema, 1, 2)
+    try:
+        async with pool.acquire() as conn:
+            await storage.upsert_mailbox(conn, "mb-bench", "support@chatflow.test", "Bench", True)
+    finally:
+        await pool.close()
+
+
+def bench_ingest(a: argparse.Namespace) -> None:
+    """``make bench BENCH_ARGS="--only ingest"``: its own database and prefix, then the report."""
+    run_id = testing.new_run_id()
+    db = f"chatflow_bench_{run_id}"
+    url = asyncio.run(testing.create_database(db))
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        report.update(ingest_only(url, f"bench{run_id}:", ROOT / "var" / f"bench-{run_id}", a))
+    finally:
+        asyncio.run(testing.drop_database(db))
+        asyncio.run(testing.drop_prefix(f"bench{run_id}:"))
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"report written to {a.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,8 +456,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "bench/report.json"))
     p.add_argument("--via", choices=["gateway", "notifier"], default="gateway")
     p.add_argument("--gateway-requests", type=int, default=2000)
+    p.add_argument(
+        "--throughput-large", type=int, default=100, help="messages for the 500 KB throughput run"
+    )
+    p.add_argument(
+        "--ingest-replicas",
+        type=int,
+        default=1,
+        help="with --only ingest: ingest processes, each its own SMTP port, clients spread",
+    )
+    p.add_argument(
+        "--only",
+        choices=["ingest", "threader"],
+        help="ingest: ingest alone, SMTP throughput (5 KB, 500 KB) without the WebSocket agents;"
+        " threader: threading with a million messages stored (python -m bench.threader --help)",
+    )
     a = p.parse_args(argv)
     VIA["via"] = a.via
+    if a.only == "ingest":
+        bench_ingest(a)
+        return
+    if a.only == "threader":
+        from bench import threader
+
+        threader.main(["--out", a.out])
+        return
     cases = [(int(n), a.rate) for n in a.agents.split(",") if n]
     if a.full:
         cases.append((5000, 20.0))
@@ -336,6 +542,8 @@ def main(argv: list[str] | None = None) -> None:
             report["latency"].append(res)
         report["throughput_5kb"] = throughput(stack, tokens, a.throughput, 5000)
         print(json.dumps(report["throughput_5kb"]), flush=True)
+        report["throughput_500kb"] = throughput(stack, tokens, a.throughput_large, 500_000)
+        print(json.dumps(report["throughput_500kb"]), flush=True)
     finally:
         stack.stop()
         asyncio.run(testing.drop_database(db))

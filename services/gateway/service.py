@@ -25,7 +25,7 @@ from libs.common.service import Service
 from libs.common.settings import ServiceSettings
 from services.gateway.access import ACCESS_TYPE, TYPES, Access
 from services.gateway.domain.headers import security_headers
-from services.gateway.domain.routing import AUTH, INGEST, THREADER
+from services.gateway.domain.routing import AUTH, INGEST, NOTIFIER, SENDER, THREADER
 from services.gateway.http import Edge, build_public_app
 from services.gateway.proxy import Proxy
 from services.gateway.ratelimit import RateLimiter
@@ -33,6 +33,7 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.tokencache import CachingVerifier
 from services.gateway.upstream import AsyncioBackend
 from services.gateway.ws import WsBridge
+from services.gateway.wsedge import WsEdge, front_door
 
 log = logging.getLogger("chatflow.gateway")
 
@@ -122,7 +123,13 @@ class GatewayService(Service):
             s.rate_limit_timeout_s,
         )
         proxy = Proxy(
-            {AUTH: s.auth_url, INGEST: s.ingest_url, THREADER: s.threader_url},
+            {
+                AUTH: s.auth_url,
+                INGEST: s.ingest_url,
+                THREADER: s.threader_url,
+                SENDER: s.sender_url,
+                NOTIFIER: s.notifier_url,
+            },
             self.upstream,
             verifier,
             limiter,
@@ -141,13 +148,14 @@ class GatewayService(Service):
             is_disabled=self.access.is_disabled,
         )
         self.access.on_disable(bridge.disable)
-        self.public_app = build_public_app(
-            proxy, bridge, s.allowed_origins, security_headers(s.hsts_max_age_s)
-        )
+        security = security_headers(s.hsts_max_age_s)
+        self.public_app = build_public_app(proxy, bridge, s.allowed_origins, security)
         self.public = web.server(
             self.public_app, s.public_host, s.public_port, str(s.tls_cert), str(s.tls_key)
         )
         self.public.config.ws_max_size = s.ws_max_message_bytes
+        # /ws upgrades are spliced to the notifier; every other request goes on to uvicorn.
+        self.public.config.http = front_door(WsEdge(bridge, security, s.ws_max_message_bytes))
         self.background.append(self._serve_public)
 
     async def _serve_public(self) -> Any:

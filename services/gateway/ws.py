@@ -1,5 +1,9 @@
 """The WebSocket half: check Origin and token, then bridge frames to the notifier.
 
+The fast path is ``services.gateway.wsedge`` (a byte splice after the same checks, ADR 0004);
+this Starlette endpoint copies frames and serves only an upgrade sent on a kept-alive HTTP
+connection, which never reaches the splice's front door. Both share the checks below.
+
 Browsers send cookies and no CORS preflight with a WebSocket handshake, so Origin is checked here
 by hand. The token travels as a ``bearer.<token>`` subprotocol (browsers cannot set headers on a
 WebSocket) or, for clients that keep it out of the handshake, as the first frame. Close codes go
@@ -83,8 +87,8 @@ class WsBridge:
         self.open_timeout_s = open_timeout_s
         self.max_message_bytes = max_message_bytes
         self.is_disabled = is_disabled
-        # Open sessions per token subject, each with the event that ends it when disabled.
-        self._sessions: dict[str, set[asyncio.Event]] = {}
+        # Open sessions per token subject, each with the callback that ends it when disabled.
+        self._sessions: dict[str, set[Callable[[], None]]] = {}
 
     async def handle(self, websocket: WebSocket) -> None:
         """The /ws endpoint (a bound method, so Starlette treats it as a WebSocket session)."""
@@ -113,26 +117,25 @@ class WsBridge:
         token = bearer_from_subprotocols(offered)
         ip = client_ip(websocket.scope)
         if token is not None:
-            identity, problem = await self._verify(token)
+            identity, problem = await self.verify(token)
             if identity is None:
                 # Accept first: a browser only sees close codes, never the handshake's status.
                 await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
                 raise Refused(UNAUTHORIZED, 401, problem)
-            await self._limit(ip, identity)
+            await self.limit(ip, identity)
             await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
         else:
             await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
             token = await self._first_frame_token(websocket)
             if token is None:
                 return
-            identity, problem = await self._verify(token)
+            identity, problem = await self.verify(token)
             if identity is None:
                 raise Refused(UNAUTHORIZED, 401, problem)
-            await self._limit(ip, identity)
+            await self.limit(ip, identity)
         # Registered before the upstream handshake, so a disable during it is not missed.
         revoked = asyncio.Event()
-        sessions = self._sessions.setdefault(identity.sub, set())
-        sessions.add(revoked)
+        unregister = self.register(identity.sub, revoked.set)
         if self.is_disabled(identity.sub):  # disabled while we were accepting
             revoked.set()
         try:
@@ -143,11 +146,21 @@ class WsBridge:
             finally:
                 metrics.WS_OPEN.dec()
         finally:
-            sessions.discard(revoked)
-            if not sessions:
-                self._sessions.pop(identity.sub, None)
+            unregister()
 
-    async def _verify(self, token: str) -> tuple[Identity | None, str]:
+    def register(self, sub: str, end: Callable[[], None]) -> Callable[[], None]:
+        """``end()`` runs if ``sub`` is disabled while the session is open; returns the undo."""
+        sessions = self._sessions.setdefault(sub, set())
+        sessions.add(end)
+
+        def unregister() -> None:
+            sessions.discard(end)
+            if not sessions and self._sessions.get(sub) is sessions:
+                del self._sessions[sub]
+
+        return unregister
+
+    async def verify(self, token: str) -> tuple[Identity | None, str]:
         """The identity, or None and the close reason ("account disabled" is worth telling)."""
         try:
             return await self.verifier.verify(token), ""
@@ -158,11 +171,14 @@ class WsBridge:
             raise Refused(1013, 503, "cannot verify tokens right now") from exc
 
     def disable(self, user_id: str) -> None:
-        """The account was disabled: its bridged sessions close with 4401 now."""
-        for revoked in self._sessions.get(user_id, ()):
-            revoked.set()
+        """The account was disabled: its sessions (bridged or spliced) close with 4401 now."""
+        for end in list(self._sessions.get(user_id, ())):
+            try:
+                end()
+            except Exception:
+                log.exception("closing a disabled user's session failed")
 
-    async def _limit(self, ip: str, identity: Identity) -> None:
+    async def limit(self, ip: str, identity: Identity) -> None:
         if await self.limiter.check(ip, identity.sub) is not None:
             raise Refused(THROTTLED, 429, "too many requests")
 

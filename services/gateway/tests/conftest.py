@@ -181,8 +181,10 @@ async def _serve_http(app: FastAPI, port: int) -> tuple[Any, asyncio.Task[None]]
 
 @pytest.fixture(scope="session")
 async def rig(database_url: str, stream_prefix: str) -> AsyncIterator[Rig]:
-    ports = {n: testing.free_port() for n in ("auth", "ingest", "threader", "notifier")}
-    servers = [await _serve_http(echo_app(n), ports[n]) for n in ("auth", "ingest", "threader")]
+    ports = {n: testing.free_port() for n in ("auth", "ingest", "threader", "sender", "notifier")}
+    servers = [
+        await _serve_http(echo_app(n), ports[n]) for n in ("auth", "ingest", "threader", "sender")
+    ]
     notifier = Notifier(ports["notifier"])
     ws_server = await serve(
         notifier.handler,
@@ -240,6 +242,7 @@ async def start_gateway(rig: Rig) -> AsyncIterator[StartGateway]:
             "auth_url": f"https://127.0.0.1:{p['auth']}",
             "ingest_url": f"https://127.0.0.1:{p['ingest']}",
             "threader_url": f"https://127.0.0.1:{p['threader']}",
+            "sender_url": f"https://127.0.0.1:{p['sender']}",
             "notifier_ws_url": f"wss://127.0.0.1:{p['notifier']}/ws",
             "tls_cert": CERT,
             "tls_key": KEY,
