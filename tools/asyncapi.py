@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 import services.gateway.access
+import services.notifier.drafts
 import services.notifier.frames
 from libs.common.events import Envelope, registered
 
@@ -22,12 +23,15 @@ PRODUCERS = {
     "user.changed": "auth",
     "membership.changed": "auth",
     "mail.received": "ingest",
+    "mail.bounced": "ingest",
     "conversation.message_added": "threader",
     "conversation.updated": "threader",
     "conversation.merged": "threader",
+    "conversation.read": "threader (REST mark-read), notifier (the WebSocket read frame)",
     "mail.send": "notifier, threader, other systems (a command)",
     "mail.status": "sender",
     "notifier.frame": "notifier (internal: every notifier replica reads it)",
+    "notifier.draft": "notifier (internal: every notifier replica reads it)",
     "gateway.access": "gateway (internal: every gateway replica reads it)",
 }
 
@@ -44,6 +48,7 @@ def build() -> dict[str, Any]:
     envelope = _schema(Envelope)
     schemas["Envelope"] = envelope
     _ = services.gateway.access  # imported for its registration
+    _ = services.notifier.drafts  # and this one for notifier.draft
     for (type_, version), model in sorted(registered().items()):
         name = f"{type_}.v{version}"
         schema = _schema(model)

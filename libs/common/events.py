@@ -84,6 +84,14 @@ class Envelope(BaseModel):
         env.parsed()  # validates the payload as well
         return env
 
+    @classmethod
+    def from_entry(cls, fields: dict[bytes, bytes]) -> Envelope:
+        """The envelope of a stream entry (its one field ``e``)."""
+        data = fields.get(b"e")
+        if data is None:
+            raise EventError("entry has no 'e' field")
+        return cls.from_json(data)
+
     def parsed(self) -> BaseModel:
         model = _REGISTRY.get((self.type, self.version))
         if model is None:

@@ -45,6 +45,22 @@ class ApiError(HTTPException):
         self.code = code or _CODES.get(status, "error")
 
 
+async def read_limited_body(request: Request, limit: int, too_large: str) -> bytes:
+    """The request body, refused with 413 ``too_large`` as soon as it is known to pass ``limit``
+    (from Content-Length, or while streaming: a body is never read to its end first)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, too_large)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code or _CODES.get(status, "error"), "message": message}}
 

@@ -113,11 +113,8 @@ class Access:
 
     # ---- every replica: gateway.access -> memory --------------------------------------------------
     async def on_entry(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        data = fields.get(b"e")
         try:
-            if data is None:
-                raise EventError("entry has no 'e' field")
-            change = Envelope.from_json(data).payload_as(AccessChanged)
+            change = Envelope.from_entry(fields).payload_as(AccessChanged)
         except EventError as exc:
             log.warning("skipping invalid access entry", extra={"error": str(exc)})
             return

@@ -169,11 +169,8 @@ class IngestService(Service):
         self, stream: str, entry_id: str, fields: dict[bytes, bytes]
     ) -> None:
         """This replica's map follows every change at once (another replica may store it)."""
-        data = fields.get(b"e")
         try:
-            if data is None:
-                raise EventError("entry has no 'e' field")
-            box = Envelope.from_json(data).payload_as(MailboxChanged)
+            box = Envelope.from_entry(fields).payload_as(MailboxChanged)
         except EventError as exc:
             log.warning("skipping invalid mailbox entry", extra={"error": str(exc)})
             return

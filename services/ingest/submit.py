@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from libs.common.tokens import Identity
-from libs.common.web import ApiError
+from libs.common.web import ApiError, read_limited_body
 from services.ingest import storage
 from services.ingest.smtp import IngestEnvelope, IngestHandler, base_address
 
@@ -51,21 +51,6 @@ def find_mailbox(service: IngestService, key: str) -> storage.Mailbox | None:
     if "@" in key:
         return service.mailboxes.get(base_address(key))
     return next((b for b in service.mailboxes.values() if b.id == key), None)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to pass ``limit``."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"message larger than the limit of {limit} octets")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"message larger than the limit of {limit} octets")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def router(service: IngestService, identity: Any) -> APIRouter:
@@ -111,7 +96,10 @@ def router(service: IngestService, identity: Any) -> APIRouter:
             raise ApiError(404, "no such mailbox")
         if any(c in mail_from for c in "\r\n<>\x00"):
             raise ApiError(422, "mail_from must be a bare address")
-        raw = await read_body(request, service.settings.smtp_max_message_bytes)
+        limit = service.settings.smtp_max_message_bytes
+        raw = await read_limited_body(
+            request, limit, f"message larger than the limit of {limit} octets"
+        )
         if not raw.strip():
             raise ApiError(422, "empty message")
         envelope = IngestEnvelope()

@@ -20,7 +20,7 @@ from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
 from libs.common.tokens import Identity
-from libs.common.web import ApiError, identity_dependency
+from libs.common.web import ApiError, identity_dependency, read_limited_body
 from services.sender import storage
 from services.sender.domain import uploads
 
@@ -76,21 +76,6 @@ _MULTIPART: dict[str, Any] = {
 }
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is larger than ``limit`` (not read to the end)."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"upload larger than {limit - _FRAMING} bytes")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"upload larger than {limit - _FRAMING} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @router.post(
     "/api/attachments",
     status_code=201,
@@ -110,7 +95,7 @@ async def upload(request: Request, who: Identity = Depends(agent)) -> Uploaded:
     limit: int = svc.settings.upload_max_bytes
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(415, "expected multipart/form-data")
-    body = await _read_limited(request, limit + _FRAMING)
+    body = await read_limited_body(request, limit + _FRAMING, f"upload larger than {limit} bytes")
 
     async def replay() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
