@@ -27,6 +27,8 @@ ADMIN_URL = os.environ.get(
     "CHATFLOW_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("CHATFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The public email collections beside the checkout (read from there, never copied in).
+CORPORA = ROOT.parent / "shared" / "corpora"
 
 
 _HANDED: set[int] = set()

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from libs.common import testing
 from services.ingest.domain.cid import cid_map, link_inline_images
 from services.ingest.domain.mime_reader import read_message, sanitize_html
 
-CORPORA = Path("/work/shared/corpora")
+CORPORA = testing.CORPORA
 A, B = str(uuid.uuid4()), str(uuid.uuid4())
 
 

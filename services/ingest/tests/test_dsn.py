@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from libs.common import testing
 from services.ingest.domain.dsn import parse_dsn
 
-CORPORA = Path("/work/shared/corpora")
+CORPORA = testing.CORPORA
 OURS = "<5f2a9c.17-ab12cd@chatflow.test>"
 
 

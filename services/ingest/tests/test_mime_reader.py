@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from libs.common import testing
 from services.ingest.domain.mime_reader import (
     MAX_DEPTH,
     Addr,
@@ -39,7 +40,7 @@ from services.ingest.domain.mime_reader import (
     unflow,
 )
 
-CORPORA = Path(__file__).resolve().parents[3] / ".." / "shared" / "corpora"
+CORPORA = testing.CORPORA
 needs_corpora = pytest.mark.skipif(not CORPORA.is_dir(), reason=f"corpora not found at {CORPORA}")
 
 

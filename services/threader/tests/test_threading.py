@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from libs.common import testing
 from services.threader.domain.threading import (
     Decision,
     MemoryThreader,
@@ -33,7 +34,7 @@ from services.threader.domain.threading import (
     normalize_subject,
 )
 
-CORPORA = Path(__file__).resolve().parents[3] / ".." / "shared" / "corpora"
+CORPORA = testing.CORPORA
 NOTMUCH = CORPORA / "notmuch"
 MAILKIT = CORPORA / "mailkit-jwz-testthreader"
 DOVECOT = CORPORA / "dovecot-imaptest"
