@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from libs.common import db, logs, web
-from libs.common.bus import BroadcastReader, Bus, Consumer, Handler, connect
+from libs.common.bus import BatchHandler, BroadcastReader, Bus, Consumer, Handler, connect
 from libs.common.outbox import OutboxRelay
 from libs.common.settings import ServiceSettings
 from libs.common.tokens import TokenVerifier
@@ -62,7 +62,11 @@ class Service:
 
     # ---- helpers ------------------------------------------------------------------------------
     def consumer(
-        self, types: Sequence[str], handler: Handler, group: str | None = None
+        self,
+        types: Sequence[str],
+        handler: Handler,
+        group: str | None = None,
+        batch_handler: BatchHandler | None = None,
     ) -> Consumer:
         s = self.settings
         c = Consumer(
@@ -74,6 +78,7 @@ class Service:
             claim_idle_ms=s.consumer_claim_idle_ms,
             claim_interval_ms=s.consumer_claim_interval_ms,
             max_deliveries=s.consumer_max_deliveries,
+            batch_handler=batch_handler,
         )
         self.consumers.append(c)
         return c

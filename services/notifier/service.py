@@ -73,7 +73,7 @@ class NotifierService(Service):
         self.vapid = push.load_vapid(s)
         self.pusher = push.Pusher(s, self.pool, self.presence, self.access, self.vapid)
         handlers = StreamHandlers(self.pool, self.relay, s.push_delay_s, self.pusher.wake)
-        self.consumer(TYPES, handlers.handle)
+        self.consumer(TYPES, handlers.handle, batch_handler=handlers.handle_batch)
         # The cursor first, then the stored access changes: whatever the load misses was
         # committed after it began, so its entry lies after the cursor (services.notifier.access).
         last: Any = await self.redis.xrevrange(self.bus.stream(FRAME_TYPE), count=1)

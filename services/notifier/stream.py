@@ -52,24 +52,32 @@ class StreamHandlers:
         self.on_push = on_push  # wakes the push sender when pushes were queued
 
     async def handle(self, env: Envelope, entry_id: str) -> None:
+        await self.handle_batch([(env, entry_id)])
+
+    async def handle_batch(self, items: list[tuple[Envelope, str]]) -> None:
+        """Events in stream order, one transaction: a burst costs one commit, not one each."""
+        wrote = False
         async with self.pool.acquire() as conn, conn.transaction():
-            if not await inbox.first_time(conn, CONSUMER, env.id):
-                return
-            frame = await self._effects(conn, env)
-            badge = await self._badges(conn, env)
-            if badge is not None and frame is not None and frame.user_id is None:
-                frame.badge, badge = badge.frame, None
-            out = [f for f in (frame, badge) if f is not None]
-            if out:
-                await outbox.add(
-                    conn,
-                    *(
-                        Envelope.of(f, producer=CONSUMER, correlation_id=env.correlation_id)
-                        for f in out
-                    ),
-                )
-        if out:
+            for env, _ in items:
+                out = await self._one(conn, env)
+                if out:
+                    await outbox.add(conn, *out)
+                    wrote = True
+        if wrote:
             self.relay.wake()
+
+    async def _one(self, conn: asyncpg.Connection, env: Envelope) -> list[Envelope]:
+        if not await inbox.first_time(conn, CONSUMER, env.id):
+            return []
+        frame = await self._effects(conn, env)
+        badge = await self._badges(conn, env)
+        if badge is not None and frame is not None and frame.user_id is None:
+            frame.badge, badge = badge.frame, None
+        return [
+            Envelope.of(f, producer=CONSUMER, correlation_id=env.correlation_id)
+            for f in (frame, badge)
+            if f is not None
+        ]
 
     async def _effects(self, conn: asyncpg.Connection, env: Envelope) -> NotifierFrame | None:
         if env.type == "conversation.message_added":

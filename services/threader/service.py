@@ -12,7 +12,7 @@ from services.threader.http import router
 from services.threader.outbound import router as outbound_router
 from services.threader.settings import ThreaderSettings
 from services.threader.storage import Rules
-from services.threader.stream import handlers
+from services.threader.stream import handlers, received_batch
 
 
 class ThreaderService(Service):
@@ -37,5 +37,7 @@ class ThreaderService(Service):
             reopen_max_age=timedelta(days=s.reopen_max_age_days),  # type: ignore[attr-defined]
         )
         on_received, on_status = handlers(self)
-        self.consumer(["mail.received"], on_received, group="threader")
+        self.consumer(
+            ["mail.received"], on_received, group="threader", batch_handler=received_batch(self)
+        )
         self.consumer(["mail.status"], on_status, group="threader-status")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from libs.common import inbox, outbox
-from libs.common.bus import Handler
+from libs.common.bus import BatchHandler, Handler
 from libs.common.events import (
     ConversationMerged,
     ConversationMessageAdded,
@@ -57,38 +59,54 @@ async def _announce(
     await outbox.add(conn, *events)
 
 
+async def _place_received(svc: ThreaderService, conn: asyncpg.Connection, env: Envelope) -> None:
+    mail = env.payload_as(MailReceived)
+    if not await inbox.first_time(conn, CONSUMER, env.id):
+        return
+    placed = await storage.place_message(
+        conn,
+        mailbox_id=mail.mailbox_id,
+        channel=mail.channel,
+        message_id=mail.message_id,
+        in_reply_to=mail.in_reply_to,
+        references=mail.references,
+        direction="in",
+        sender=mail.from_,
+        to=mail.to,
+        cc=mail.cc,
+        subject=mail.subject,
+        date=mail.date,
+        text=mail.text,
+        html=mail.html,
+        attachments=[a.model_dump() for a in mail.attachments],
+        status=None,
+        flags=mail.flags.model_dump(),
+        token_secret=svc.token_secret,
+        our_domain=mail.mailbox_address.rpartition("@")[2],
+        thread_index=mail.thread_index,
+        thread_topic=mail.thread_topic,
+        rules=svc.rules,
+    )
+    if placed is not None:
+        await _announce(conn, env, placed, svc.token_secret)
+
+
+def received_batch(svc: ThreaderService) -> BatchHandler:
+    """``mail.received`` events in stream order placed in one transaction (one commit)."""
+
+    async def on_batch(items: list[tuple[Envelope, str]]) -> None:
+        async with svc.pool.acquire() as conn, conn.transaction():
+            for env, _ in items:
+                await _place_received(svc, conn, env)
+        svc.relay.wake()
+
+    return on_batch
+
+
 def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
     async def on_mail_received(env: Envelope, entry_id: str) -> None:
-        mail = env.payload_as(MailReceived)
         async with svc.pool.acquire() as conn, conn.transaction():
-            if not await inbox.first_time(conn, CONSUMER, env.id):
-                return
-            placed = await storage.place_message(
-                conn,
-                mailbox_id=mail.mailbox_id,
-                channel=mail.channel,
-                message_id=mail.message_id,
-                in_reply_to=mail.in_reply_to,
-                references=mail.references,
-                direction="in",
-                sender=mail.from_,
-                to=mail.to,
-                cc=mail.cc,
-                subject=mail.subject,
-                date=mail.date,
-                text=mail.text,
-                html=mail.html,
-                attachments=[a.model_dump() for a in mail.attachments],
-                status=None,
-                flags=mail.flags.model_dump(),
-                token_secret=svc.token_secret,
-                our_domain=mail.mailbox_address.rpartition("@")[2],
-                thread_index=mail.thread_index,
-                thread_topic=mail.thread_topic,
-                rules=svc.rules,
-            )
-            if placed is not None:
-                await _announce(conn, env, placed, svc.token_secret)
+            await _place_received(svc, conn, env)
         svc.relay.wake()
 
     async def on_mail_status(env: Envelope, entry_id: str) -> None:

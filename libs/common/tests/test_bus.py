@@ -185,3 +185,70 @@ async def test_a_burst_waits_for_a_redis_connection_instead_of_failing() -> None
         assert results == [None] * n
     finally:
         await redis.aclose()
+
+
+async def test_batch_handler_takes_a_backlog_in_one_call(bus: Bus, pool: asyncpg.Pool) -> None:
+    stream = bus.stream("mailbox.changed")
+    await bus.ensure_group(stream, "gbatch", "$")
+    envs = [sample(100 + i) for i in range(10)]
+    for env in envs:
+        await bus.publish(env)
+    single = make_handler(pool, "batch")
+    sizes: list[int] = []
+
+    async def batch(items: list[tuple[Envelope, str]]) -> None:
+        sizes.append(len(items))
+        assert [e.id for e, _ in items] == [e.id for e in envs][: len(items)]  # in order
+        for env, entry_id in items:
+            await single(env, entry_id)
+
+    c = Consumer(bus, "gbatch", ["mailbox.changed"], single, block_ms=100, batch_handler=batch)
+
+    async def all_done() -> bool:
+        return all([await effects(pool, e.id) == ["batch"] for e in envs])
+
+    await run_for(c, all_done)
+    assert sizes == [10]
+    assert (await bus.redis.xpending(stream, "gbatch"))["pending"] == 0
+
+
+async def test_a_failing_batch_falls_back_to_one_entry_at_a_time(
+    bus: Bus, pool: asyncpg.Pool
+) -> None:
+    stream = bus.stream("mailbox.changed")
+    await bus.ensure_group(stream, "gbatchfail", "$")
+    envs = [sample(200 + i) for i in range(5)]
+    poison = envs[2]
+    for env in envs:
+        await bus.publish(env)
+    inner = make_handler(pool, "fallback")
+
+    async def single(env: Envelope, entry_id: str) -> None:
+        if env.id == poison.id:
+            raise RuntimeError("poison")
+        await inner(env, entry_id)
+
+    async def batch(items: list[tuple[Envelope, str]]) -> None:
+        for env, entry_id in items:
+            # Raises at the poison; the entries before it are handled again alone, which their
+            # inbox rows make a no-op (the effects below are there once).
+            await single(env, entry_id)
+
+    c = Consumer(
+        bus,
+        "gbatchfail",
+        ["mailbox.changed"],
+        single,
+        block_ms=100,
+        batch_handler=batch,
+        claim_idle_ms=60_000,
+    )
+    good = [e for e in envs if e.id != poison.id]
+
+    async def good_done() -> bool:
+        return all([await effects(pool, e.id) == ["fallback"] for e in good])
+
+    await run_for(c, good_done)
+    assert await effects(pool, poison.id) == []
+    pending = await bus.redis.xpending(stream, "gbatchfail")
+    assert pending["pending"] == 1  # only the poison entry waits for its retries
