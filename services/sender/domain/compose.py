@@ -715,7 +715,15 @@ def _header_value(name: str, value: object) -> object:
     if isinstance(value, list):
         text = ", ".join(str(a) for a in value)
         return _PreFolded(name, _fold(name, _address_items(value)), text)
+    if name in _ID_HEADERS:
+        # The stdlib folds an id longer than a line (Outlook's are) into RFC 2047 encoded words,
+        # which no mail client reads as an id: threading would break. Ids fold only at spaces.
+        text = str(value)
+        return _PreFolded(name, _plain_line(name, text), text)
     return value
+
+
+_ID_HEADERS = frozenset({"Message-ID", "In-Reply-To", "References"})
 
 
 # ----------------------------------------------------------------------- compose

@@ -267,6 +267,33 @@ def test_reply_headers() -> None:
     assert "Auto-Submitted" not in msg
 
 
+@pytest.mark.parametrize("with_file", [False, True])
+def test_long_ids_are_never_encoded_words(with_file: bool) -> None:
+    """An Outlook-length parent id (over a line) stays an id on the wire, with files or not."""
+    long_parent = (
+        "<"
+        + "98e8c54485dc1fa063cb1b61c39aa43c2aa51f5ceea6ddfa0b5ab0471c61b4e3"
+        + "@chatflow.generated>"
+    )
+    outlook = (
+        "<AM6PR04MB5671C0FFEE1234567890ABCDEF12345678@AM6PR04MB5671.eurprd04.prod.outlook.com>"
+    )
+    files = [Attachment("a.pdf", "application/pdf", BINARY)] if with_file else []
+    raw = compose(
+        make_draft(attachments=files),
+        make_thread(last_message_id=long_parent, references=[outlook]),
+    )
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    for name in (b"In-Reply-To", b"References", b"Message-ID"):
+        line = re.search(rb"\r\n" + name + rb":((?:[^\r]|\r\n[ \t])*)", b"\r\n" + head)
+        assert line is not None, name
+        assert b"=?" not in line.group(1), line.group(0)
+    assert long_parent.encode() in head and outlook.encode() in head
+    msg = parse(raw)
+    assert str(msg["In-Reply-To"]) == long_parent
+    assert str(msg["References"]).split() == [outlook, long_parent]
+
+
 def test_new_conversation_headers() -> None:
     draft = make_draft(reply_to=None, auto_generated=True)
     msg = parse(compose(draft, make_thread(subject="Hi", last_message_id=None, references=[])))
