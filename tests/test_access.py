@@ -337,6 +337,8 @@ async def test_no_token_is_401(world: World, http: httpx.AsyncClient) -> None:
         '{"html": "<p>x</p>", "to": [{"address": "a@b.test\\r\\nBcc: c@d.test"}]}',
         '{"html": "<p>x</p>", "to": [{"name": "Eve\\r\\nBcc: c@d.test", "address": "a@b.test"}]}',
         '{"html": "<p>x</p>", "to": [{"address": "no-at-sign"}]}',
+        '{"html": "<p>x</p>", "to": [{"address": "a@b@c.test"}]}',
+        '{"html": "<p>x</p>", "to": []}',
         '{"html": "<p>x</p>", "client_id": "a\\u0000b"}',
         '{"html": "<p>x</p>", "attachments": ["../../etc/passwd"]}',
         '{"html": ""}',

@@ -408,7 +408,7 @@ class AddressIn(BaseModel):
     """A recipient the agent typed: one line each, so nothing can smuggle in a header."""
 
     name: OneLine = Field("", max_length=200)
-    address: OneLine = Field(min_length=3, max_length=254, pattern=r"^[^\s<>]+@[^\s<>@]+$")
+    address: OneLine = Field(min_length=3, max_length=254, pattern=r"^[^\s<>@]+@[^\s<>@]+$")
 
 
 class ReplyIn(BaseModel):
@@ -416,7 +416,9 @@ class ReplyIn(BaseModel):
     attachments: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]] = Field(
         default_factory=list, max_length=50
     )
-    to: list[AddressIn] | None = Field(None, max_length=50)
+    to: list[AddressIn] | None = Field(
+        None, min_length=1, max_length=50, description="omitted: the conversation's customer"
+    )
     cc: list[AddressIn] | None = Field(None, max_length=50)
     client_id: OneLine = Field(default="", max_length=200)
 

@@ -41,12 +41,17 @@ def signing_key() -> OKPKey:
 
 
 @pytest.fixture(scope="session")
-async def migrated(database_url: str) -> str:
-    s = ThreaderSettings.load(database_url=database_url)
+async def migrated() -> AsyncIterator[str]:
+    """A database of its own: the whole-stack tests' threader, on the run's shared database,
+    would otherwise relay (publish and delete) the outbox rows these tests read."""
+    name = f"chatflow_t_{testing.new_run_id()}_threader"
+    url = await testing.create_database(name)
+    s = ThreaderSettings.load(database_url=url)
     await db.migrate(
         s.database_url, s.own_database_url, s.db_role, s.db_schema, ThreaderService.migrations
     )
-    return database_url
+    yield url
+    await testing.drop_database(name)
 
 
 @dataclass
