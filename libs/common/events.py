@@ -302,6 +302,7 @@ class SentMessage(_Payload):
     html: str = ""
     in_reply_to: list[str] = []
     references: list[str] = []
+    attachments: list[AttachmentRef] = []
 
 
 @register("mail.status")

@@ -143,7 +143,7 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 date=m.date,
                 text=m.text,
                 html=m.html,
-                attachments=[],
+                attachments=[a.model_dump() for a in m.attachments],
                 status="sent",
                 flags={},
                 id_conversa=st.id_conversa,

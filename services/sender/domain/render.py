@@ -171,6 +171,18 @@ def render(job: Job, signer: Signer, now: datetime, max_bytes: int) -> Rendered 
             "html": composed.html,
             "in_reply_to": composed.in_reply_to,
             "references": composed.references,
+            # What the agent sees listed on the sent message (downloads through the gateway).
+            "attachments": [
+                {
+                    "id": job.attachments[att_id].id,
+                    "filename": job.attachments[att_id].filename,
+                    "content_type": job.attachments[att_id].content_type,
+                    "size": len(job.attachments[att_id].data),
+                    "content_id": job.attachments[att_id].content_id,
+                    "inline": job.attachments[att_id].content_id is not None,
+                }
+                for att_id in cmd.attachments
+            ],
         }
     )
     return Rendered(

@@ -164,9 +164,20 @@ def upload(**kw: Any) -> StoredAttachment:
 def test_an_upload_of_the_mailbox_is_attached() -> None:
     att = upload(mailbox_id="mb-0", mailboxes=frozenset({"mb-0", "mb-1"}))
     cmd = command(attachments=["up_1"])
-    _, msg = rendered(Job(cmd, BOX, thread(), {"up_1": att}))
+    out, msg = rendered(Job(cmd, BOX, thread(), {"up_1": att}))
     (part,) = list(msg.iter_attachments())
     assert part.get_filename() == "fatura.pdf" and part.get_content() == b"%PDF-1.4 fake"
+    # The sent message lists it, so the conversation shows it on our side too.
+    assert out.sent["attachments"] == [
+        {
+            "id": "up_1",
+            "filename": "fatura.pdf",
+            "content_type": "application/pdf",
+            "size": len(b"%PDF-1.4 fake"),
+            "content_id": None,
+            "inline": False,
+        }
+    ]
 
 
 def test_an_upload_of_another_mailbox_is_refused_with_the_reason() -> None:

@@ -443,6 +443,9 @@ async def test_a_bounce_marks_our_sent_message_failed(env: Env) -> None:
             "subject": "Re: Refund",
             "date": datetime.now(UTC),
             "text": "done",
+            "attachments": [
+                {"id": "up_1", "filename": "a.pdf", "content_type": "application/pdf", "size": 3}
+            ],
         }
     )
 
@@ -464,4 +467,6 @@ async def test_a_bounce_marks_our_sent_message_failed(env: Env) -> None:
     await on_status(failed, "0-2")  # redelivered: the same effect
     assert await env.svc.pool.fetchval(stored, our_id) == "failed"
     detail = await env.client.get(f"/api/conversations/{cid}", headers=env.token())
-    assert [m["status"] for m in detail.json()["messages"] if m["direction"] == "out"] == ["failed"]
+    (ours,) = [m for m in detail.json()["messages"] if m["direction"] == "out"]
+    assert ours["status"] == "failed"
+    assert [(a["id"], a["filename"]) for a in ours["attachments"]] == [("up_1", "a.pdf")]
