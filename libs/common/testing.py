@@ -34,6 +34,38 @@ CORPORA = ROOT.parent / "shared" / "corpora"
 _HANDED: set[int] = set()
 
 
+def bearer(
+    key: Any,
+    settings: Any,
+    *,
+    sub: str,
+    roles: list[str],
+    mailboxes: list[str],
+    scope: str = "",
+    client_id: str = "spa",
+) -> dict[str, str]:
+    """An Authorization header with a token as auth signs one (Ed25519, every claim checked),
+    signed by ``key`` (a joserfc OKPKey the service under test trusts)."""
+    from joserfc import jwt
+
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience,
+        "sub": sub,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 900,
+        "jti": uuid.uuid4().hex,
+        "roles": roles,
+        "mailboxes": mailboxes,
+        "scope": scope,
+        "client_id": client_id,
+    }
+    tok = jwt.encode({"alg": "Ed25519", "kid": key.kid}, claims, key, ["Ed25519"])
+    return {"Authorization": f"Bearer {tok}"}
+
+
 def free_port() -> int:
     """A port to start a server on later.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import aiosmtplib
 import httpx
 import pytest
-from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from libs.common import testing
@@ -45,22 +43,15 @@ async def http(mx: Mx) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def bearer(key: OKPKey, mx: Mx, *, roles: list[str], scope: str = "", **kw: Any) -> dict[str, str]:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "iss": mx.settings.jwt_issuer,
-        "aud": mx.settings.jwt_audience,
-        "sub": kw.get("sub", "client-crm"),
-        "iat": now,
-        "nbf": now,
-        "exp": now + 900,
-        "jti": uuid.uuid4().hex,
-        "roles": roles,
-        "mailboxes": kw.get("mailboxes", []),
-        "scope": scope,
-        "client_id": kw.get("client_id", "crm"),
-    }
-    tok = jwt.encode({"alg": "Ed25519", "kid": key.kid}, claims, key, ["Ed25519"])
-    return {"Authorization": f"Bearer {tok}"}
+    return testing.bearer(
+        key,
+        mx.settings,
+        sub=kw.get("sub", "client-crm"),
+        roles=roles,
+        mailboxes=kw.get("mailboxes", []),
+        scope=scope,
+        client_id=kw.get("client_id", "crm"),
+    )
 
 
 def machine(key: OKPKey, mx: Mx) -> dict[str, str]:

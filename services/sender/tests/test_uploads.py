@@ -3,7 +3,6 @@ content addressing), the orphan expiry, and an upload attached by a real send.""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator
 from email import message_from_bytes, policy
@@ -12,9 +11,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from joserfc import jwt
 from joserfc.jwk import OKPKey
 
+from libs.common import testing
 from libs.common.bus import Bus
 from libs.common.events import Envelope, JwksPublished
 from services.sender.domain import uploads
@@ -103,23 +102,13 @@ def signing_key() -> OKPKey:
 def token(
     svc: SenderService, key: OKPKey, mailboxes: list[str], roles: list[str] | None = None
 ) -> dict[str, str]:
-    s = svc.settings
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "iss": s.jwt_issuer,
-        "aud": s.jwt_audience,
-        "sub": "agent-1",
-        "iat": now,
-        "nbf": now,
-        "exp": now + 900,
-        "jti": uuid.uuid4().hex,
-        "roles": ["agent"] if roles is None else roles,
-        "mailboxes": mailboxes,
-        "scope": "",
-        "client_id": "spa",
-    }
-    tok = jwt.encode({"alg": "Ed25519", "kid": key.kid}, claims, key, ["Ed25519"])
-    return {"Authorization": f"Bearer {tok}"}
+    return testing.bearer(
+        key,
+        svc.settings,
+        sub="agent-1",
+        roles=["agent"] if roles is None else roles,
+        mailboxes=mailboxes,
+    )
 
 
 class Api:

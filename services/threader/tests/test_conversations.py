@@ -7,7 +7,6 @@ handler, the API through ASGITransport, and the outbox is read from the table.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from libs.common import db, testing
@@ -62,23 +60,13 @@ class Env:
     mailbox: str
 
     def token(self, sub: str = "agent-1", mailboxes: list[str] | None = None) -> dict[str, str]:
-        s = self.svc.settings
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": s.jwt_issuer,
-            "aud": s.jwt_audience,
-            "sub": sub,
-            "iat": now,
-            "nbf": now,
-            "exp": now + 900,
-            "jti": uuid.uuid4().hex,
-            "roles": ["agent"],
-            "mailboxes": [self.mailbox] if mailboxes is None else mailboxes,
-            "scope": "",
-            "client_id": "spa",
-        }
-        tok = jwt.encode({"alg": "Ed25519", "kid": self.key.kid}, claims, self.key, ["Ed25519"])
-        return {"Authorization": f"Bearer {tok}"}
+        return testing.bearer(
+            self.key,
+            self.svc.settings,
+            sub=sub,
+            roles=["agent"],
+            mailboxes=[self.mailbox] if mailboxes is None else mailboxes,
+        )
 
     async def mail(
         self,

@@ -5,7 +5,6 @@ the API through ASGITransport, the outbox read from its table)."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from libs.common import db, testing
@@ -49,23 +47,13 @@ class Env:
     def auth(
         self, mailboxes: list[str] | None = None, roles: list[str] | None = None
     ) -> dict[str, str]:
-        s = self.svc.settings
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": s.jwt_issuer,
-            "aud": s.jwt_audience,
-            "sub": "agent-1",
-            "iat": now,
-            "nbf": now,
-            "exp": now + 900,
-            "jti": uuid.uuid4().hex,
-            "roles": ["agent"] if roles is None else roles,
-            "mailboxes": [self.mailbox] if mailboxes is None else mailboxes,
-            "scope": "",
-            "client_id": "spa",
-        }
-        tok = jwt.encode({"alg": "Ed25519", "kid": self.key.kid}, claims, self.key, ["Ed25519"])
-        return {"Authorization": f"Bearer {tok}"}
+        return testing.bearer(
+            self.key,
+            self.svc.settings,
+            sub="agent-1",
+            roles=["agent"] if roles is None else roles,
+            mailboxes=[self.mailbox] if mailboxes is None else mailboxes,
+        )
 
     def body(self, **kw: Any) -> dict[str, Any]:
         values: dict[str, Any] = {
