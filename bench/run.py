@@ -161,6 +161,10 @@ def scenario(
     for h in holders:
         h.say(f"RUN {run} 0")
         h.wait_for("ARMED")
+    procs = {name: p.pid for name, p in stack.procs.items()}
+    procs["holders"], procs["observers"] = -1, obs.proc.pid
+    cpu0 = _cpu_of(procs, holders)
+    busy0, total0 = machine_busy()
     smtp.say()
     sent = smtp.result()
     n = len(sent["accepted"])
@@ -170,6 +174,8 @@ def scenario(
     # send → send.ack probe.
     for h in holders:
         h.say(f"DONE {run} {n}")
+    cpu1 = _cpu_of(procs, holders)
+    busy1, total1 = machine_busy()
     held = [h.result() for h in holders]
     accepted: dict[str, float] = sent["accepted"]
     lat = [
@@ -208,7 +214,20 @@ def scenario(
             "p99": ms(pct(seen["send_ack"], 99)),
             "samples": len(seen["send_ack"]),
         },
+        # CPU of each process while the mail flowed, per frame due (one mail to one agent), and
+        # the machine's busy share: where the fan-out budget goes.
+        "cpu_us_per_frame_due": {
+            name: round((cpu1[name] - cpu0[name]) * 1e6 / max(1, due), 1) for name in procs
+        },
+        "machine_cpu_busy": round((busy1 - busy0) / max(1e-9, total1 - total0), 2),
     }
+
+
+def _cpu_of(procs: dict[str, int], holders: list[Child]) -> dict[str, float]:
+    """CPU seconds so far per process name; ``holders`` sums the holder processes."""
+    out = {name: cpu_seconds(pid) for name, pid in procs.items() if pid > 0}
+    out["holders"] = sum(cpu_seconds(h.proc.pid) for h in holders)
+    return out
 
 
 def cpu_seconds(pid: int) -> float:

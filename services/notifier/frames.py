@@ -123,6 +123,8 @@ EPHEMERAL = frozenset({"badge", "presence"})
 
 
 def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
+    """The message and the conversation's state after it: one frame per mail for every agent
+    (the ``conversation.updated`` that follows it is not sent when it says the same)."""
     m = ev.message.model_dump(mode="json", by_alias=True)
     return {
         "type": "message.added",
@@ -130,12 +132,17 @@ def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
         "message": {
             k: m[k] for k in ("id", "message_id", "direction", "from", "subject", "date", "snippet")
         },
+        "conversation": _state(ev.conversation),
     }
 
 
 def conversation_updated(state: ConversationState) -> dict[str, Any]:
-    fields = state.model_dump(mode="json", by_alias=True)
-    return {"type": "conversation.updated", **fields}
+    return {"type": "conversation.updated", **_state(state)}
+
+
+def _state(state: ConversationState) -> dict[str, Any]:
+    """What an agent's list shows; not the signed thread token, which only mail needs."""
+    return state.model_dump(mode="json", by_alias=True, exclude={"token"})
 
 
 def conversation_merged(ev: ConversationMerged) -> dict[str, Any]:

@@ -11,20 +11,32 @@ from libs.common.events import ConversationState, MailStatus
 from services.notifier.domain.rules import status_rank
 
 
-async def upsert_conversation(conn: asyncpg.Connection, c: ConversationState) -> None:
-    """Keep the newest state; a late event with fewer messages does not roll the row back."""
+async def upsert_conversation(conn: asyncpg.Connection, c: ConversationState) -> bool:
+    """Keep the newest state; True if the row changed.
+
+    A late event with fewer messages does not roll the row back, and one that repeats the stored
+    state changes nothing: its frame would tell the agents nothing new.
+    """
     participants = [p.model_dump(mode="json") for p in c.participants]
-    await conn.execute(
+    changed = await conn.fetchval(
         """INSERT INTO conversations AS cur
                (id_conversa, mailbox_id, channel, subject, status, message_count,
-                last_message_at, participants)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                last_message_at, participants, assignee, number)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
            ON CONFLICT (id_conversa) DO UPDATE SET
                mailbox_id = EXCLUDED.mailbox_id, channel = EXCLUDED.channel,
                subject = EXCLUDED.subject, status = EXCLUDED.status,
                message_count = EXCLUDED.message_count, last_message_at = EXCLUDED.last_message_at,
-               participants = EXCLUDED.participants, updated_at = now()
-           WHERE EXCLUDED.message_count >= cur.message_count""",
+               participants = EXCLUDED.participants, assignee = EXCLUDED.assignee,
+               number = EXCLUDED.number, updated_at = now()
+           WHERE EXCLUDED.message_count >= cur.message_count
+             AND (cur.mailbox_id, cur.channel, cur.subject, cur.status, cur.message_count,
+                  cur.last_message_at, cur.participants, cur.assignee, cur.number)
+                 IS DISTINCT FROM
+                 (EXCLUDED.mailbox_id, EXCLUDED.channel, EXCLUDED.subject, EXCLUDED.status,
+                  EXCLUDED.message_count, EXCLUDED.last_message_at, EXCLUDED.participants,
+                  EXCLUDED.assignee, EXCLUDED.number)
+           RETURNING true""",
         c.id_conversa,
         c.mailbox_id,
         c.channel,
@@ -33,7 +45,10 @@ async def upsert_conversation(conn: asyncpg.Connection, c: ConversationState) ->
         c.message_count,
         c.last_message_at,
         participants,
+        c.assignee,
+        c.number,
     )
+    return bool(changed)
 
 
 async def conversation_mailbox(conn: asyncpg.Connection, id_conversa: str) -> str | None:

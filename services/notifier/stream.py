@@ -86,7 +86,8 @@ class StreamHandlers:
             return NotifierFrame(mailbox_id=added.mailbox_id, frame=frames.message_added(added))
         if env.type == "conversation.updated":
             updated = env.payload_as(ConversationUpdated)
-            await storage.upsert_conversation(conn, updated)
+            if not await storage.upsert_conversation(conn, updated):
+                return None  # the state the message.added frame already carried
             return NotifierFrame(
                 mailbox_id=updated.mailbox_id, frame=frames.conversation_updated(updated)
             )

@@ -101,6 +101,36 @@ async def test_conversation_updated_frame(env: Env, start: Starter) -> None:
         assert frame["event_id"]
 
 
+async def test_a_new_message_is_one_frame_carrying_the_conversation(
+    env: Env, start: Starter
+) -> None:
+    """The threader announces a placement twice (message_added, then updated with the same
+    state): agents get one frame for it, and a later real change still gets its own."""
+    svc = await start()
+    box = mbx()
+    async with ws_connect(svc, env.token(user(), [box])) as ws:
+        ev = message_added(box, subject="Invoice")
+        await env.publish(ev)
+        await env.publish(ConversationUpdated(**ev.conversation.model_dump()))
+        frame = await recv_type(ws, "message.added")
+        conv = frame["conversation"]
+        assert conv["id_conversa"] == ev.id_conversa and conv["message_count"] == 1
+        assert conv["subject"] == "Invoice" and conv["status"] == "open"
+        assert "token" not in conv
+        # Anything but a repeat: a badge is state, not a conversation frame.
+        deadline = asyncio.get_running_loop().time() + 0.8
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                other = json.loads(await asyncio.wait_for(ws.recv(), left))
+            except TimeoutError:
+                break
+            assert other["type"] == "badge", other
+        assigned = {**ev.conversation.model_dump(), "assignee": "u-ana"}
+        await env.publish(ConversationUpdated(**assigned))
+        frame = await recv_type(ws, "conversation.updated")
+        assert frame["assignee"] == "u-ana" and "token" not in frame
+
+
 async def test_send_is_acked_and_becomes_one_mail_send(env: Env, start: Starter) -> None:
     svc = await start()
     box, sub = mbx(), user()
