@@ -162,7 +162,7 @@ def scenario(
         h.say(f"RUN {run} 0")
         h.wait_for("ARMED")
     procs = {name: p.pid for name, p in stack.procs.items()}
-    procs["holders"], procs["observers"] = -1, obs.proc.pid
+    procs["holders"] = -1
     cpu0 = _cpu_of(procs, holders)
     busy0, total0 = machine_busy()
     smtp.say()
