@@ -52,6 +52,7 @@ class LiveState:
 
     def disconnected(self, client: Client) -> None:
         self.presence.disconnected(client)
+        self.badges.forget(client)
 
     def deliver(self, entry_id: str, nf: NotifierFrame) -> bool:
         """A badge-only entry (a read, a merge), delivered per agent: True; else False."""
