@@ -47,7 +47,8 @@ def sent_message(row: Any) -> SentMessage | None:
 
 async def upsert_mailbox(
     conn: asyncpg.Connection, mailbox_id: str, address: str, name: str, active: bool
-) -> None:
+) -> int:
+    """Store the mailbox; returns how many sends that waited for it are due now."""
     await conn.execute(
         """INSERT INTO mailboxes (id, address, name, active) VALUES ($1, $2, $3, $4)
            ON CONFLICT (id) DO UPDATE SET address = $2, name = $3, active = $4""",
@@ -56,14 +57,11 @@ async def upsert_mailbox(
         name,
         active,
     )
-    await conn.execute(
-        """UPDATE sends SET next_attempt_at = now()
-           WHERE mailbox_id = $1 AND state = 'queued' AND mime IS NULL""",
-        mailbox_id,
-    )
+    return await _release(conn, "mailbox_id", mailbox_id)
 
 
-async def add_thread_message(conn: asyncpg.Connection, values: tuple[Any, ...]) -> None:
+async def add_thread_message(conn: asyncpg.Connection, values: tuple[Any, ...]) -> int:
+    """Store a message of a thread; returns how many sends that waited for it are due now."""
     await conn.execute(
         """INSERT INTO thread_messages (id_conversa, message_id, mailbox_id, number,
                conv_subject, direction, sender, to_addrs, cc_addrs, subject, date, refs, token)
@@ -72,11 +70,19 @@ async def add_thread_message(conn: asyncpg.Connection, values: tuple[Any, ...]) 
         *values,
     )
     # Sends that were waiting for this conversation go now rather than at their deadline.
-    await conn.execute(
-        """UPDATE sends SET next_attempt_at = now()
-           WHERE id_conversa = $1 AND state = 'queued' AND mime IS NULL""",
-        values[0],
+    return await _release(conn, "id_conversa", values[0])
+
+
+async def _release(conn: asyncpg.Connection, column: str, value: str) -> int:
+    """Postponed sends of this conversation or mailbox are due now. Only a queued command not
+    yet composed has a future ``next_attempt_at`` (a retry is ``deferred``): read by range."""
+    status = await conn.execute(
+        f"""UPDATE sends SET next_attempt_at = now()
+            WHERE {column} = $1 AND state = 'queued' AND mime IS NULL
+              AND next_attempt_at > now()""",
+        value,
     )
+    return int(status.split()[-1])
 
 
 # ---- accepting commands ------------------------------------------------------------------------

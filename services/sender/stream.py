@@ -36,8 +36,11 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
         async with svc.pool.acquire() as conn, conn.transaction():
             if not await inbox.first_time(conn, CONSUMER, env.id):
                 return
-            await storage.upsert_mailbox(conn, box.mailbox_id, box.address, box.name, box.active)
-        svc.delivery.wake()
+            released = await storage.upsert_mailbox(
+                conn, box.mailbox_id, box.address, box.name, box.active
+            )
+        if released:  # else nothing waits for it: no delivery pass per inbound mail
+            svc.delivery.wake()
 
     async def on_message_added(env: Envelope, entry_id: str) -> None:
         ev = env.payload_as(ConversationMessageAdded)
@@ -45,7 +48,7 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
         async with svc.pool.acquire() as conn, conn.transaction():
             if not await inbox.first_time(conn, CONSUMER, env.id):
                 return
-            await storage.add_thread_message(
+            released = await storage.add_thread_message(
                 conn,
                 (
                     ev.id_conversa,
@@ -63,7 +66,8 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
                     ev.conversation.token,
                 ),
             )
-        svc.delivery.wake()
+        if released:  # else nothing waits for it: no delivery pass per inbound mail
+            svc.delivery.wake()
 
     async def accept_many(items: list[tuple[Envelope, MailSend]]) -> list[None]:
         """Store a group of commands and their ``queued`` events in one transaction."""

@@ -4,6 +4,7 @@ DKIM, relay replies and failures, the connection pool, refusals and duplicate co
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -258,14 +259,24 @@ async def test_unsendable_commands_fail_with_a_clear_detail(
 async def test_a_conversation_arriving_late_is_waited_for(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
-    async with running(settings_for(sender_db, bus, sink, unknown_conversation_wait_s=5.0)):
+    """It goes when its conversation arrives, not when the wait runs out."""
+    async with running(settings_for(sender_db, bus, sink, unknown_conversation_wait_s=8.0)):
         conv = str(uuid.uuid4())
         early = await send(bus, conv)
-        await asyncio.sleep(0.5)
+        postponed = "SELECT next_attempt_at > now() FROM sends WHERE send_id = $1::uuid"
+        for _ in range(100):  # until prepare has seen it and put it off
+            if await sender_pool.fetchval(postponed, early):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the send was never postponed")
         await publish_mailbox(bus)
         await publish_conversation(bus, conv=conv)
+        arrived = time.monotonic()
         done = await final_status(bus, early)
+        took = time.monotonic() - arrived
     assert done["status"] == "sent"
+    assert took < 4.0, f"sent {took:.1f} s after its conversation arrived (the wait is 8 s)"
 
 
 async def test_same_send_id_or_client_id_sends_once(
