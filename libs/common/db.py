@@ -40,8 +40,21 @@ def _ssl_arg(url: str, ca: Path | None) -> Any:
 
 
 async def connect_pool(
-    url: str, schema: str, min_size: int = 2, max_size: int = 10, ca: Path | None = None
+    url: str,
+    schema: str,
+    min_size: int = 2,
+    max_size: int = 10,
+    ca: Path | None = None,
+    session_state: bool = False,
 ) -> asyncpg.Pool:
+    """A pool on the service's schema.
+
+    On release asyncpg always rolls back a transaction left open; by default it then also sends
+    ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` — one more round trip per
+    acquire, a tenth of a consumer's statements. Our code keeps no session state on pooled
+    connections (transaction-scoped locks and ``SET LOCAL`` only), so that query is skipped,
+    unless ``session_state``: a pool whose connections hold session advisory locks.
+    """
     pool = await asyncpg.create_pool(
         _strip_sslmode(url),
         min_size=min_size,
@@ -49,9 +62,14 @@ async def connect_pool(
         ssl=_ssl_arg(url, ca),
         server_settings={"search_path": _ident(schema), "application_name": f"chatflow-{schema}"},
         init=_init_connection,
+        reset=None if session_state else _keep_session,
     )
     assert pool is not None
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without the reset query (see ``connect_pool``); asyncpg has rolled back already."""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

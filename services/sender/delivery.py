@@ -115,7 +115,9 @@ class Locks:
             return self._conn
         if self._pool is None:
             s = self.svc.settings
-            self._pool = await db.connect_pool(s.own_database_url, s.db_schema, 1, 1, ca=s.tls_ca)
+            self._pool = await db.connect_pool(
+                s.own_database_url, s.db_schema, 1, 1, ca=s.tls_ca, session_state=True
+            )
         if self._conn is not None:
             log.error("lock session lost; sends in flight may be taken over by another replica")
             await self._pool.release(self._conn)

@@ -48,3 +48,34 @@ async def test_a_service_role_cannot_read_another_schema(database_url: str, tmp_
             await conn.execute("CREATE TABLE public.sneaky (a int)")
     finally:
         await conn.close()
+
+
+async def test_a_released_connection_keeps_no_transaction_and_a_lock_pool_no_locks(
+    database_url: str,
+) -> None:
+    """The cheap release (no reset query) still rolls back what a holder left open; a pool made
+    for session locks (``session_state``) still drops them on release."""
+    await db.migrate(database_url, own_url(database_url), ROLE, SCHEMA, MIGRATIONS)
+    pool = await db.connect_pool(own_url(database_url), SCHEMA, 1, 1)
+    locks = await db.connect_pool(own_url(database_url), SCHEMA, 1, 1, session_state=True)
+    try:
+        conn = await pool.acquire()
+        await conn.execute("BEGIN")
+        await conn.execute("CREATE TEMP TABLE left_open (a int)")
+        await pool.release(conn)
+        async with pool.acquire() as again:
+            assert not again.is_in_transaction()
+            assert await again.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+        held = await locks.acquire()
+        assert await held.fetchval("SELECT pg_try_advisory_lock(4242)")
+        await locks.release(held)
+        async with locks.acquire() as again:
+            assert (
+                await again.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+                )
+                == 0
+            )
+    finally:
+        await pool.close()
+        await locks.close()
