@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from bench import calibrate
 from bench import gateway as gateway_bench
 from libs.common import testing
 from libs.common.settings import ROOT
@@ -456,7 +457,9 @@ def bench_ingest(a: argparse.Namespace) -> None:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
+        report["calibration_before"] = calibrate.measure()
         report.update(ingest_only(url, f"bench{run_id}:", ROOT / "var" / f"bench-{run_id}", a))
+        report["calibration_after"] = calibrate.measure()
     finally:
         asyncio.run(testing.drop_database(db))
         asyncio.run(testing.drop_prefix(f"bench{run_id}:"))
@@ -528,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
+        # The machine's speed against the one the targets assume, before and after (it varies).
+        report["calibration_before"] = calibrate.measure()
+        print(json.dumps(report["calibration_before"]), flush=True)
         var.mkdir(parents=True, exist_ok=True)
         stack.migrate()
         stack.seed(uuid.uuid4().hex)
@@ -563,6 +569,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(report["throughput_5kb"]), flush=True)
         report["throughput_500kb"] = throughput(stack, tokens, a.throughput_large, 500_000)
         print(json.dumps(report["throughput_500kb"]), flush=True)
+        stack.stop()
+        report["calibration_after"] = calibrate.measure()
     finally:
         stack.stop()
         asyncio.run(testing.drop_database(db))
