@@ -233,6 +233,9 @@ class ConversationState(_Payload):
 
 @register("conversation.message_added")
 class ConversationMessageAdded(_Payload):
+    """A message was placed in a conversation; ``conversation`` is its state after it (no
+    ``conversation.updated`` follows for the same change)."""
+
     id_conversa: str
     mailbox_id: str
     channel: str = "email"
@@ -242,7 +245,8 @@ class ConversationMessageAdded(_Payload):
 
 @register("conversation.updated")
 class ConversationUpdated(ConversationState):
-    pass
+    """A conversation changed without a new message (status, assignee, a conversation an agent
+    started); the state after the change."""
 
 
 @register("conversation.merged")

@@ -11,7 +11,6 @@ from libs.common.bus import BatchHandler, Handler
 from libs.common.events import (
     ConversationMerged,
     ConversationMessageAdded,
-    ConversationUpdated,
     Envelope,
     MailReceived,
     MailStatus,
@@ -27,6 +26,9 @@ CONSUMER = "threader"
 async def _announce(
     conn: object, env: Envelope, placed: storage.Placed, token_secret: bytes
 ) -> None:
+    """``conversation.message_added`` carries the conversation's new state, so a placement is
+    not also a ``conversation.updated`` (that one is for changes without a message: status,
+    assignee): one event per mail for every consumer instead of two."""
     conv = storage.state(placed.conversation, token_secret)
     events = [
         Envelope.of(
@@ -37,11 +39,6 @@ async def _announce(
                 message=storage.summary(placed.message),
                 conversation=conv,
             ),
-            producer="threader",
-            correlation_id=env.correlation_id,
-        ),
-        Envelope.of(
-            ConversationUpdated(**conv.model_dump(by_alias=False)),
             producer="threader",
             correlation_id=env.correlation_id,
         ),

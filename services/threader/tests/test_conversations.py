@@ -108,11 +108,21 @@ class Env:
         return str(cid)
 
     async def updates(self, cid: str) -> list[dict[str, Any]]:
+        """The conversation's announced states in order: ``conversation.updated`` payloads and
+        the state a ``conversation.message_added`` carries."""
         rows = await self.svc.pool.fetch(
-            "SELECT envelope FROM outbox WHERE stream_type = 'conversation.updated' ORDER BY id"
+            """SELECT stream_type, envelope FROM outbox
+               WHERE stream_type IN ('conversation.updated', 'conversation.message_added')
+               ORDER BY id"""
         )
-        envs = [json.loads(r["envelope"]) for r in rows]
-        return [e["payload"] for e in envs if e["payload"]["id_conversa"] == cid]
+        out = []
+        for r in rows:
+            payload = json.loads(r["envelope"])["payload"]
+            if r["stream_type"] == "conversation.message_added":
+                payload = payload["conversation"]
+            if payload["id_conversa"] == cid:
+                out.append(payload)
+        return out
 
 
 @pytest.fixture
