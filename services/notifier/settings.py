@@ -44,6 +44,11 @@ class NotifierSettings(ServiceSettings):
     )
     presence_typing_ttl_s: float = field(5.0, "typing stops this long after the last typing frame")
     presence_heartbeat_s: float = field(20.0, "how often a replica refreshes its views")
+    draft_max_message_bytes: int = field(256 * 1024, "largest decoded Yjs sync message")
+    draft_max_doc_bytes: int = field(1024 * 1024, "largest draft: snapshot plus its update log")
+    draft_compact_every: int = field(200, "updates in a draft's log before they are compacted")
+    draft_compact_bytes: int = field(256 * 1024, "or this many bytes of log")
+    draft_max_open_per_connection: int = field(16, "drafts one connection may have open")
     vapid_private_key_file: Path = field(
         ROOT / "var/certs/vapid.pem", "VAPID P-256 key (PEM) signing Web Push; absent: push off"
     )

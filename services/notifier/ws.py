@@ -36,6 +36,7 @@ from libs.common.outbox import OutboxRelay
 from libs.common.tokens import Identity, InvalidToken, TokenVerifier, bearer_from_subprotocols
 from services.notifier import frames, storage
 from services.notifier.access import AccessState
+from services.notifier.domain.drafts import DraftLimits
 from services.notifier.domain.rules import in_audience, is_after, needs_resync
 from services.notifier.drafts import DRAFT_FRAMES, Drafts
 from services.notifier.frames import (
@@ -106,7 +107,19 @@ class LiveServer:
         self.hub = hub
         self.access = access or AccessState()
         self.state = state  # badges and presence (services.notifier.live_state)
-        self.drafts = Drafts(pool, bus, hub, self.access)  # services.notifier.drafts
+        self.drafts = Drafts(  # services.notifier.drafts
+            pool,
+            bus,
+            hub,
+            self.access,
+            DraftLimits(
+                max_message_bytes=settings.draft_max_message_bytes,
+                max_doc_bytes=settings.draft_max_doc_bytes,
+                compact_every=settings.draft_compact_every,
+                compact_bytes=settings.draft_compact_bytes,
+                max_open_per_connection=settings.draft_max_open_per_connection,
+            ),
+        )
         self.stream = bus.stream(FRAME_TYPE)
         self.server: Server | None = None
         self._pending: weakref.WeakKeyDictionary[ServerConnection, object] = (

@@ -87,6 +87,7 @@ _MULTIPART: dict[str, Any] = {
         404: {"model": Error, "description": "The mailbox named is not one of the agent's"},
         413: {"model": Error, "description": "Larger than the upload limit"},
         415: {"model": Error, "description": "Not multipart/form-data"},
+        422: {"model": Error, "description": "An empty file"},
     },
 )
 async def upload(request: Request, who: Identity = Depends(agent)) -> Uploaded:
@@ -111,6 +112,10 @@ async def upload(request: Request, who: Identity = Depends(agent)) -> Uploaded:
         data = await part.read()
         if len(data) > limit:
             raise ApiError(413, f"upload larger than {limit} bytes")
+        if not data:
+            # An empty file is always a mistake of the picker or the network, and it would
+            # reach the customer as an attachment with nothing in it.
+            raise ApiError(422, "the file is empty")
         asked = form.get("mailbox")
         if asked is not None:
             if not isinstance(asked, str) or asked not in who.mailboxes:

@@ -314,8 +314,8 @@ async def test_offline_edits_reach_the_server_in_the_handshake(env: Env, start: 
 
 
 async def test_draft_survives_a_restart_and_is_compacted(env: Env, start: Starter) -> None:
-    svc = await start()
-    svc.live.drafts.limits = DraftLimits(compact_every=5)
+    svc = await start(draft_compact_every=5)
+    assert svc.live.drafts.limits.compact_every == 5
     box, sub = mbx(), user()
     cid = await conversation(env, svc, box)
     async with ws_connect(svc, env.token(sub, [box])) as ws:
@@ -513,8 +513,11 @@ async def test_sending_the_reply_clears_the_draft_everywhere(env: Env, start: St
 async def test_bad_draft_frames_get_errors_and_keep_the_connection(
     env: Env, start: Starter
 ) -> None:
-    svc = await start()
-    svc.live.drafts.limits = DraftLimits(max_message_bytes=64 * 1024, max_doc_bytes=100 * 1024)
+    svc = await start(
+        draft_max_message_bytes=64 * 1024,
+        draft_max_doc_bytes=100 * 1024,
+        draft_max_open_per_connection=2,
+    )
     box = mbx()
     cid = await conversation(env, svc, box)
     async with ws_connect(svc, env.token(user(), [box])) as ws:
@@ -568,8 +571,7 @@ async def test_bad_draft_frames_get_errors_and_keep_the_connection(
         )
         err = await a.recv()
         assert (err["type"], err["code"]) == ("error", "bad_request")
-        # at most max_open_per_connection drafts at once
-        svc.live.drafts.limits = DraftLimits(max_open_per_connection=2)
+        # at most draft_max_open_per_connection drafts at once
         second = Editor(ws, cid, "second")
         await second.open()
         third = Editor(ws, cid, "third")

@@ -231,6 +231,8 @@ async def test_upload_refusals(api: Api, sender_pool: asyncpg.Pool) -> None:
         headers={**api.auth(MAILBOX), "content-type": "multipart/form-data; boundary=b"},
     )
     assert r.status_code == 413
+    r = await api.upload(b"")
+    assert r.status_code == 422 and "empty" in r.json()["error"]["message"]
     r = await api.client.post("/api/attachments", json={"file": "x"}, headers=api.auth(MAILBOX))
     assert r.status_code == 415
     r = await api.client.post(
