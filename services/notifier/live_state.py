@@ -77,14 +77,17 @@ class LiveState:
         if frame.type == "left":
             await self.presence.left(client, frame.id_conversa)
             return True
-        if frame.type == "viewing":
-            state = await self.presence.viewing(client, frame.id_conversa)
-        else:
-            state = await self.presence.typing(client, frame.id_conversa)
-        if state is None:
+        if frame.type == "typing":
+            if await self.presence.typing(client, frame.id_conversa) is None:
+                await self._not_found(client)
+            return True
+        viewed = await self.presence.viewing(client, frame.id_conversa)
+        if viewed is None:
             await self._not_found(client)
-        elif frame.type == "viewing":
-            await client.conn.send(_dump(state))  # who else is here, right away
+        elif not viewed[1]:
+            # Nothing changed for the others (already viewing, say): the viewer still learns
+            # who else is here, right away. A change reaches it with the mailbox's frame.
+            await client.conn.send(_dump(viewed[0]))
         return True
 
     async def _not_found(self, client: Client) -> None:

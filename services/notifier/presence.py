@@ -159,8 +159,11 @@ class Presence:
             mailbox = await storage.conversation_mailbox(conn, id_conversa)
         return mailbox if mailbox is not None and mailbox in client.mailboxes else None
 
-    async def viewing(self, client: Client, id_conversa: str) -> dict[str, Any] | None:
-        """The agent opened a conversation (and left the one before); None: not theirs."""
+    async def viewing(self, client: Client, id_conversa: str) -> tuple[dict[str, Any], bool] | None:
+        """The agent opened a conversation (and left the one before); None: not theirs.
+
+        Returns the presence frame and whether it was announced to the mailbox (the viewer
+        then gets it from there, so it needs no copy of its own)."""
         w = self.where.get(client)
         mailbox = await self._mailbox(client, id_conversa)
         if w is None or mailbox is None:
@@ -174,7 +177,7 @@ class Presence:
         pipe.zadd(key, {f"v|{user}|{w.key}": int(time.time() * 1000) + self.view_ttl_ms})
         pipe.pexpire(key, self.view_ttl_ms)
         await pipe.execute()
-        return await self.announce(id_conversa, mailbox)
+        return await self._announce(id_conversa, mailbox)
 
     async def typing(self, client: Client, id_conversa: str) -> dict[str, Any] | None:
         w = self.where.get(client)
@@ -209,6 +212,10 @@ class Presence:
     # ---- announcing ----------------------------------------------------------------------------
     async def announce(self, id_conversa: str, mailbox_id: str) -> dict[str, Any]:
         """Publish the conversation's presence if it changed since the last announcement."""
+        frame, _ = await self._announce(id_conversa, mailbox_id)
+        return frame
+
+    async def _announce(self, id_conversa: str, mailbox_id: str) -> tuple[dict[str, Any], bool]:
         key = self._conv_key(id_conversa)
         now = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
@@ -231,4 +238,5 @@ class Presence:
                 NotifierFrame(mailbox_id=mailbox_id, frame=frame), producer="notifier"
             )
             await self.bus.publish(env)
-        return frame
+            return frame, True
+        return frame, False

@@ -19,8 +19,7 @@ async def presence(
     typing: list[str] | None = None,
     timeout: float = 5.0,
 ) -> dict[str, Any]:
-    """The first presence frame about ``id_conversa`` in the given state (a viewer also gets
-    the state as a direct answer, so the same state may come twice)."""
+    """The first presence frame about ``id_conversa`` in the given state."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         left = deadline - asyncio.get_running_loop().time()
@@ -110,3 +109,23 @@ async def test_presence_is_not_replayed_on_resume(env: Env, start: Starter) -> N
             await again.send(json.dumps({"type": "resume", "after": first.decode()}))
             assert (await recv_json(again, skip=()))["snapshot"]  # badges come whole instead
             await assert_silent(again, 0.6, skip=())
+
+
+async def test_opening_a_conversation_gives_the_viewer_one_presence_frame(
+    env: Env, start: Starter
+) -> None:
+    """A change reaches the viewer with the mailbox's frame (it has an event id); when nothing
+    changed for the others, the viewer still gets the state, once, as a direct answer."""
+    svc = await start()
+    box = mbx()
+    cid = await known(env, svc, box)
+    ana = user()
+    async with ws_connect(svc, env.token(ana, [box])) as wa:
+        await wa.send(json.dumps({"type": "viewing", "id_conversa": cid}))
+        f = await presence(wa, cid, [ana], [])
+        assert f["event_id"]
+        await assert_silent(wa, 0.6, skip=("badge",))
+        await wa.send(json.dumps({"type": "viewing", "id_conversa": cid}))  # again: no change
+        f = await presence(wa, cid, [ana], [])
+        assert "event_id" not in f
+        await assert_silent(wa, 0.6, skip=("badge",))
