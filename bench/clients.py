@@ -92,14 +92,41 @@ async def agents(a: argparse.Namespace) -> dict[str, Any]:
     marker = f"<bench-{run}-".encode()
     for c in conns:
         c.marker = marker
+    closed_early = 0
+    done = False
+
+    async def keep(i: int) -> None:
+        """As an agent's app does: a connection cut off (a slow consumer, 4008) reconnects and
+        resumes after its last event id, so what it missed is replayed, not lost."""
+        nonlocal closed_early
+        while not done:
+            c = conns[i]
+            await asyncio.shield(c.lost)
+            if done:
+                return
+            closed_early += 1
+            await asyncio.sleep(0.5)
+            fresh = await one(tokens[i])
+            fresh.marker, fresh.count, fresh.last_id = marker, c.count, c.last_id
+            fresh.frames, fresh.errors, fresh.resyncs = c.frames, c.errors, c.resyncs
+            if c.last_id:
+                fresh.send_text(
+                    json.dumps({"type": "resume", "after": c.last_id.decode()}).encode()
+                )
+            conns[i] = fresh
+
+    keepers = [asyncio.create_task(keep(i)) for i in range(len(conns))]
     print("ARMED", flush=True)
     _, _, need = (await _stdin_line()).split()
     deadline = time.monotonic() + a.drain
-    while time.monotonic() < deadline:  # a connection closed early gets no more frames
-        if min((c.count for c in conns if not c.lost.done()), default=int(need)) >= int(need):
+    while time.monotonic() < deadline:
+        if min((c.count for c in conns), default=int(need)) >= int(need):
             break
         await asyncio.sleep(0.05)
-    closed_early = sum(1 for c in conns if c.lost.done() or c.close_code is not None)
+    done = True
+    for keeper in keepers:
+        keeper.cancel()
+    await asyncio.gather(*keepers, return_exceptions=True)
     # A few at a time: a thousand closes in one instant is a reconnect storm, not what is timed
     # here (and each costs the notifier presence cleanup in Redis).
     for k in range(0, len(conns), CLOSE_BATCH):
@@ -114,6 +141,7 @@ async def agents(a: argparse.Namespace) -> dict[str, Any]:
         "connections": len(conns),
         "frames": sum(c.count for c in conns),
         "closed_early": closed_early,
+        "resyncs": sum(c.resyncs for c in conns),
         "frame_errors": sum(c.errors for c in conns),
         "all_frames": sum(c.frames for c in conns),
     }

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 ADDED = b'{"type":"message.added"'
+EVENT_ID = b'"event_id":"'
+RESYNC = b'{"type":"resync"'
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
@@ -69,6 +71,10 @@ class FrameCounter(asyncio.Protocol):
         self.frames = 0
         self.close_code: int | None = None
         self.errors = 0
+        # The last event id seen (every server frame names it right after its type), for a
+        # ``resume`` after the connection is lost; and whether the server said ``resync``.
+        self.last_id = b""
+        self.resyncs = 0
 
     # ---- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,6 +145,12 @@ class FrameCounter(asyncio.Protocol):
                     and buf.find(self.marker, start, end) >= 0
                 ):
                     self.count += 1
+                at = buf.find(EVENT_ID, start, min(end, start + 48))
+                if at >= 0:
+                    at += len(EVENT_ID)
+                    self.last_id = bytes(buf[at : buf.find(b'"', at, end)])
+                elif buf.startswith(RESYNC, start):
+                    self.resyncs += 1
             elif op == OP_PING:
                 self._send(OP_PONG, bytes(buf[start:end]))
             elif op == OP_CLOSE:
@@ -151,6 +163,9 @@ class FrameCounter(asyncio.Protocol):
     def _send(self, opcode: int, payload: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(masked_frame(opcode, payload))
+
+    def send_text(self, payload: bytes) -> None:
+        self._send(OP_TEXT, payload)
 
     def close(self) -> None:
         """Start the closing handshake (1000); the server closes TCP after it answers."""

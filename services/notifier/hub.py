@@ -34,6 +34,7 @@ SLOW_CLOSED = Counter(
     "chatflow_notifier_slow_consumers_total", "Connections closed for not reading fast enough"
 )
 SLOW_CONSUMER = 4008
+LIVE_IDS_MAX = 1000
 
 
 @dataclass(eq=False)
@@ -52,6 +53,11 @@ class Client:
     closing: bool = False
     # Encoded frames waiting for this turn's flush.
     pending: list[bytes] = field(default_factory=list)
+    # Entry ids delivered live since the connection opened, until its first frame: a client that
+    # reconnects sends ``resume`` first, and the replay skips what it already got meanwhile
+    # (else each would come twice). None once the client sent anything else or after
+    # ``LIVE_IDS_MAX`` (a resume then replays without that check).
+    live_ids: set[str] | None = field(default_factory=set)
 
     def __post_init__(self, served: set[str] | None) -> None:
         self.mailboxes = set(self.identity.mailboxes) if served is None else set(served)
@@ -127,6 +133,12 @@ class Hub:
             if data is None:
                 data = encode(text)
             self.queue(c, data)
+            live = c.live_ids
+            if live is not None:
+                if len(live) < LIVE_IDS_MAX:
+                    live.add(entry_id)
+                else:
+                    c.live_ids = None
             n += 1
         if n:
             FRAMES_DELIVERED.inc(n)

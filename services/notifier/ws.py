@@ -273,6 +273,8 @@ class LiveServer:
         except ValidationError as exc:
             await self._reply(client, frames.error("bad_request", _short(exc), client_id))
             return
+        if not isinstance(frame, ResumeFrame):
+            client.live_ids = None  # past the point where a resume comes (see Client.live_ids)
         try:
             if isinstance(frame, SendFrame):
                 await self._send(client, frame)
@@ -364,6 +366,7 @@ class LiveServer:
         """Replay frames after ``after`` for this client, then the live ones held meanwhile."""
         redis = self.bus.redis
         client.resuming = True
+        already, client.live_ids = client.live_ids or set(), None
         try:
             head: Any = await redis.xrange(self.stream, "-", "+", count=1)
             first = head[0][0].decode() if head else None
@@ -377,6 +380,8 @@ class LiveServer:
                     page: Any = await redis.xrange(self.stream, f"({last}", "+", count=_PAGE)
                     for entry_id_b, fields in page:
                         last = entry_id_b.decode()
+                        if last in already:
+                            continue  # delivered live after the reconnect, before this resume
                         text = self._text_for(client, last, fields)
                         if text is not None:
                             await client.conn.send(text)

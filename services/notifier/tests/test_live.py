@@ -334,6 +334,36 @@ async def test_resume_replays_what_was_missed(env: Env, start: Starter) -> None:
         assert live["message"]["subject"] == "fourth"
 
 
+async def test_frames_delivered_before_the_resume_frame_are_not_replayed(
+    env: Env, start: Starter
+) -> None:
+    """A client reconnects while mail flows: frames reach the new connection live before its
+    ``resume`` is read; the replay gives what it missed, not those a second time."""
+    svc = await start()
+    box, sub = mbx(), user()
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        cid = await known_conversation(env, ws, box)
+        stream = await env.bus.redis.xrange(env.bus.stream(FRAME_TYPE))
+        last_seen = stream[-1][0].decode()
+    await env.publish(message_added(box, cid, n=2, subject="missed"))
+    await _frames_at_least(env, 2)
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        await env.publish(message_added(box, cid, n=3, subject="live"))
+        live = await recv_type(ws, "message.added")
+        assert live["message"]["subject"] == "live"
+        await ws.send(json.dumps({"type": "resume", "after": last_seen}))
+        replayed = await recv_type(ws, "message.added")
+        assert replayed["message"]["subject"] == "missed"
+        await assert_silent(ws, 0.8)
+
+
+async def _frames_at_least(env: Env, n: int) -> None:
+    async def enough() -> bool:
+        return bool(await env.bus.redis.xlen(env.bus.stream(FRAME_TYPE)) >= n)
+
+    await testing.eventually(enough)
+
+
 async def test_resume_after_a_trimmed_id_asks_for_resync(env: Env, start: Starter) -> None:
     svc = await start()
     box = mbx()
