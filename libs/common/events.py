@@ -293,6 +293,9 @@ class MailSend(_Payload):
     # Sent by automation rather than typed by an agent: carries Auto-Submitted (RFC 3834).
     automatic: bool = False
     conversation: NewConversation | None = None
+    # The collaborative draft (Yjs) the reply was written in: the notifier empties it for every
+    # editor once the command is on the stream, whichever route (WebSocket or REST) sent it.
+    draft: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class SentMessage(_Payload):

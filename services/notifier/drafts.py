@@ -38,6 +38,7 @@ import logging
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Final, Literal
 
 import asyncpg
@@ -48,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from websockets.exceptions import ConnectionClosed
 
 from libs.common.bus import Bus
-from libs.common.events import Envelope, EventError, register
+from libs.common.events import Envelope, EventError, MailSend, now, register
 from services.notifier import drafts_store, storage
 from services.notifier.access import AccessState
 from services.notifier.domain.drafts import (
@@ -73,6 +74,7 @@ log = logging.getLogger("chatflow.notifier.drafts")
 
 DRAFT_TYPE: Final = "notifier.draft"
 DRAFT_FRAMES: Final = frozenset({"draft.sync", "draft.update", "draft.close"})
+STALE_COMMAND: Final = timedelta(minutes=5)  # a mail.send older than this clears no draft
 STREAM_MAXLEN: Final = 10_000  # live fan-out only; the log in PostgreSQL is the record
 
 OPEN_DRAFTS = Gauge("chatflow_notifier_open_drafts", "Drafts held in memory on this replica")
@@ -382,6 +384,20 @@ class Drafts:
         await self._on_event(self._event(key, epoch, cleared=True), publish=True)
         if not told:
             await _reply(client, _cleared(key, epoch))
+
+    async def on_command(self, env: Envelope, entry_id: str) -> None:
+        """``mail.send`` (consumer group ``notifier-drafts``): a reply that names its draft
+        empties it, also when it was sent by REST. One taken over the WebSocket was cleared by
+        ``after_send`` already; ``drafts_store.clear`` does nothing for the same send twice."""
+        cmd = env.payload_as(MailSend)
+        if cmd.draft is None or not valid_name(cmd.draft):
+            return
+        if now() - env.occurred_at > STALE_COMMAND:
+            return  # replayed long after (a new group, a reclaim): a newer draft may be there
+        key = DraftKey(cmd.id_conversa, cmd.draft)
+        epoch = await drafts_store.clear(self.pool, key, cmd.send_id)
+        if epoch is not None:
+            await self._on_event(self._event(key, epoch, cleared=True), publish=True)
 
     # ---- across replicas ----------------------------------------------------------------------
     def _event(

@@ -105,6 +105,8 @@ class NotifierService(Service):
                 block_ms=s.consumer_block_ms,
             )
         )
+        # Replies that name their draft (REST ones too) empty it for every editor.
+        self.consumer(["mail.send"], self.live.drafts.on_command, group="notifier-drafts")
         self.background.append(self._trim_frames)
         self.background.append(lambda: self.presence.heartbeat(self.stop_event))
         self.background.append(lambda: self.pusher.run(self.stop_event))

@@ -421,6 +421,11 @@ class ReplyIn(BaseModel):
     )
     cc: list[AddressIn] | None = Field(None, max_length=50)
     client_id: OneLine = Field(default="", max_length=200)
+    draft: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="the collaborative draft this reply was written in: emptied once sent",
+    )
 
 
 def _addresses(values: list[AddressIn] | None) -> list[Address] | None:
@@ -449,6 +454,7 @@ async def reply(
         attachments=body.attachments,
         to=_addresses(body.to),
         cc=_addresses(body.cc),
+        draft=body.draft,
     )
     async with svc.pool.acquire() as conn, conn.transaction():
         await outbox.add(conn, Envelope.of(cmd, producer="threader"))

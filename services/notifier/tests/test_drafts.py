@@ -7,6 +7,8 @@ import asyncio
 import base64
 import json
 import random
+import uuid
+from datetime import timedelta
 from typing import Any
 
 import pycrdt
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 
 from libs.common import testing
-from libs.common.events import MembershipChanged
+from libs.common.events import Envelope, MailSend, MembershipChanged
 from services.notifier.domain import drafts as d
 from services.notifier.domain.drafts import DraftError, DraftLimits, SyncKind
 from services.notifier.service import NotifierService
@@ -508,6 +510,68 @@ async def test_sending_the_reply_clears_the_draft_everywhere(env: Env, start: St
             await c.open()
             assert (c.epoch, c.text) == (1, "next reply")
         assert not fresh.cleared
+
+
+async def test_a_reply_sent_by_rest_clears_its_draft_everywhere(env: Env, start: Starter) -> None:
+    """The threader's REST reply publishes ``mail.send`` naming the draft: editors on every
+    replica see it cleared, once; an unnamed one, or a command replayed long after, clears
+    nothing."""
+    one, two = await start(), await start()
+    box = mbx()
+    cid = await conversation(env, one, box)
+    async with (
+        ws_connect(one, env.token(user(), [box])) as wa,
+        ws_connect(two, env.token(user(), [box])) as wb,
+    ):
+        a, b = Editor(wa, cid), Editor(wb, cid)
+        await a.open()
+        await b.open()
+        other = Editor(wb, cid, "notes")
+        await other.open()
+        await a.type(0, "We shipped it.")
+        await b.pump_until("We shipped it.")
+
+        def command(draft: str | None) -> MailSend:
+            return MailSend(
+                send_id=str(uuid.uuid4()),
+                id_conversa=cid,
+                mailbox_id=box,
+                user_id="u-rest",
+                html="<p>We shipped it.</p>",
+                draft=draft,
+            )
+
+        await env.publish(command(None))
+        stale = Envelope.of(command("notes"), producer="threader")
+        await env.bus.publish(
+            stale.model_copy(update={"occurred_at": stale.occurred_at - timedelta(minutes=10)})
+        )
+        sent = command("reply")
+        await env.publish(sent)
+        await env.publish(sent)  # the same command again (a redelivery): cleared once
+        for e in (a, b):
+            frame = await e.recv()
+            assert frame == {
+                "type": "draft.cleared",
+                "id_conversa": cid,
+                "draft": "reply",
+                "epoch": 1,
+            }
+        await assert_no_frame(wa, 0.8)
+        # The stale command came before the reply in the same stream: it was read and ignored.
+        assert not await one.pool.fetchval(
+            "SELECT count(*) FROM drafts WHERE id_conversa = $1 AND cleared_by IS NOT NULL"
+            " AND draft = 'notes'",
+            cid,
+        )
+
+
+async def assert_no_frame(ws: ClientConnection, seconds: float) -> None:
+    try:
+        frame = await asyncio.wait_for(ws.recv(), seconds)
+    except TimeoutError:
+        return
+    raise AssertionError(f"unexpected frame {frame!r}")
 
 
 async def test_bad_draft_frames_get_errors_and_keep_the_connection(

@@ -234,3 +234,18 @@ async def test_the_answer_threads_in_even_with_our_message_id_rewritten(env: Env
     conv = (await env.client.get(f"/api/conversations/{cid}", headers=env.auth())).json()
     assert [m["direction"] for m in conv["messages"]] == ["out", "in"]
     assert [m["message_id"] for m in conv["messages"]] == [ours, answer.message_id]
+
+
+async def test_a_rest_reply_names_its_draft_in_the_command(env: Env) -> None:
+    """So the notifier can empty the collaborative draft it was written in."""
+    cid = (await env.start()).json()["id_conversa"]
+    url = f"/api/conversations/{cid}/replies"
+    r = await env.client.post(
+        url, json={"html": "<p>Done.</p>", "draft": "reply"}, headers=env.auth()
+    )
+    assert r.status_code == 202, r.text
+    for bad in ("", "has space", "x" * 65, 5):
+        r = await env.client.post(url, json={"html": "<p>x</p>", "draft": bad}, headers=env.auth())
+        assert r.status_code == 422, bad
+    sends = [MailSend.model_validate(e) for e in mine(await env.events("mail.send"), cid)]
+    assert [s.draft for s in sends] == [None, "reply"]  # the start's command, then the reply
