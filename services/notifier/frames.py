@@ -124,7 +124,7 @@ EPHEMERAL = frozenset({"badge", "presence"})
 
 def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
     """The message and the conversation's state after it: one frame per mail for every agent
-    (the ``conversation.updated`` that follows it is not sent when it says the same)."""
+    (a ``conversation.updated`` repeating that state sends no frame of its own)."""
     m = ev.message.model_dump(mode="json", by_alias=True)
     return {
         "type": "message.added",

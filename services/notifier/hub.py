@@ -34,7 +34,7 @@ SLOW_CLOSED = Counter(
     "chatflow_notifier_slow_consumers_total", "Connections closed for not reading fast enough"
 )
 SLOW_CONSUMER = 4008
-LIVE_IDS_MAX = 1000
+LIVE_IDS_MAX = 256
 
 
 @dataclass(eq=False)
@@ -55,8 +55,9 @@ class Client:
     pending: list[bytes] = field(default_factory=list)
     # Entry ids delivered live since the connection opened, until its first frame: a client that
     # reconnects sends ``resume`` first, and the replay skips what it already got meanwhile
-    # (else each would come twice). None once the client sent anything else or after
-    # ``LIVE_IDS_MAX`` (a resume then replays without that check).
+    # (else each would come twice). None once the client sent anything else, after
+    # ``LIVE_IDS_MAX`` ids or ``ws.RESUME_WINDOW_S`` (a resume then replays without that check;
+    # the bounds keep thousands of idle connections from holding ids).
     live_ids: set[str] | None = field(default_factory=set)
 
     def __post_init__(self, served: set[str] | None) -> None:

@@ -87,7 +87,7 @@ class StreamHandlers:
         if env.type == "conversation.updated":
             updated = env.payload_as(ConversationUpdated)
             if not await storage.upsert_conversation(conn, updated):
-                return None  # the state the message.added frame already carried
+                return None  # the state agents have already (a message.added carried it)
             return NotifierFrame(
                 mailbox_id=updated.mailbox_id, frame=frames.conversation_updated(updated)
             )

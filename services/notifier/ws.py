@@ -59,6 +59,7 @@ UNAUTHORIZED: Final = 4401
 DISABLED: Final = "account disabled"
 _REJECTED: Final = object()  # the upgrade carried a token that failed verification
 _PAGE = 500
+RESUME_WINDOW_S: Final = 10.0  # see Client.live_ids
 
 
 def render(entry_id: str, frame: dict[str, Any]) -> str:
@@ -208,9 +209,10 @@ class LiveServer:
         self.hub.add(client)
         if self.state is not None:
             self.state.connected(client)  # before any await: no frame slips past
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, identity.exp - time.time()), self._expire, client
-        )
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(max(0.0, identity.exp - time.time()), self._expire, client)
+        # A reconnecting client resumes at once; past this, no ids are kept for it.
+        recording = loop.call_later(RESUME_WINDOW_S, setattr, client, "live_ids", None)
         try:
             async for raw in conn:
                 await self._on_message(client, raw)
@@ -218,6 +220,7 @@ class LiveServer:
             pass
         finally:
             expiry.cancel()
+            recording.cancel()
             self.hub.remove(client)
             self.drafts.leave_all(client)
             if self.state is not None:
