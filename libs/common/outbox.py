@@ -29,11 +29,14 @@ async def add(conn: asyncpg.Connection, *envelopes: Envelope) -> None:
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, bus: Bus, schema: str, poll_ms: int = 500) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, bus: Bus, schema: str, poll_ms: int = 500, batch: int = 500
+    ) -> None:
         self.pool = pool
         self.bus = bus
         self.schema = schema
         self.poll_s = poll_ms / 1000
+        self.batch = batch
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.last_loop_at = 0.0
@@ -55,7 +58,7 @@ class OutboxRelay:
             self.last_loop_at = time.monotonic()
             self._wake.clear()
             try:
-                n = await self.publish_once()
+                n = await self.publish_once(self.batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -64,8 +67,11 @@ class OutboxRelay:
                 await asyncio.sleep(min(1.0, self.poll_s))
             if self._stopping.is_set() and n == 0:
                 return
-            if n:
-                continue  # drain the backlog before waiting
+            if n >= self.batch:
+                continue  # a full batch: there may be more behind it
+            # Else the pass took everything committed before it; rows committed since woke us
+            # (``wake`` after commit sets the event cleared above). No empty pass per publish:
+            # at low rates that was a second transaction for every event of every service.
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             except TimeoutError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -69,3 +70,43 @@ async def test_relay_killed_before_publishing_publishes_after_restart(
         assert all(f"box{i}@".encode() in addresses[i] for i in range(7))  # in commit order
     finally:
         await pool.close()
+
+
+async def test_the_relay_drains_a_backlog_in_batches_and_publishes_each_wake(
+    bus: Bus, database_url: str
+) -> None:
+    pool = await setup_schema(database_url)
+    relay = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=60_000, batch=3)
+    stream = bus.stream("mailbox.changed")
+    try:
+        await pool.execute("DELETE FROM outbox")
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, *(sample(i) for i in range(7)))  # more than two batches
+        task = asyncio.create_task(relay.run())
+        relay.wake()
+        await testing.eventually(lambda: _length_is(bus, stream, 7), timeout=5)
+        # Idle now (the poll is a minute away): a commit and its wake go out at once, in one
+        # pass (no empty pass after it: that was a transaction per event for nothing).
+        passes = 0
+        publish = relay.publish_once
+
+        async def counted(limit: int = 500) -> int:
+            nonlocal passes
+            passes += 1
+            return await publish(limit)
+
+        relay.publish_once = counted  # type: ignore[method-assign]
+        async with pool.acquire() as conn, conn.transaction():
+            await outbox.add(conn, sample(7))
+        relay.wake()
+        await testing.eventually(lambda: _length_is(bus, stream, 8), timeout=5)
+        await asyncio.sleep(0.2)
+        assert passes == 1
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+    finally:
+        await pool.close()
+
+
+async def _length_is(bus: Bus, stream: str, n: int) -> bool:
+    return bool(await bus.redis.xlen(stream) == n)
