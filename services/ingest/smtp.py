@@ -265,6 +265,19 @@ class IngestSMTP(SMTP):
         hook = self._handle_hooks.get("STARTTLS")
         self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A failed TLS handshake (a scanner, garbage, an old TLS version) is the client's
+        fault: one info line, not an error with a traceback per attempt. aiosmtpd then closes
+        the connection without sending the status."""
+        if isinstance(error, TLSSetupException):
+            assert self.session is not None
+            log.info(
+                "TLS handshake failed",
+                extra={"peer": str(self.session.peer), "reason": str(error.__cause__ or "")},
+            )
+            return "421 4.7.0 TLS handshake failed"
+        return await super().handle_exception(error)
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with its line loop replaced by ``data_reader`` (same rules, measured

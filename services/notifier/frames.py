@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from libs.common.events import (
     ConversationMerged,
@@ -85,6 +85,15 @@ class SendFrame(_ClientFrame):
 class ResumeFrame(_ClientFrame):
     type: Literal["resume"]
     after: str = Field(pattern=STREAM_ID)
+
+    @field_validator("after")
+    @classmethod
+    def _in_range(cls, v: str) -> str:
+        """Both parts of a stream id are 64-bit: Redis refuses larger ones (an internal error
+        for what is the client's bad frame)."""
+        if any(int(part) >= 2**64 for part in v.split("-")):
+            raise ValueError("not a stream id")
+        return v
 
 
 class PingFrame(_ClientFrame):

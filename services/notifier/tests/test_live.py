@@ -289,6 +289,9 @@ async def test_bad_frames_get_error_frames_and_connection_survives(
             (json.dumps({"type": "launch"}), "unknown_type"),
             (json.dumps({"type": "send", "client_id": "c"}), "bad_request"),
             (json.dumps({"type": "resume", "after": "yesterday"}), "bad_request"),
+            # The shape of a stream id, past 64 bits: Redis would refuse it (found by a trial).
+            (json.dumps({"type": "resume", "after": "99999999999999999999-0"}), "bad_request"),
+            (json.dumps({"type": "resume", "after": "1-18446744073709551616"}), "bad_request"),
             (b"\x00\x01", "bad_request"),
         ]
         for raw, code in cases:
