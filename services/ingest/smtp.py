@@ -220,6 +220,7 @@ class IngestSMTP(SMTP):
             return None, None
         return address, m["rest"].lstrip(" \t")
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         """aiosmtpd's STARTTLS on the event loop's own TLS layer (``loop.start_tls``).
 
@@ -235,7 +236,14 @@ class IngestSMTP(SMTP):
         if not self.tls_context:
             await self.push("454 TLS not available")
             return
+        if self._tls_protocol:
+            await self.push("503 5.5.1 TLS already active")
+            return
         await self.push("220 Ready to start TLS")
+        # The handshake has its own timeout: the session timer would write a plaintext 421 into
+        # it, and the handshake would then end on a closed transport without an error.
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
         plain = cast(asyncio.Transport, self.transport)
         self._original_transport = plain  # closed in connection_lost, as aiosmtpd's is
         # Plaintext pipelined after the command is dropped (RFC 3207 §5). Before the handshake:
@@ -243,12 +251,18 @@ class IngestSMTP(SMTP):
         # coroutine runs again.
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         try:
-            secure = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
+            secure = await self.loop.start_tls(
+                plain,
+                self,
+                self.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self._timeout_duration,
+            )
         except asyncio.CancelledError:
             raise
         except Exception as error:
             raise TLSSetupException() from error
-        if secure is None:  # the client went away during the handshake
+        if secure is None or secure.is_closing():  # the client went away during the handshake
             raise TLSSetupException()
         self._reader._transport = secure  # type: ignore[attr-defined]
         self._writer._transport = secure  # type: ignore[attr-defined]

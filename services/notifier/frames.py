@@ -78,7 +78,7 @@ class SendFrame(_ClientFrame):
     type: Literal["send"]
     client_id: str = Field(min_length=1, max_length=128)
     id_conversa: str = Field(min_length=1, max_length=200)
-    html: str = Field(min_length=1)
+    html: str = Field(min_length=1, max_length=2_000_000)  # as the REST reply's
     attachments: list[str] = Field(default_factory=list, max_length=50)
 
 

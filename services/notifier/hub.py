@@ -53,9 +53,9 @@ class Client:
     closing: bool = False
     # Encoded frames waiting for this turn's flush.
     pending: list[bytes] = field(default_factory=list)
-    # Entry ids delivered live since the connection opened, until its first frame: a client that
-    # reconnects sends ``resume`` first, and the replay skips what it already got meanwhile
-    # (else each would come twice). None once the client sent anything else, after
+    # Entry ids delivered live since the connection opened: a client that reconnects resumes
+    # soon after (other frames, a ping or ``viewing``, may come first), and the replay skips what
+    # it already got meanwhile (else each would come twice). None after its first resume,
     # ``LIVE_IDS_MAX`` ids or ``ws.RESUME_WINDOW_S`` (a resume then replays without that check;
     # the bounds keep thousands of idle connections from holding ids).
     live_ids: set[str] | None = field(default_factory=set)

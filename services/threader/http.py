@@ -59,6 +59,15 @@ StorableText = Annotated[str, AfterValidator(_storable)]
 OneLine = Annotated[str, AfterValidator(_one_line)]
 
 
+def _has_text(value: str) -> str:
+    if not value.strip():  # the WebSocket send frame strips and refuses it the same way
+        raise ValueError("a reply needs some content")
+    return value
+
+
+ReplyHtml = Annotated[str, AfterValidator(_storable), AfterValidator(_has_text)]
+
+
 async def agent(who: Identity = Depends(identity)) -> Identity:
     """Conversations are agent data: tokens without the agent or admin role are refused."""
     if not who.is_agent:
@@ -412,7 +421,7 @@ class AddressIn(BaseModel):
 
 
 class ReplyIn(BaseModel):
-    html: StorableText = Field(min_length=1, max_length=2_000_000)
+    html: ReplyHtml = Field(min_length=1, max_length=2_000_000)
     attachments: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]] = Field(
         default_factory=list, max_length=50
     )

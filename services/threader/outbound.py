@@ -30,7 +30,7 @@ from services.threader.http import (
     AddressIn,
     Error,
     OneLine,
-    StorableText,
+    ReplyHtml,
     _addresses,
     _errors,
     agent,
@@ -44,7 +44,7 @@ class StartIn(BaseModel):
     to: list[AddressIn] = Field(min_length=1, max_length=50)
     cc: list[AddressIn] | None = Field(None, max_length=50)
     subject: OneLine = Field(min_length=1, max_length=500)
-    html: StorableText = Field(min_length=1, max_length=2_000_000)
+    html: ReplyHtml = Field(min_length=1, max_length=2_000_000)
     attachments: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]] = Field(
         default_factory=list, max_length=50, description="ids from POST /api/attachments"
     )

@@ -65,6 +65,19 @@ async def test_starttls_is_required_before_mail(mx: Mx) -> None:
     assert len(await mx.stored(mid)) == 1
 
 
+async def test_starttls_inside_tls_is_refused_and_the_session_goes_on(mx: Mx) -> None:
+    """A second STARTTLS would start a handshake inside TLS and kill the session (found by a
+    trial; stock aiosmtpd answers 220 too)."""
+    s = await mx.raw()
+    assert (await s.cmd("EHLO client.customer.test"))[0] == 250
+    code, lines = await s.cmd("STARTTLS")
+    assert code == 503 and "already" in lines[0]
+    assert (await s.cmd("NOOP"))[0] == 250
+    code, lines = await s.cmd("HELP STARTTLS")
+    assert code == 250 and "STARTTLS" in lines[0]
+    s.close()
+
+
 def _tls11_context(mx: Mx) -> ssl.SSLContext:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

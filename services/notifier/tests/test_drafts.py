@@ -512,6 +512,21 @@ async def test_sending_the_reply_clears_the_draft_everywhere(env: Env, start: St
         assert not fresh.cleared
 
 
+async def test_a_send_naming_a_bad_draft_is_refused_before_anything_is_sent(
+    env: Env, start: Starter
+) -> None:
+    svc = await start()
+    box = mbx()
+    cid = await conversation(env, svc, box)
+    async with ws_connect(svc, env.token(user(), [box])) as ws:
+        for bad in ("bad name", 5):
+            send = {"type": "send", "client_id": "c-9", "id_conversa": cid, "html": "<p>x</p>"}
+            await ws.send(json.dumps({**send, "draft": bad}))
+            err = await recv_json(ws)
+            assert (err["type"], err["code"], err["client_id"]) == ("error", "bad_request", "c-9")
+    assert await env.bus.redis.xlen(env.bus.stream("mail.send")) == 0
+
+
 async def test_a_reply_sent_by_rest_clears_its_draft_everywhere(env: Env, start: Starter) -> None:
     """The threader's REST reply publishes ``mail.send`` naming the draft: editors on every
     replica see it cleared, once; an unnamed one, or a command replayed long after, clears

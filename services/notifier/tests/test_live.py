@@ -292,6 +292,13 @@ async def test_bad_frames_get_error_frames_and_connection_survives(
             # The shape of a stream id, past 64 bits: Redis would refuse it (found by a trial).
             (json.dumps({"type": "resume", "after": "99999999999999999999-0"}), "bad_request"),
             (json.dumps({"type": "resume", "after": "1-18446744073709551616"}), "bad_request"),
+            # Over the REST reply's limit too.
+            (
+                json.dumps(
+                    {"type": "send", "client_id": "c", "id_conversa": "x", "html": "a" * 2_000_001}
+                ),
+                "bad_request",
+            ),
             (b"\x00\x01", "bad_request"),
         ]
         for raw, code in cases:
@@ -354,6 +361,8 @@ async def test_frames_delivered_before_the_resume_frame_are_not_replayed(
         await env.publish(message_added(box, cid, n=3, subject="live"))
         live = await recv_type(ws, "message.added")
         assert live["message"]["subject"] == "live"
+        await ws.send(json.dumps({"type": "ping"}))  # other frames may come first
+        assert (await recv_type(ws, "pong"))["type"] == "pong"
         await ws.send(json.dumps({"type": "resume", "after": last_seen}))
         replayed = await recv_type(ws, "message.added")
         assert replayed["message"]["subject"] == "missed"

@@ -247,5 +247,7 @@ async def test_a_rest_reply_names_its_draft_in_the_command(env: Env) -> None:
     for bad in ("", "has space", "x" * 65, 5):
         r = await env.client.post(url, json={"html": "<p>x</p>", "draft": bad}, headers=env.auth())
         assert r.status_code == 422, bad
+    r = await env.client.post(url, json={"html": "  \n "}, headers=env.auth())  # no content
+    assert r.status_code == 422, r.text
     sends = [MailSend.model_validate(e) for e in mine(await env.events("mail.send"), cid)]
     assert [s.draft for s in sends] == [None, "reply"]  # the start's command, then the reply
