@@ -228,6 +228,22 @@ async def test_header_count_line_length_and_hops_are_refused_at_end_of_data(mx: 
     raw.close()
 
 
+async def test_a_silent_tls_handshake_is_dropped_without_plaintext(
+    mx: Mx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session timer must not write its 421 into a handshake: the handshake's own timeout
+    (the idle time) ends it, with nothing in clear after the 220 (found by a trial)."""
+    monkeypatch.setattr(mx.settings, "smtp_idle_timeout_s", 0.6)
+    s = await Raw.open(mx.port)
+    await s.cmd("EHLO client.customer.test")
+    assert (await s.cmd("STARTTLS"))[0] == 220
+    t0 = time.monotonic()
+    assert await s.eof(timeout=5)  # closed, and read() gave no bytes before the end
+    assert time.monotonic() - t0 < 3.0
+    mid = new_mid("after-silent-handshake")
+    assert "queued as" in await send(mx, message(mid))
+
+
 async def test_idle_and_slow_sessions_are_closed_with_421(
     mx: Mx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
