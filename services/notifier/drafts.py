@@ -26,8 +26,9 @@ answer for "no such conversation" and "not yours" is the same.
 
 A ``send`` frame that names its ``draft`` clears it once the send is taken: a new epoch with an
 empty document, ``draft.cleared`` to every editor on every replica. An update or a client copy
-of an older epoch is refused with ``draft.cleared`` instead of bringing sent text back. Sends
-made elsewhere (REST) leave drafts alone: they do not say which draft they came from.
+of an older epoch is refused with ``draft.cleared`` instead of bringing sent text back. A REST
+reply that names its ``draft`` does the same, through ``mail.send`` (``on_command``); one that
+names none leaves drafts alone.
 """
 
 from __future__ import annotations
