@@ -143,6 +143,10 @@ def render(job: Job, signer: Signer, now: datetime, max_bytes: int) -> Rendered 
         if not draft.to:
             return Refusal("no recipients: To is empty and the conversation has no sender")
         composed = c.compose_message(draft, ctx)
+        if not composed.text.strip() and not files and "<img" not in composed.html:
+            # "<script>…</script>" passes every form check and sanitizes to nothing: the
+            # customer would get an empty mail (found by a trial).
+            return Refusal("the reply is empty once unsafe content is removed")
         mime = composed.raw
         mail_from = c.envelope_address(c.Addr("", draft.mailbox.address), "From")
         recipients = list(

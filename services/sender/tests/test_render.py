@@ -192,3 +192,16 @@ def test_an_upload_of_another_mailbox_is_refused_with_the_reason() -> None:
 def test_a_missing_upload_is_refused() -> None:
     out = render(Job(command(attachments=["up_9"]), BOX, thread(), {}), NoSigner(), NOW, 10**7)
     assert isinstance(out, Refusal) and "'up_9' not found" in out.detail
+
+
+@pytest.mark.parametrize("html", ["<script>alert(1)</script>", "<p> </p>", "<style>p{}</style>"])
+def test_a_reply_empty_once_sanitized_is_refused_with_the_reason(html: str) -> None:
+    out = render(Job(command(html=html), BOX, thread(), {}), NoSigner(), NOW, 10**7)
+    assert isinstance(out, Refusal) and "empty once unsafe content is removed" in out.detail
+    # Not empty: a picture alone, or a file with no words.
+    img = command(html='<p><img src="https://example.test/a.png" alt="chart"></p>')
+    assert not isinstance(render(Job(img, BOX, thread(), {}), NoSigner(), NOW, 10**7), Refusal)
+    att = upload(mailbox_id="mb-1", mailboxes=frozenset({"mb-1"}))
+    bare = command(html="<p></p>", attachments=["up_1"])
+    out = render(Job(bare, BOX, thread(), {"up_1": att}), NoSigner(), NOW, 10**7)
+    assert not isinstance(out, Refusal)
