@@ -358,13 +358,11 @@ class Drafts:
 
     # ---- sent: clear --------------------------------------------------------------------------
     async def after_send(
-        self, client: Client, id_conversa: str, client_id: str, draft: Any
+        self, client: Client, id_conversa: str, client_id: str, draft: str | None
     ) -> None:
-        """A ``send`` frame named the draft it came from: clear it once the send is taken."""
+        """A ``send`` frame named the draft it came from (``SendFrame`` checked the name):
+        clear it once the send is taken."""
         if draft is None:
-            return
-        if not valid_name(draft):
-            await _reply(client, _error("bad_request", "draft: not a draft name", None))
             return
         key = DraftKey(id_conversa, draft)
         async with self.pool.acquire() as conn:

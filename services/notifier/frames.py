@@ -19,6 +19,7 @@ from libs.common.events import (
     MailStatus,
     register,
 )
+from services.notifier.domain.drafts import DRAFT_NAME
 
 FRAME_TYPE = "notifier.frame"
 STREAM_ID = r"^\d{1,20}-\d{1,20}$"
@@ -80,6 +81,8 @@ class SendFrame(_ClientFrame):
     id_conversa: str = Field(min_length=1, max_length=200)
     html: str = Field(min_length=1, max_length=2_000_000)  # as the REST reply's
     attachments: list[str] = Field(default_factory=list, max_length=50)
+    # The draft it was written in, cleared once the send is taken; a bad name refuses the send.
+    draft: str | None = Field(default=None, pattern=DRAFT_NAME.pattern)
 
 
 class ResumeFrame(_ClientFrame):

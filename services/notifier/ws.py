@@ -36,7 +36,7 @@ from libs.common.outbox import OutboxRelay
 from libs.common.tokens import Identity, InvalidToken, TokenVerifier, bearer_from_subprotocols
 from services.notifier import frames, storage
 from services.notifier.access import AccessState
-from services.notifier.domain.drafts import DraftLimits, valid_name
+from services.notifier.domain.drafts import DraftLimits
 from services.notifier.domain.rules import in_audience, is_after, needs_resync
 from services.notifier.drafts import DRAFT_FRAMES, Drafts
 from services.notifier.frames import (
@@ -278,15 +278,10 @@ class LiveServer:
             return
         try:
             if isinstance(frame, SendFrame):
-                draft = data.get("draft")  # the draft it was written in, cleared once taken
-                if draft is not None and not valid_name(draft):
-                    # Refused before anything is sent, as the REST reply refuses it (422).
-                    await self._reply(
-                        client, frames.error("bad_request", "draft: not a draft name", client_id)
-                    )
-                    return
                 await self._send(client, frame)
-                await self.drafts.after_send(client, frame.id_conversa, frame.client_id, draft)
+                await self.drafts.after_send(
+                    client, frame.id_conversa, frame.client_id, frame.draft
+                )
             elif isinstance(frame, ResumeFrame):
                 await self._resume(client, frame.after)
             elif self.state is not None and await self.state.on_frame(client, frame):
