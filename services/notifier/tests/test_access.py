@@ -65,7 +65,7 @@ async def test_disabled_user_is_closed_and_refused_others_unaffected(
         assert await recv_json(ws) == {"type": "pong"}
         published = time.monotonic()
         await set_user(env, sub, active=False)
-        assert await wait_closed(ws, 1.0) == (4401, "account disabled")
+        assert await wait_closed(ws, 5.0) == (4401, "account disabled")
         assert time.monotonic() - published < 1.0
         assert svc.hub.of_user(sub) == []
         # The colleague goes on receiving.
@@ -112,7 +112,7 @@ async def test_removed_membership_stops_that_mailboxs_frames_at_once(
 
         published = time.monotonic()
         await set_member(env, sub, lost, active=False)
-        await testing.eventually(lambda: served(svc, sub) == [{kept}], timeout=1.0, interval=0.01)
+        await testing.eventually(lambda: served(svc, sub) == [{kept}], timeout=5.0, interval=0.01)
         assert time.monotonic() - published < 1.0
         assert sub not in {c.identity.sub for c in svc.hub.by_mailbox.get(lost, ())}
 
@@ -147,7 +147,7 @@ async def test_removed_membership_stops_that_mailboxs_frames_at_once(
 
         # Back in the mailbox: this connection's token names it, so its frames come again.
         await set_member(env, sub, lost, active=True)
-        await testing.eventually(lambda: served(svc, sub) == [{kept, lost}], timeout=1.0)
+        await testing.eventually(lambda: served(svc, sub) == [{kept, lost}], timeout=5.0)
         again = message_added(lost)
         await env.publish(again)
         assert (await recv_type(ws, "message.added"))["id_conversa"] == again.id_conversa
@@ -169,9 +169,9 @@ async def test_every_replica_acts_and_a_restarted_one_still_refuses(
         await set_member(env, sub, lost, active=False)
         # One replica of the group handled each event; both replicas act on it.
         for ws in (on_a, on_b):
-            assert await wait_closed(ws, 1.0) == (4401, "account disabled")
+            assert await wait_closed(ws, 5.0) == (4401, "account disabled")
         for svc in (a, b):
-            await testing.eventually(lambda svc=svc: served(svc, sub) == [{kept}], timeout=1.0)
+            await testing.eventually(lambda svc=svc: served(svc, sub) == [{kept}], timeout=5.0)
 
     # A replica started afterwards never saw the events: it reads them from its schema.
     c = await start()
@@ -190,7 +190,7 @@ async def test_redelivered_and_stale_changes_change_nothing(env: Env, start: Sta
     box, sub = mbx(), user()
     token = env.token(sub, [box])
     disable = await set_user(env, sub, active=False)
-    await testing.eventually(lambda: svc.access.is_disabled(sub), timeout=1.0)
+    await testing.eventually(lambda: svc.access.is_disabled(sub), timeout=5.0)
     entries = await env.bus.redis.xlen(env.bus.stream(FRAME_TYPE))
     # The same event again, and an enable that happened before it, handled late: no effect.
     await env.bus.publish(disable)
