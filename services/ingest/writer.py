@@ -7,9 +7,9 @@ batch instead of once per message (bench numbers in ``docs/architecture.md``).
 
 How: ``IngestHandler.store`` hands a :class:`Job` (everything to store and announce, ids made in
 advance) to :meth:`Writer.write` and waits. A writer task takes every job waiting (up to
-``max_jobs`` and ``max_bytes``), inserts all blobs, then all messages, attachments and outbox rows
-with one multi-row statement each, commits, and only then resolves each job; the session answers
-250 after that. Nothing about the promise changes: a job is answered only from a committed
+``max_jobs`` and ``max_bytes``), inserts all blobs, messages, attachments and outbox rows in one
+statement (``storage.write_batch``: one round trip, its own transaction), and only once that has
+committed resolves each job; the session answers 250 after that. Nothing about the promise changes: a job is answered only from a committed
 transaction that holds its raw bytes and its ``mail.received`` row.
 
 - **Isolation.** If the batch fails (a bad row, a refused COMMIT, a lost connection), the
@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from libs.common import outbox
 from libs.common.events import Envelope
 from services.ingest import storage
 
@@ -154,14 +153,19 @@ class Writer:
             blobs.update(job.blobs)
             for copy in job.copies:
                 firsts.setdefault(copy.key, copy)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await storage.put_blobs(conn, blobs)
-            ids = await storage.insert_messages(conn, [c.row for c in firsts.values()])
-            new = [c for k, c in firsts.items() if ids[k][1]]
-            await storage.insert_attachments(conn, [a for c in new for a in c.attachments])
-            events = [c.event for c in new if c.event is not None]
-            if events:
-                await outbox.add(conn, *events)
+        copies = list(firsts.values())
+        async with self.pool.acquire() as conn:
+            ids = await storage.write_batch(
+                conn,
+                blobs,
+                [c.row for c in copies],
+                {c.row.id: c.attachments for c in copies if c.attachments},
+                {
+                    c.row.id: (c.event.type, c.event.to_json())
+                    for c in copies
+                    if c.event is not None
+                },
+            )
         return [
             [(str(ids[c.key][0]), ids[c.key][1] and firsts[c.key] is c) for c in job.copies]
             for job in batch

@@ -8,6 +8,8 @@ over in one scheduling round all wait in the queue before the writer task runs.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 
 import aiosmtplib
 import asyncpg
@@ -113,3 +115,41 @@ async def test_smtp_sessions_share_the_services_writer(mx: Mx) -> None:
 
     await asyncio.gather(*(one(i) for i in range(8)))
     assert writer.jobs - before == 8
+
+
+def _with_attachment(mid: str, data: bytes) -> bytes:
+    body = base64.b64encode(data)
+    return message(
+        mid,
+        headers=b'Content-Type: multipart/mixed; boundary="b1"\r\nMIME-Version: 1.0\r\n',
+        body=b"--b1\r\nContent-Type: text/plain\r\n\r\nSee the invoice.\r\n"
+        b'--b1\r\nContent-Type: application/pdf; name="invoice.pdf"\r\n'
+        b"Content-Disposition: attachment\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + body
+        + b"\r\n--b1--\r\n",
+    )
+
+
+async def test_attachments_are_stored_for_new_messages_only(mx: Mx) -> None:
+    """The one-statement batch inserts attachment rows (and blobs) for the copies it inserts,
+    none for a retry in the same batch or a later one; two messages sharing a file share its blob."""
+    writer, _ = _writer(mx)
+    pdf = b"%PDF-1.4 " + new_mid("pdf").encode()
+    a, b = new_mid("att-a"), new_mid("att-b")
+    jobs = [(await _job(mx, _with_attachment(m, pdf)))[0] for m in (a, a, b)]
+    results = await asyncio.gather(*(writer.write(j) for j in jobs))
+    assert writer.batches == 1
+    assert [r[0][1] for r in results] == [True, False, True]
+    (retry,) = await writer.write((await _job(mx, _with_attachment(a, pdf)))[0])
+    assert retry == (results[0][0][0], False)
+    rows = await mx.pool.fetch(
+        """SELECT a.message_id, a.filename, a.size, b.data FROM attachments a
+           JOIN blobs b ON b.sha256 = a.sha256 WHERE a.message_id = ANY($1::uuid[])""",
+        [results[0][0][0], results[2][0][0]],
+    )
+    assert sorted((str(r["message_id"]), r["filename"], r["data"]) for r in rows) == sorted(
+        (results[i][0][0], "invoice.pdf", pdf) for i in (0, 2)
+    )
+    digest = hashlib.sha256(pdf).hexdigest()
+    assert await mx.pool.fetchval("SELECT count(*) FROM blobs WHERE sha256 = $1", digest) == 1
+    assert await _outbox_rows_for(mx, [a, b]) == 2
