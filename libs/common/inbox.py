@@ -18,3 +18,26 @@ async def first_time(conn: asyncpg.Connection, consumer: str, event_id: str) -> 
         event_id,
     )
     return row is not None
+
+
+async def first_times(conn: asyncpg.Connection, consumer: str, event_ids: list[str]) -> list[bool]:
+    """:func:`first_time` for a batch, in one statement: per id, in order, whether it is new.
+
+    An id twice in ``event_ids`` is new at most once (its first place), as when asked in turn.
+    Ids are inserted in sorted order, so two batches with common ids wait in one order.
+    """
+    if not event_ids:
+        return []
+    rows = await conn.fetch(
+        """INSERT INTO processed_events (consumer, event_id)
+           SELECT $1, e FROM unnest($2::text[]) AS e ORDER BY e
+           ON CONFLICT DO NOTHING RETURNING event_id""",
+        consumer,
+        sorted(set(event_ids)),
+    )
+    new = {r["event_id"] for r in rows}
+    out = []
+    for event_id in event_ids:
+        out.append(event_id in new)
+        new.discard(event_id)
+    return out

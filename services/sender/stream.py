@@ -74,8 +74,9 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
         events: list[Envelope] = []
         async with svc.pool.acquire() as conn, conn.transaction():
             fresh: list[tuple[Envelope, MailSend, uuid.UUID]] = []
-            for env, cmd in items:
-                if not await inbox.first_time(conn, CONSUMER, env.id):
+            firsts = await inbox.first_times(conn, CONSUMER, [env.id for env, _ in items])
+            for (env, cmd), first in zip(items, firsts, strict=True):
+                if not first:
                     continue
                 try:
                     fresh.append((env, cmd, uuid.UUID(cmd.send_id)))
