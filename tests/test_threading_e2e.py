@@ -20,6 +20,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.conftest import DEMO_PASSWORD
+from tests.oauth_client import login
 from tests.test_e2e_skeleton import smtp_send
 from tools.devstack import Stack
 
@@ -154,3 +156,34 @@ async def test_replies_forward_out_of_order_and_merge(
         listing = await http.get("/api/conversations", headers=auth, params={"q": tag})
         found = {i["id_conversa"] for i in listing.json()["items"]}
         assert conv in found and early not in found
+
+
+async def test_a_conversation_is_assigned_only_to_an_agent_of_its_mailbox(
+    stack: Stack, agent_token: str, ca_context: ssl.SSLContext
+) -> None:
+    """Auth's membership events reach the threader: the demo admin, a member of the support
+    mailbox, can be assigned; an id auth never announced is refused with the reason."""
+    tag = uuid.uuid4().hex[:6]
+    admin = await login(stack.origin, "admin@chatflow.test", DEMO_PASSWORD, ca_context)
+    auth = {"Authorization": f"Bearer {agent_token}"}
+    async with (
+        connect(
+            f"wss://127.0.0.1:{stack.ports.gateway}/ws",
+            subprotocols=["chatflow.v1", f"bearer.{agent_token}"],  # type: ignore[list-item]
+            ssl=ca_context,
+            origin=stack.origin,  # type: ignore[arg-type]
+        ) as ws,
+        httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http,
+    ):
+        me = await http.get("/api/me", headers={"Authorization": f"Bearer {admin['access_token']}"})
+        admin_id = me.json()["id"]
+        first = mail(f"Lena <lena.{tag}@shop-{tag}.test>", f"Refund {tag}", "Please refund.")
+        await smtp_send(stack, first, ca_context)
+        conv = (await added(ws, first["Message-ID"]))["id_conversa"]
+        url = f"/api/conversations/{conv}"
+        stranger = await http.patch(url, json={"assignee": str(uuid.uuid4())}, headers=auth)
+        assert stranger.status_code == 422, stranger.text
+        assert "not an agent" in stranger.json()["error"]["message"]
+        done = await http.patch(url, json={"assignee": admin_id}, headers=auth)
+        assert done.status_code == 200, done.text
+        assert done.json()["assignee"] == admin_id

@@ -366,7 +366,11 @@ class StateIn(BaseModel):
 
     status: Literal["open", "pending", "closed"] | None = None
     assignee: OneLine | None = Field(
-        None, min_length=1, max_length=200, description="a user id, `me`, or null to unassign"
+        None,
+        min_length=1,
+        max_length=200,
+        description="the user id of an agent of the conversation's mailbox, `me`, or null to "
+        "unassign",
     )
 
 
@@ -383,14 +387,25 @@ async def update_conversation(
     if "status" in body.model_fields_set and body.status is None:
         raise ApiError(422, "status must be open, pending or closed")
     svc = request.app.state.service
+    assignee = who.sub if body.assignee == "me" else body.assignee
     for _ in range(3):  # a merge between lookup and lock moves the change to the survivor
         row = await _visible(request, who, id_conversa)
+        if (
+            assignee is not None
+            and assignee != who.sub  # the caller is an agent of it: the token says so
+            and not await storage.assignable(svc.pool, row["mailbox_id"], assignee)
+        ):
+            raise ApiError(
+                422,
+                f"assignee {assignee!r} is not an agent of this conversation's mailbox "
+                "(a member with an enabled account)",
+            )
         async with svc.pool.acquire() as conn, conn.transaction():
             done = await storage.update_state(
                 conn,
                 row["id_conversa"],
                 status=body.status,
-                assignee=who.sub if body.assignee == "me" else body.assignee,
+                assignee=assignee,
                 set_assignee="assignee" in body.model_fields_set,
             )
             if done is None:

@@ -12,7 +12,7 @@ from services.threader.http import router
 from services.threader.outbound import router as outbound_router
 from services.threader.settings import ThreaderSettings
 from services.threader.storage import Rules
-from services.threader.stream import handlers, received_batch
+from services.threader.stream import agents_handler, handlers, received_batch
 
 
 class ThreaderService(Service):
@@ -41,3 +41,6 @@ class ThreaderService(Service):
             ["mail.received"], on_received, group="threader", batch_handler=received_batch(self)
         )
         self.consumer(["mail.status"], on_status, group="threader-status")
+        self.consumer(
+            ["membership.changed", "user.changed"], agents_handler(self), group="threader-agents"
+        )

@@ -588,6 +588,54 @@ async def list_conversations(
     return list(await conn.fetch(sql, *args))
 
 
+async def record_agent(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    user_id: str,
+    mailbox_id: str | None,
+    active: bool,
+    changed_at: datetime,
+) -> None:
+    """Keep auth's word on who may be assigned: a membership (``mailbox_id``) or, without one,
+    the account itself. An older change than the one stored is ignored."""
+    if mailbox_id is None:
+        await conn.execute(
+            """INSERT INTO agent_accounts AS a (user_id, active, changed_at) VALUES ($1, $2, $3)
+               ON CONFLICT (user_id) DO UPDATE SET active = EXCLUDED.active,
+                   changed_at = EXCLUDED.changed_at
+               WHERE EXCLUDED.changed_at >= a.changed_at""",
+            user_id,
+            active,
+            changed_at,
+        )
+        return
+    await conn.execute(
+        """INSERT INTO mailbox_agents AS a (mailbox_id, user_id, active, changed_at)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (mailbox_id, user_id) DO UPDATE SET active = EXCLUDED.active,
+               changed_at = EXCLUDED.changed_at
+           WHERE EXCLUDED.changed_at >= a.changed_at""",
+        mailbox_id,
+        user_id,
+        active,
+        changed_at,
+    )
+
+
+async def assignable(
+    conn: asyncpg.Connection | asyncpg.Pool, mailbox_id: str, user_id: str
+) -> bool:
+    """Whether ``user_id`` is an agent of ``mailbox_id`` now: a member whose account is enabled."""
+    return bool(
+        await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM mailbox_agents
+                              WHERE mailbox_id = $1 AND user_id = $2 AND active)
+                  AND NOT EXISTS (SELECT 1 FROM agent_accounts WHERE user_id = $2 AND NOT active)""",
+            mailbox_id,
+            user_id,
+        )
+    )
+
+
 async def update_state(
     conn: asyncpg.Connection,
     id_conversa: uuid.UUID,

@@ -14,6 +14,8 @@ from libs.common.events import (
     Envelope,
     MailReceived,
     MailStatus,
+    MembershipChanged,
+    UserChanged,
 )
 from services.threader import storage
 
@@ -152,3 +154,17 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
         svc.relay.wake()
 
     return on_mail_received, on_mail_status
+
+
+def agents_handler(svc: ThreaderService) -> Handler:
+    """``membership.changed`` and ``user.changed``: who may be assigned a conversation."""
+
+    async def on_agent(env: Envelope, entry_id: str) -> None:
+        if env.type == "membership.changed":
+            m = env.payload_as(MembershipChanged)
+            await storage.record_agent(svc.pool, m.user_id, m.mailbox_id, m.active, env.occurred_at)
+        elif env.type == "user.changed":
+            u = env.payload_as(UserChanged)
+            await storage.record_agent(svc.pool, u.user_id, None, u.active, env.occurred_at)
+
+    return on_agent

@@ -25,12 +25,14 @@ from libs.common.events import (
     JwksPublished,
     MailReceived,
     MailStatus,
+    MembershipChanged,
     SentMessage,
+    UserChanged,
 )
 from services.threader import storage
 from services.threader.service import ThreaderService
 from services.threader.settings import ThreaderSettings
-from services.threader.stream import handlers
+from services.threader.stream import agents_handler, handlers
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +102,29 @@ class Env:
         on_received, _ = handlers(self.svc)
         await on_received(Envelope.of(payload, producer="ingest"), "0-1")
         return mid
+
+    async def agent(
+        self,
+        user_id: str,
+        *,
+        active: bool = True,
+        mailbox: str | None = None,
+        account: bool = False,
+        at: datetime | None = None,
+    ) -> None:
+        """Auth's word on an agent, through the handler: a membership of ``mailbox`` (this
+        env's by default) or, with ``account``, the account itself."""
+        payload: MembershipChanged | UserChanged
+        if account:
+            payload = UserChanged(user_id=user_id, email=f"{user_id}@chatflow.test", active=active)
+        else:
+            payload = MembershipChanged(
+                user_id=user_id, mailbox_id=mailbox or self.mailbox, active=active
+            )
+        env = Envelope.of(payload, producer="auth")
+        if at is not None:
+            env.occurred_at = at
+        await agents_handler(self.svc)(env, "0-1")
 
     async def conv_of(self, message_id: str) -> str:
         cid = await self.svc.pool.fetchval(
@@ -183,6 +208,39 @@ async def test_patch_status_and_assignee_writes_updated_event(env: Env) -> None:
     assert detail.json()["assignee"] is None
 
 
+async def test_only_an_agent_of_the_mailbox_can_be_assigned(env: Env) -> None:
+    cid = await env.conv_of(await env.mail("Who takes it?"))
+
+    async def assign(who: str | None) -> httpx.Response:
+        return await env.client.patch(
+            f"/api/conversations/{cid}", json={"assignee": who}, headers=env.token("agent-1")
+        )
+
+    nobody = await assign("agent-unknown")
+    assert nobody.status_code == 422
+    assert "not an agent of this conversation's mailbox" in nobody.json()["error"]["message"]
+    await env.agent("agent-elsewhere", mailbox="mb-other")
+    assert (await assign("agent-elsewhere")).status_code == 422
+    assert (await assign("me")).json()["assignee"] == "agent-1"  # the caller's token suffices
+    await env.agent("agent-3")
+    assert (await assign("agent-3")).json()["assignee"] == "agent-3"
+    # Taken out of the mailbox, or the account disabled: no longer assignable.
+    t0 = datetime.now(UTC)
+    await env.agent("agent-3", active=False, at=t0)
+    assert (await assign("agent-3")).status_code == 422
+    await env.agent("agent-3", active=True, at=t0 - timedelta(seconds=5))  # older: ignored
+    assert (await assign("agent-3")).status_code == 422
+    await env.agent("agent-3", active=True, at=t0 + timedelta(seconds=1))
+    await env.agent("agent-3", active=False, account=True)
+    assert (await assign("agent-3")).status_code == 422
+    await env.agent("agent-3", active=True, account=True)
+    assert (await assign("agent-3")).status_code == 200
+    assert (await assign(None)).json()["assignee"] is None
+    # Nothing of the refusals was stored or announced.
+    states = await env.updates(cid)
+    assert [s["assignee"] for s in states] == [None, "agent-1", "agent-3", None]
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -234,6 +292,7 @@ async def test_list_filters(env: Env) -> None:
     b = await env.conv_of(await env.mail("B"))
     c = await env.conv_of(await env.mail("C"))
     h = env.token("agent-1")
+    await env.agent("agent-2")
     await env.client.patch(f"/api/conversations/{a}", json={"assignee": "me"}, headers=h)
     await env.client.patch(
         f"/api/conversations/{b}", json={"assignee": "agent-2", "status": "closed"}, headers=h
