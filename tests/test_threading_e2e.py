@@ -43,6 +43,16 @@ def mail(sender: str, subject: str, body: str, **headers: str) -> EmailMessage:
 SEEN: list[dict[str, Any]] = []
 
 
+def agent_socket(stack: Stack, token: str, ca_context: ssl.SSLContext) -> connect:
+    """The agent's WebSocket through the gateway, as the web app opens it."""
+    return connect(
+        f"wss://127.0.0.1:{stack.ports.gateway}/ws",
+        subprotocols=["chatflow.v1", f"bearer.{token}"],  # type: ignore[list-item]
+        ssl=ca_context,
+        origin=stack.origin,  # type: ignore[arg-type]
+    )
+
+
 async def added(ws: ClientConnection, message_id: str, timeout: float = 20.0) -> dict[str, Any]:
     """The ``message.added`` frame of one message; every frame read is kept in ``SEEN``."""
 
@@ -79,12 +89,7 @@ async def test_replies_forward_out_of_order_and_merge(
     customer = f"Iris <iris.{tag}@acme-{tag}.test>"
     auth = {"Authorization": f"Bearer {agent_token}"}
     async with (
-        connect(
-            f"wss://127.0.0.1:{stack.ports.gateway}/ws",
-            subprotocols=["chatflow.v1", f"bearer.{agent_token}"],  # type: ignore[list-item]
-            ssl=ca_context,
-            origin=stack.origin,  # type: ignore[arg-type]
-        ) as ws,
+        agent_socket(stack, agent_token, ca_context) as ws,
         httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http,
     ):
         # A question, a reply to it, and a forward of it into support: one conversation.
@@ -167,12 +172,7 @@ async def test_a_conversation_is_assigned_only_to_an_agent_of_its_mailbox(
     admin = await login(stack.origin, "admin@chatflow.test", DEMO_PASSWORD, ca_context)
     auth = {"Authorization": f"Bearer {agent_token}"}
     async with (
-        connect(
-            f"wss://127.0.0.1:{stack.ports.gateway}/ws",
-            subprotocols=["chatflow.v1", f"bearer.{agent_token}"],  # type: ignore[list-item]
-            ssl=ca_context,
-            origin=stack.origin,  # type: ignore[arg-type]
-        ) as ws,
+        agent_socket(stack, agent_token, ca_context) as ws,
         httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http,
     ):
         me = await http.get("/api/me", headers={"Authorization": f"Bearer {admin['access_token']}"})
