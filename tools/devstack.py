@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -55,6 +56,36 @@ class Ports:
         from libs.common.testing import free_port
 
         return cls(*(free_port() for _ in range(10)))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Ports:
+        """The dev defaults, less what the environment overrides (the contract says every one
+        is): each port from the variable its service reads, so that the URLs, origin and
+        issuer the stack derives from them agree with where the services listen."""
+        ports = cls()
+        for name, var in PORT_VARS.items():
+            value = environ.get(var)
+            if value is None:
+                continue
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise ValueError(f"{var}={value!r} is not a TCP port")
+            setattr(ports, name, int(value))
+        return ports
+
+
+# The variable each service reads its port from (``Stack.env`` sets them all).
+PORT_VARS = {
+    "gateway": "CHATFLOW_GATEWAY_PUBLIC_PORT",
+    "gateway_ops": "CHATFLOW_GATEWAY_HTTP_PORT",
+    "auth": "CHATFLOW_AUTH_HTTP_PORT",
+    "ingest": "CHATFLOW_INGEST_HTTP_PORT",
+    "threader": "CHATFLOW_THREADER_HTTP_PORT",
+    "sender": "CHATFLOW_SENDER_HTTP_PORT",
+    "notifier": "CHATFLOW_NOTIFIER_HTTP_PORT",
+    "notifier_ws": "CHATFLOW_NOTIFIER_WS_PORT",
+    "smtp": "CHATFLOW_INGEST_SMTP_PORT",
+    "sink": "CHATFLOW_SENDER_RELAY_PORT",
+}
 
 
 @dataclass
@@ -96,23 +127,14 @@ class Stack:
             CHATFLOW_TLS_CA=str(self.certs / "ca.pem"),
             CHATFLOW_JWT_ISSUER=self.origin,
             CHATFLOW_ALLOWED_ORIGINS=json.dumps([self.origin, f"https://localhost:{p.gateway}"]),
-            CHATFLOW_GATEWAY_HTTP_PORT=str(p.gateway_ops),
-            CHATFLOW_GATEWAY_PUBLIC_PORT=str(p.gateway),
             CHATFLOW_GATEWAY_AUTH_URL=f"https://127.0.0.1:{p.auth}",
             CHATFLOW_GATEWAY_INGEST_URL=f"https://127.0.0.1:{p.ingest}",
             CHATFLOW_GATEWAY_THREADER_URL=f"https://127.0.0.1:{p.threader}",
             CHATFLOW_GATEWAY_SENDER_URL=f"https://127.0.0.1:{p.sender}",
             CHATFLOW_GATEWAY_NOTIFIER_URL=f"https://127.0.0.1:{p.notifier}",
             CHATFLOW_GATEWAY_NOTIFIER_WS_URL=f"wss://127.0.0.1:{p.notifier_ws}/ws",
-            CHATFLOW_AUTH_HTTP_PORT=str(p.auth),
+            **{var: str(getattr(p, name)) for name, var in PORT_VARS.items()},
             CHATFLOW_AUTH_WEB_REDIRECT_URI=f"{self.origin}/callback",
-            CHATFLOW_INGEST_HTTP_PORT=str(p.ingest),
-            CHATFLOW_INGEST_SMTP_PORT=str(p.smtp),
-            CHATFLOW_THREADER_HTTP_PORT=str(p.threader),
-            CHATFLOW_SENDER_HTTP_PORT=str(p.sender),
-            CHATFLOW_SENDER_RELAY_PORT=str(p.sink),
-            CHATFLOW_NOTIFIER_HTTP_PORT=str(p.notifier),
-            CHATFLOW_NOTIFIER_WS_PORT=str(p.notifier_ws),
         )
         if self.inherit_env:
             env.update(inherited)
@@ -264,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.devstack")
     p.add_argument("cmd", choices=["run", "migrate"])
     a = p.parse_args(argv)
-    stack = Stack()
+    try:
+        stack = Stack(ports=Ports.from_env())
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
     try:
         stack.migrate()
     except Exception as exc:
