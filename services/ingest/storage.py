@@ -126,7 +126,7 @@ async def insert_attachment(
     return att_id
 
 
-# ---- many deliveries in one statement each (writer.py's group commit) ---------------------------
+# ---- many deliveries in one statement (writer.py's group commit) ----------------------------------
 
 
 @dataclass
@@ -153,14 +153,14 @@ async def write_batch(
     """A group commit's rows in one statement, so in one round trip and its own transaction.
 
     Blobs, messages (distinct keys), and for the messages that are new, their attachments and
-    their outbox row (``events``: message id -> (stream type, envelope JSON)). Returns what
-    ``(mailbox_id, raw_sha256)`` -> (id, new); a key already stored (a retry) keeps its first id, is not new,
-    and gets neither attachments nor an event. Why one statement: BEGIN, four statements and
-    COMMIT were six round trips per batch, and each costs a write and a read syscall, a wake of a
-    backend and a turn of the loop on a two-core machine; the constraints hold as before (they
-    are checked at the end of the statement, with the rows of every part of it in view).
-    Blobs, then messages, go in key order: two transactions inserting common keys wait on each
-    other in one order, never in a cycle.
+    their outbox row (``events``: message id -> (stream type, envelope JSON)). Returns
+    ``(mailbox_id, raw_sha256)`` -> (id, new): a key already stored (a retry) keeps its first id,
+    is not new, and gets neither attachments nor an event; a concurrent identical delivery waits
+    on the unique index. Why one statement: BEGIN, four statements and COMMIT were six round
+    trips per batch, each a write and a read syscall, a wake of a backend and a turn of the loop
+    on a two-core machine. The constraints hold as before: they are checked at the end of the
+    statement, with the rows of every part of it in view. Blobs, then messages, go in key order:
+    two transactions inserting common keys wait on each other in one order, never in a cycle.
     """
     keys = sorted(blobs)
     rows = sorted(rows, key=lambda r: (r.mailbox_id, r.raw_sha256))
