@@ -126,7 +126,7 @@ async def insert_attachment(
     return att_id
 
 
-# ---- many deliveries in one statement (writer.py's group commit) ----------------------------------
+# ---- many deliveries in one statement (writer.py's group commit) -----------------------------
 
 
 @dataclass
