@@ -47,7 +47,7 @@ import ssl
 import uuid
 import weakref
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, AnyStr, TypeVar, cast
 
@@ -149,6 +149,10 @@ def content_refusal(raw: bytes, limits: Limits) -> str | None:
             f"{limits.max_received}); probably a mail loop"
         )
     return None
+
+
+class EventEncodingError(Exception):
+    """A read message whose ``mail.received`` event cannot be encoded."""
 
 
 class IngestEnvelope(Envelope):
@@ -478,19 +482,20 @@ class IngestHandler:
         The transaction is the writer's (``writer.py``), shared with the other sessions that
         finished DATA meanwhile; this returns once it is committed.
         """
-        results = await writer_for(self.service).write(self.job(prepared, boxes, session, envelope))
+        job = self.job(prepared, boxes, session, envelope)
+        results = await writer_for(self.service).write(job)
         out = [Stored(id_, new) for id_, new in results]
-        read = prepared.read
+        row = job.copies[0].row
         log.info(
-            "message accepted" if read is not None else "message quarantined",
+            "message accepted" if row.status == "accepted" else "message quarantined",
             extra={
                 "ingest_ids": [s.id for s in out],
                 "duplicate": not any(s.new for s in out),
-                "message_id": read.message_id if read is not None else None,
+                "message_id": row.message_id,
                 "size": len(prepared.raw),
                 "bare_line_ends": prepared.bare_line_ends,
                 "peer": _peer(session),
-                "reason": prepared.reason,
+                "reason": row.reason,
             },
         )
         return out
@@ -502,7 +507,26 @@ class IngestHandler:
         session: Session,
         envelope: IngestEnvelope,
     ) -> Job:
-        """Everything ``store`` commits, ids made here: a row, attachments and event per box."""
+        """Everything ``store`` commits, ids made here: a row, attachments and event per box.
+
+        An event that cannot be encoded (a reader bug: text no JSON can carry) would fail the
+        commit on every retry of the client; the message is quarantined with the reason instead.
+        """
+        try:
+            return self._job(prepared, boxes, session, envelope)
+        except EventEncodingError as exc:
+            log.error("event could not be encoded; message quarantined", extra={"error": str(exc)})
+            reason = f"reader error: its fields could not be encoded ({exc})"[:500]
+            unread = replace(prepared, read=None, reason=reason)
+            return self._job(unread, boxes, session, envelope)
+
+    def _job(
+        self,
+        prepared: Prepared,
+        boxes: list[storage.Mailbox],
+        session: Session,
+        envelope: IngestEnvelope,
+    ) -> Job:
         read, peer = prepared.read, _peer(session)
         digest = hashlib.sha256(prepared.raw).hexdigest()
         blobs = {digest: prepared.raw}
@@ -524,7 +548,7 @@ class IngestHandler:
                 peer=peer,
             )
             attachments: list[storage.AttachmentRow] = []
-            event: EventEnvelope | None = None
+            event: tuple[str, str] | None = None
             if read is not None:
                 refs = []
                 for part in read.parts:
@@ -544,7 +568,11 @@ class IngestHandler:
                     attachments.append(att)
                     refs.append((str(att.id), part))
                 payload = to_event(read, str(row.id), box, refs, prepared.received_at)
-                event = EventEnvelope.of(payload, producer="ingest")
+                env = EventEnvelope.of(payload, producer="ingest")
+                try:
+                    event = (env.type, env.to_json())
+                except ValueError as exc:  # pydantic's serialization error is one
+                    raise EventEncodingError(str(exc)[:200]) from exc
             copies.append(Copy(row, attachments, event))
         return Job(copies, blobs)
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from libs.common.events import Envelope
 from services.ingest import storage
 
 log = logging.getLogger("chatflow.ingest.writer")
@@ -41,11 +40,12 @@ Key = tuple[str, str]  # (mailbox_id, raw_sha256): what makes a delivery "the sa
 
 @dataclass
 class Copy:
-    """One mailbox's copy of a message: its row, its attachment rows, its event (if readable)."""
+    """One mailbox's copy of a message: its row, its attachment rows and, if it was read, its
+    event as the outbox stores it (stream type, envelope JSON), encoded before it gets here."""
 
     row: storage.MessageRow
     attachments: list[storage.AttachmentRow]
-    event: Envelope | None
+    event: tuple[str, str] | None
 
     @property
     def key(self) -> Key:
@@ -160,11 +160,7 @@ class Writer:
                 blobs,
                 [c.row for c in copies],
                 {c.row.id: c.attachments for c in copies if c.attachments},
-                {
-                    c.row.id: (c.event.type, c.event.to_json())
-                    for c in copies
-                    if c.event is not None
-                },
+                {c.row.id: c.event for c in copies if c.event is not None},
             )
         return [
             [(str(ids[c.key][0]), ids[c.key][1] and firsts[c.key] is c) for c in job.copies]

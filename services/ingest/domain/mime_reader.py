@@ -634,6 +634,10 @@ def _msgid_text(value: str) -> str:
     text = single_line(_unfold(value))
     if "=?" in text:
         text = single_line(decode_header_text(text))
+    if _has_surrogates(text):
+        # Raw 8-bit bytes (an IDN domain written in UTF-8, a Latin-1 letter): decoded the same
+        # way whatever else the message declares, so every copy of the id reads the same.
+        text = single_line(_raw_text(text))
     return text
 
 

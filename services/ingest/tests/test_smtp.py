@@ -448,6 +448,49 @@ async def test_a_retry_of_a_committed_message_is_stored_once_and_announced_once(
     assert sorted(e.payload["mailbox_id"] for e in events) == ["mb-sales", "mb-support"]
 
 
+async def test_raw_8bit_ids_are_read_and_announced(mx: Mx) -> None:
+    """A Message-ID or References with raw UTF-8 or Latin-1 bytes (an IDN domain): 250, stored,
+    announced with the id decoded (it was a 451 on every retry: the event could not be
+    encoded; found by a trial)."""
+    tag = new_mid("idn").split("@")[0]
+    raw = (
+        f"From: J <j@example.de>\r\nTo: <{SUPPORT}>\r\nSubject: IDN\r\n".encode()
+        + f"Message-ID: <{tag}@m".encode()
+        + b"\xc3\xbcller.de>\r\nIn-Reply-To: <x@m\xfcller.de>\r\n\r\nHallo\r\n"
+    )
+    assert "queued as" in await send(mx, raw)
+    (row,) = await mx.stored(f"{tag}@müller.de")
+    assert row["status"] == "accepted"
+    await mx.drained()
+    (event,) = await mx.events(f"{tag}@müller.de")
+    assert event.payload["in_reply_to"] == ["<x@müller.de>"]
+
+
+async def test_an_event_that_cannot_be_encoded_quarantines_instead_of_451(
+    mx: Mx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a reader bug puts in the event, the message is kept: quarantined with the
+    reason, answered 250, never a 451 that the client retries forever."""
+    from services.ingest import smtp
+
+    real = smtp.to_event
+
+    def broken(*args: object, **kwargs: object) -> object:
+        event = real(*args, **kwargs)  # type: ignore[arg-type]
+        event.subject = "lone \udcff surrogate"
+        return event
+
+    monkeypatch.setattr(smtp, "to_event", broken)
+    raw = message(new_mid("unencodable"))
+    assert "queued as" in await send(mx, raw)
+    row = await mx.pool.fetchrow(
+        "SELECT status, reason FROM messages WHERE raw_sha256 = $1",
+        hashlib.sha256(raw).hexdigest(),
+    )
+    assert row is not None and row["status"] == "quarantined"
+    assert row["reason"].startswith("reader error: its fields could not be encoded")
+
+
 # ---- 5. LMTP -------------------------------------------------------------------------------
 
 
