@@ -39,6 +39,11 @@ class IngestSettings(ServiceSettings):
     smtp_session_max_s: float = field(
         1800.0, "seconds a session may last in total, however busy, before 421 and close"
     )
+    smtp_postmaster: str = field(
+        "",
+        "the mailbox address that receives postmaster@ mail (RFC 5321 4.5.1: an MX accepts it for "
+        "every domain it serves); empty: the first active mailbox of that domain by address",
+    )
     lmtp_host: str = "127.0.0.1"
     lmtp_port: int = field(0, "LMTP listener (RFC 2033) for an MTA in front of us; 0 = off")
     lmtp_require_starttls: bool = field(

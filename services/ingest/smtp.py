@@ -403,7 +403,7 @@ class IngestHandler:
                 f"{self.service.settings.smtp_max_recipients} per message, send the rest "
                 "in another transaction"
             )
-        box = self.service.mailboxes.get(base_address(address))
+        box = self.service.mailboxes.get(base_address(address)) or self.postmaster(address)
         if box is None:
             log.info("recipient refused", extra={"rcpt": address, "peer": _peer(session)})
             return f"550 5.1.1 <{address}>: no such mailbox here; this server does not relay"
@@ -411,6 +411,21 @@ class IngestHandler:
         envelope.rcpt_options.extend(rcpt_options)
         envelope.boxes.append(box)
         return "250 2.1.5 Recipient ok"
+
+    def postmaster(self, address: str) -> storage.Mailbox | None:
+        """The mailbox ``postmaster`` mail goes to: bare or at a domain we serve (RFC 5321
+        4.5.1 requires it, case-insensitively), the configured one or the domain's first."""
+        local, at, domain = address.strip().lower().rpartition("@")
+        if not at:
+            local, domain = domain, ""
+        if local != "postmaster":
+            return None
+        boxes = self.service.mailboxes
+        ours = sorted(a for a in boxes if not domain or a.rpartition("@")[2] == domain)
+        if not ours:
+            return None  # not a domain of ours: no relay for postmaster either
+        chosen = self.service.settings.smtp_postmaster.strip().lower()
+        return boxes.get(chosen) or boxes[ours[0]]
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope, IngestEnvelope)

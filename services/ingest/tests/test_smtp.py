@@ -28,7 +28,7 @@ from libs.common.bus import connect
 from libs.common.settings import ROOT
 from services.ingest import storage
 from services.ingest.settings import IngestSettings
-from services.ingest.smtp import normalize_line_endings
+from services.ingest.smtp import IngestHandler, normalize_line_endings
 from services.ingest.tests.conftest import SALES, SUPPORT, Mx, Raw, message, new_mid, wait_port
 
 FROM = "zoe@customer.test"
@@ -179,6 +179,32 @@ async def test_unknown_recipients_get_550_saying_we_do_not_relay(mx: Mx) -> None
             assert refused.value.code == 550
             assert "no such mailbox here" in refused.value.message
             assert "does not relay" in refused.value.message
+
+
+async def test_postmaster_is_accepted_for_our_domains_only(mx: Mx) -> None:
+    """RFC 5321 4.5.1: postmaster, bare or at a domain we serve, in any case, is delivered (to
+    the configured mailbox, else the domain's first by address); at another domain it is relay."""
+    mids = [new_mid("pm") for _ in range(3)]
+    for mid, rcpt in zip(
+        mids, ("postmaster@chatflow.test", "PostMaster", "POSTMASTER@ChatFlow.Test"), strict=True
+    ):
+        assert "queued as" in await send(mx, message(mid), [rcpt])
+    first = min(a for a in mx.svc.mailboxes if a.endswith("@chatflow.test"))
+    for mid in mids:
+        assert [r["mailbox_id"] for r in await mx.stored(mid)] == [mx.svc.mailboxes[first].id]
+    async with client(mx) as c:
+        await c.mail(FROM)
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+            await c.rcpt("postmaster@elsewhere.test")
+        assert refused.value.code == 550
+    handler = IngestHandler(mx.svc)
+    saved = mx.svc.settings
+    mx.svc.settings = saved.model_copy(update={"smtp_postmaster": SUPPORT.upper()})
+    try:
+        box = handler.postmaster("postmaster@chatflow.test")
+        assert box is not None and box.address == SUPPORT
+    finally:
+        mx.svc.settings = saved
 
 
 async def test_null_sender_bounces_are_accepted(mx: Mx) -> None:
