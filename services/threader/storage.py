@@ -170,8 +170,13 @@ async def place_message(
     thread_index: str | None = None,
     thread_topic: str | None = None,
     rules: Rules = Rules(),
+    arrived: datetime | None = None,
 ) -> Placed | None:
     """Thread one message; None when this mailbox already has this Message-ID (a retry, a Bcc copy).
+
+    ``arrived`` (when we received it; ``date`` if not given) is the conversation's activity, what
+    the list is ordered by: a sender's clock, wrong by years either way, must not pin a
+    conversation to the top or bury a fresh reply. ``date`` stays the message's own.
 
     Serialized per mailbox with an advisory lock so two replicas can't split one thread.
     ``id_conversa`` forces the conversation (our own outbound messages know theirs).  The rules,
@@ -296,7 +301,7 @@ async def place_message(
             mailbox_id,
             channel,
             subject,
-            date,
+            arrived or date,
             uuid.UUID(linked_to) if linked_to else None,
         )
         if stale is not None:
@@ -369,7 +374,7 @@ async def place_message(
                  SELECT activity_seq, id_conversa, last_message_at FROM u)
            SELECT * FROM u""",
         uuid.UUID(target),
-        date,
+        arrived or date,
         direction,
         people_in,
         doc,

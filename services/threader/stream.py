@@ -85,6 +85,7 @@ async def _place_received(svc: ThreaderService, conn: asyncpg.Connection, env: E
         thread_index=mail.thread_index,
         thread_topic=mail.thread_topic,
         rules=svc.rules,
+        arrived=mail.received_at,
     )
     if placed is not None:
         await _announce(conn, env, placed, svc.token_secret)

@@ -208,6 +208,37 @@ async def test_patch_status_and_assignee_writes_updated_event(env: Env) -> None:
     assert detail.json()["assignee"] is None
 
 
+async def test_the_list_follows_arrival_not_the_senders_clock(env: Env) -> None:
+    """A Date: in 2100 does not pin a conversation to the top, nor one in 1990 bury the reply
+    that just came (found by a trial); each message keeps its own date."""
+
+    async def order() -> list[str]:
+        r = await env.client.get("/api/conversations", headers=env.token())
+        return [i["id_conversa"] for i in r.json()["items"]]
+
+    old_mid = await env.mail("Old question")
+    old = await env.conv_of(old_mid)
+    future = await env.conv_of(
+        await env.mail("From the future", date=datetime(2100, 1, 1, tzinfo=UTC))
+    )
+    assert (await order())[:2] == [future, old]
+    item = next(
+        i
+        for i in (await env.client.get("/api/conversations", headers=env.token())).json()["items"]
+        if i["id_conversa"] == future
+    )
+    assert datetime.fromisoformat(item["last_message_at"]) < datetime.now(UTC) + timedelta(
+        minutes=1
+    )
+    reply = await env.mail(
+        "Re: Old question", reply_to=old_mid, date=datetime(1990, 1, 1, tzinfo=UTC)
+    )
+    assert await env.conv_of(reply) == old
+    assert (await order())[:2] == [old, future]
+    detail = (await env.client.get(f"/api/conversations/{old}", headers=env.token())).json()
+    assert detail["messages"][0]["date"].startswith("1990-01-01")
+
+
 async def test_only_an_agent_of_the_mailbox_can_be_assigned(env: Env) -> None:
     cid = await env.conv_of(await env.mail("Who takes it?"))
 
