@@ -110,8 +110,12 @@ class Notifier:
     port: int
     handshakes: list[dict[str, Any]] = field(default_factory=list)
     closes: list[int | None] = field(default_factory=list)
+    # When each connection's handler began (the real notifier registers it there, before any
+    # await), on this process's monotonic clock.
+    registered: list[float] = field(default_factory=list)
 
     async def handler(self, ws: ServerConnection) -> None:
+        self.registered.append(time.monotonic())
         req = ws.request
         assert req is not None
         self.handshakes.append(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -31,6 +32,22 @@ async def test_large_frames_cross_intact_both_ways(
         assert await ws.recv() == blob
         pong = await ws.ping(b"p")  # control frames pass too: the notifier answers this ping
         await asyncio.wait_for(pong, 5)
+
+
+async def test_the_socket_opens_only_once_the_notifier_has_it(
+    gateway: Gateway, rig: Rig, good_token: str
+) -> None:
+    """The client's 101 comes after the notifier took the upstream connection, so no frame the
+    notifier sends after the client sees its socket open can miss it (the 101 used to go first,
+    and at 1,000 agents a busy gateway let frames pass new connections by; found by the bench)."""
+    for _ in range(5):
+        before = len(rig.notifier.registered)
+        async with dial(gateway, rig, ["chatflow.v1", f"bearer.{good_token}"]) as ws:
+            opened = time.monotonic()
+            assert len(rig.notifier.registered) == before + 1
+            assert rig.notifier.registered[-1] <= opened
+            await ws.send("ping")
+            assert await ws.recv() == "echo:ping"
 
 
 async def test_frame_over_the_cap_closes_1009(start_gateway: StartGateway, rig: Rig) -> None:
