@@ -187,3 +187,36 @@ async def test_a_conversation_is_assigned_only_to_an_agent_of_its_mailbox(
         done = await http.patch(url, json={"assignee": admin_id}, headers=auth)
         assert done.status_code == 200, done.text
         assert done.json()["assignee"] == admin_id
+
+
+async def test_an_out_of_office_reply_leaves_a_closed_conversation_closed(
+    stack: Stack, agent_token: str, ca_context: ssl.SSLContext
+) -> None:
+    """Through SMTP, ingest's Auto-Submitted flag reaches the threader and the socket: the
+    auto-reply joins the conversation, marked, and reopens nothing."""
+    tag = uuid.uuid4().hex[:6]
+    customer = f"Noor <noor.{tag}@firm-{tag}.test>"
+    auth = {"Authorization": f"Bearer {agent_token}"}
+    async with (
+        agent_socket(stack, agent_token, ca_context) as ws,
+        httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http,
+    ):
+        first = mail(customer, f"Contract {tag}", "Please send the contract.")
+        await smtp_send(stack, first, ca_context)
+        conv = (await added(ws, first["Message-ID"]))["id_conversa"]
+        url = f"/api/conversations/{conv}"
+        assert (await http.patch(url, json={"status": "closed"}, headers=auth)).status_code == 200
+        ooo = mail(
+            customer,
+            f"Automatic reply: Contract {tag}",
+            "I am out of the office until Monday.",
+            In_Reply_To=first["Message-ID"],
+            Auto_Submitted="auto-replied",
+        )
+        await smtp_send(stack, ooo, ca_context)
+        frame = await added(ws, ooo["Message-ID"])
+        assert frame["id_conversa"] == conv and frame["message"]["automatic"] is True
+        assert frame["conversation"]["status"] == "closed"
+        detail = (await http.get(url, headers=auth)).json()
+        assert detail["status"] == "closed"
+        assert [m["automatic"] for m in detail["messages"]] == [False, True]

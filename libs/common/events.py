@@ -214,6 +214,9 @@ class MessageSummary(_Payload):
     snippet: str = ""
     in_reply_to: list[str] = []
     references: list[str] = []
+    # Sent by a machine, not a person: an auto-reply, a bounce (Auto-Submitted, Precedence,
+    # X-Autoreply, a DSN). It joins its conversation but reopens nothing and raises no badge.
+    automatic: bool = False
 
 
 class ConversationState(_Payload):

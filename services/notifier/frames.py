@@ -142,7 +142,17 @@ def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
         "type": "message.added",
         "id_conversa": ev.id_conversa,
         "message": {
-            k: m[k] for k in ("id", "message_id", "direction", "from", "subject", "date", "snippet")
+            k: m[k]
+            for k in (
+                "id",
+                "message_id",
+                "direction",
+                "from",
+                "subject",
+                "date",
+                "snippet",
+                "automatic",
+            )
         },
         "conversation": _state(ev.conversation),
     }

@@ -119,7 +119,10 @@ class StreamHandlers:
         if env.type == "conversation.message_added":
             added = env.payload_as(ConversationMessageAdded)
             count = added.conversation.message_count
-            if added.message.direction == "in":
+            if added.message.direction == "in" and added.message.automatic:
+                # An auto-reply or a bounce: no unread mail for anyone, no alert.
+                await badge_store.seen_count(conn, added.id_conversa, count)
+            elif added.message.direction == "in":
                 m = added.message
                 alert = badge_store.Alert(
                     m.from_.name or m.from_.address,

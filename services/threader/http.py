@@ -158,6 +158,7 @@ def _message(row: Any) -> dict[str, Any]:
         "status": row["status"],
         "in_reply_to": list(row["in_reply_to"]),
         "references": list(row["refs"]),
+        "automatic": row["direction"] == "in" and storage.is_automatic(row["flags"]),
     }
 
 
@@ -231,6 +232,10 @@ class Message(BaseModel):
     status: str | None
     in_reply_to: list[str]
     references: list[str]
+    automatic: bool = Field(
+        description="sent by a machine (an auto-reply, a bounce): it reopened nothing and "
+        "counts as no unread mail"
+    )
 
 
 class ConversationDetail(ConversationItem):

@@ -185,6 +185,7 @@ async def place_message(
     from a participant; then a broadcast is only linked to, and a closed conversation older than
     the reopen age hands its thread to a new conversation linked to it.
     """
+    automatic = direction == "in" and is_automatic(flags)
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('thread:' || $1))", mailbox_id)
     if await conn.fetchval(
         "SELECT 1 FROM messages WHERE mailbox_id = $1 AND message_id = $2", mailbox_id, message_id
@@ -277,7 +278,15 @@ async def place_message(
     # A forced conversation (our own outbound mail) absorbs whatever the links also point at.
     merged = [m for m in ranked if m != target]
     stale: uuid.UUID | None = None
-    if target is not None and inbound and id_conversa is None and rules.reopen_max_age:
+    # An auto-reply or a bounce joins even an old closed conversation: it reopens nothing, and
+    # is no activity (the list does not move for it).
+    if (
+        target is not None
+        and inbound
+        and not automatic
+        and id_conversa is None
+        and rules.reopen_max_age
+    ):
         # Closed and quiet past the reopen age: known from the key lookup, else asked.
         is_stale = stale_known.get(target)
         if is_stale is None:
@@ -354,11 +363,13 @@ async def place_message(
     doc = search_document(subject, [sender, *to, *cc], text, html)
     conversation = await conn.fetchrow(
         f"""WITH u AS (UPDATE conversations SET
-               last_message_at = GREATEST(last_message_at, $2),
+               last_message_at = CASE WHEN $7 THEN last_message_at
+                                      ELSE GREATEST(last_message_at, $2) END,
                search = CASE WHEN octet_length(search::text) < {_VECTOR_FULL}
                              THEN search || {_TSV.format("$5::text")} ELSE search END,
                activity_seq = nextval('activity_seq'),
-               last_inbound_at = CASE WHEN $3 = 'in' THEN clock_timestamp() ELSE last_inbound_at END,
+               last_inbound_at = CASE WHEN $3 = 'in' AND NOT $7 THEN clock_timestamp()
+                                      ELSE last_inbound_at END,
                message_count = (SELECT count(*) FROM messages WHERE id_conversa = $1),
                participants = participants || coalesce((
                    SELECT jsonb_agg(n.value ORDER BY n.ord)
@@ -367,7 +378,8 @@ async def place_message(
                        SELECT 1 FROM jsonb_array_elements(conversations.participants) p
                        WHERE lower(p ->> 'address') = lower(n.value ->> 'address'))),
                    '[]'::jsonb),
-               status = CASE WHEN $3 = 'in' AND status = 'closed' THEN 'open' ELSE status END,
+               status = CASE WHEN $3 = 'in' AND NOT $7 AND status = 'closed' THEN 'open'
+                             ELSE status END,
                broadcast = broadcast OR $6
            WHERE id_conversa = $1 RETURNING *),
            a AS (INSERT INTO activity (seq, id_conversa, last_message_at)
@@ -379,6 +391,7 @@ async def place_message(
         people_in,
         doc,
         broadcast,
+        automatic,
     )
     return Placed(conversation, message, merged)
 
@@ -494,8 +507,14 @@ def summary(msg: asyncpg.Record) -> MessageSummary:
             "snippet": snippet(msg["text_body"]),
             "in_reply_to": list(msg["in_reply_to"]),
             "references": list(msg["refs"]),
+            "automatic": msg["direction"] == "in" and is_automatic(msg["flags"]),
         }
     )
+
+
+def is_automatic(flags: dict[str, Any] | None) -> bool:
+    """Ingest's flags say a machine sent it: an auto-reply or a bounce."""
+    return flags is not None and bool(flags.get("auto_submitted") or flags.get("bounce"))
 
 
 async def resolve(pool: asyncpg.Pool, id_conversa: uuid.UUID) -> asyncpg.Record | None:

@@ -113,6 +113,34 @@ async def test_badges_follow_messages_reads_closes_and_merges(env: Env, start: S
     assert snap["conversations"] == [{"id_conversa": one.id_conversa, "mailbox": box, "unread": 2}]
 
 
+async def test_automatic_mail_raises_no_badge_and_shows_as_automatic(
+    env: Env, start: Starter
+) -> None:
+    """An auto-reply or a bounce (``automatic``) arrives on the socket, marked, but is no unread
+    mail: no badge moves, not even on a closed conversation (found by a trial)."""
+    svc = await start()
+    box, ana = mbx(), user()
+    async with ws_connect(svc, env.token(ana, [box])) as ws:
+        assert (await badge(ws))["snapshot"] is True
+        one = message_added(box)
+        await env.publish(one)
+        assert (await badge(ws))["unread"] == 1
+        await env.publish(closed(one))
+        assert (await badge(ws))["unread"] == 0
+        auto = message_added(box, one.id_conversa, n=2)
+        auto.message.automatic = True
+        auto.conversation.status = "closed"
+        await env.publish(auto)
+        frame = await recv_json(ws, 5.0, skip=("presence",))
+        assert frame["type"] == "message.added" and frame["message"]["automatic"] is True
+        await assert_silent(ws, 0.5, skip=("presence",))  # no badge frame
+        # A person writing again counts as before.
+        await env.publish(message_added(box, one.id_conversa, n=3))
+        assert (await badge(ws))["unread"] == 1
+    snap = await snapshot(svc, env, ana, [box])
+    assert snap["totals"] == {box: 1}
+
+
 async def test_read_frame_for_another_mailbox_is_not_found(env: Env, start: Starter) -> None:
     svc = await start()
     box, other = mbx(), mbx()

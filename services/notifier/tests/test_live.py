@@ -64,7 +64,16 @@ async def test_member_gets_message_added_and_non_member_does_not(env: Env, start
         assert frame["event_id"]
         assert frame["id_conversa"] == ev.id_conversa
         m = frame["message"]
-        assert set(m) == {"id", "message_id", "direction", "from", "subject", "date", "snippet"}
+        assert set(m) == {
+            "id",
+            "message_id",
+            "direction",
+            "from",
+            "subject",
+            "date",
+            "snippet",
+            "automatic",
+        }
         assert m["id"] == ev.message.id
         assert m["from"] == {"name": "Ana", "address": "ana@customer.test"}
         assert m["direction"] == "in" and m["snippet"] == "my order did not arrive"

@@ -79,6 +79,7 @@ class Env:
         sender: Address | None = None,
         date: datetime | None = None,
         to: list[Address] | None = None,
+        flags: dict[str, bool] | None = None,
     ) -> str:
         """Deliver one inbound message; returns its Message-ID."""
         mid = f"<{uuid.uuid4().hex}@customer.test>"
@@ -97,6 +98,7 @@ class Env:
                 "date": date or now,
                 "received_at": now,
                 "text": text,
+                "flags": flags or {},
             }
         )
         on_received, _ = handlers(self.svc)

@@ -347,6 +347,34 @@ async def test_mail_after_the_reopen_age_starts_a_linked_conversation(env: Env) 
         assert await env.conv_of(follow) == new
 
 
+async def test_an_auto_reply_or_a_bounce_joins_but_reopens_nothing(env: Env) -> None:
+    """Machine-sent mail (Auto-Submitted, a DSN) to a closed conversation joins it, also past
+    the reopen age, and leaves it closed and where it was in the list; it is marked automatic
+    (found by a trial: an out-of-office reopened the case and made it unread)."""
+    env.svc.rules = Rules(reopen_max_age=timedelta(days=30))
+    first = await env.mail("Printer jam")
+    cid = await env.conv_of(first)
+    for quiet, flags in (
+        (timedelta(days=2), {"auto_submitted": True}),
+        (timedelta(days=31), {"bounce": True}),
+    ):
+        await _close(env, cid, quiet)
+        before = await env.svc.pool.fetchval(
+            "SELECT last_message_at FROM conversations WHERE id_conversa = $1::uuid", cid
+        )
+        auto = await env.mail("Automatic reply: Printer jam", reply_to=first, flags=flags)
+        assert await env.conv_of(auto) == cid
+        r = (await env.client.get(f"/api/conversations/{cid}", headers=env.token())).json()
+        assert r["status"] == "closed"
+        assert datetime.fromisoformat(r["last_message_at"]) == before
+        assert [m["automatic"] for m in r["messages"]][-1] is True
+        assert r["messages"][0]["automatic"] is False
+        assert (await env.updates(cid))[-1]["status"] == "closed"
+    # A person writing again is handled as before: past the age, a new conversation linked.
+    human = await env.mail("Re: Printer jam", reply_to=first)
+    assert await env.conv_of(human) != cid
+
+
 async def test_reopen_age_zero_always_reopens(env: Env) -> None:
     env.svc.rules = Rules(reopen_max_age=timedelta(0))
     first = await env.mail("Old case")
