@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from libs.common.logs import correlation_id
 from libs.common.tokens import Identity, InvalidToken, TokenVerifier
@@ -84,8 +85,7 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error", exc_info=exc)
-        return JSONResponse(error_body(500, "internal error"), 500)
+        return _unhandled(exc)
 
     @app.middleware("http")
     async def _request_id(request: Request, call_next: Any) -> Response:
@@ -96,12 +96,21 @@ def install_errors(app: FastAPI) -> None:
         except Exception as exc:
             # Answer here: an exception that reaches Starlette's outer handler is re-raised after
             # the 500 and uvicorn then drops the keep-alive connection under the gateway's feet.
-            log.error("unhandled error", exc_info=exc)
-            response = JSONResponse(error_body(500, "internal error"), 500)
+            response = _unhandled(exc)
         finally:
             correlation_id.reset(token)
         response.headers["x-request-id"] = rid
         return response
+
+
+def _unhandled(exc: Exception) -> JSONResponse:
+    """A 500 with the traceback logged; a client that left while its body was being read
+    (the gateway cut an upload off at its size limit, say) is no error of ours: one info line."""
+    if isinstance(exc, ClientDisconnect):
+        log.info("client disconnected before its request was read")
+        return JSONResponse(error_body(400, "client disconnected"), 400)
+    log.error("unhandled error", exc_info=exc)
+    return JSONResponse(error_body(500, "internal error"), 500)
 
 
 def install_ops(app: FastAPI, checks: dict[str, Check]) -> None:

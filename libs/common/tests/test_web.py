@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import httpx
-from fastapi import FastAPI
+import pytest
+from fastapi import FastAPI, Request
 
 from libs.common import web
 
@@ -30,3 +34,47 @@ async def test_crash_is_a_json_500_and_the_app_does_not_raise() -> None:
         r = await http.get("/missing")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         assert r.headers["x-request-id"]
+
+
+async def test_a_client_gone_mid_body_is_one_info_line_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway cutting an upload off at its limit leaves the service reading a body whose
+    sender went away: no ERROR with a traceback (found by a trial)."""
+    app = FastAPI()
+    web.install_errors(app)
+
+    @app.post("/upload")
+    async def upload(request: Request) -> None:
+        await request.body()
+
+    messages = [
+        {"type": "http.request", "body": b"part", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/upload",
+        "raw_path": b"/upload",
+        "query_string": b"",
+        "headers": [(b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "scheme": "http",
+        "root_path": "",
+    }
+    with caplog.at_level(logging.INFO, logger="chatflow"):
+        await app(scope, receive, send)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("client disconnected" in r.getMessage() for r in caplog.records)
