@@ -440,6 +440,20 @@ def _has_surrogates(value: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in value)
 
 
+def _mostly_utf8(data: bytes) -> str | None:
+    """UTF-8 with a few broken bytes, decoded with U+FFFD for those; None when it is not.
+
+    A header that is UTF-8 but for a stray byte must not be read as Latin-1 whole (every
+    character of 日本 turned to mojibake, found by a trial). "Mostly" means at least twice as
+    many bytes in valid multi-byte sequences as bytes that are not: Latin-1 or cp1252 text has
+    almost none of the former (its accented letters are single bytes that UTF-8 refuses).
+    """
+    text = data.decode("utf-8", "replace")
+    bad = text.count("\ufffd")
+    good = sum(len(ch.encode("utf-8")) for ch in text if ord(ch) > 0x7F and ch != "\ufffd")
+    return text if good >= 2 * bad > 0 else None
+
+
 def _raw_text(value: str, hints: tuple[str, ...] = (), notes: list[str] | None = None) -> str:
     """Turn raw header text into real text: raw 8-bit bytes are decoded, not dropped."""
     if not _has_surrogates(value):
@@ -448,6 +462,11 @@ def _raw_text(value: str, hints: tuple[str, ...] = (), notes: list[str] | None =
     text = _try_decode(data, "utf-8")
     if text is not None:
         return text
+    mostly = _mostly_utf8(data)
+    if mostly is not None:
+        if notes is not None:
+            notes.append("raw-8bit-header-invalid-utf8")
+        return mostly
     multi = tuple(h for h in hints if not _is_single_byte(_lookup_codec(h) or "cp1252"))
     if notes is not None:
         notes.append("raw-8bit-header")

@@ -364,6 +364,17 @@ def test_raw_8bit_headers_are_decoded() -> None:
     assert read_message(raw).subject == "转发：整体提升"
 
 
+def test_raw_utf8_header_with_a_stray_byte_stays_utf8() -> None:
+    """One broken byte in a raw UTF-8 subject costs that byte, not the whole line (it was read
+    as Latin-1: 日本 became mojibake; found by a trial). Latin-1 text stays Latin-1."""
+    raw = b"From: a@example.com\r\nSubject: raw \xe6\x97\xa5\xe6\x9c\xac \xff\xfe broken\r\n\r\nx"
+    m = read_message(raw)
+    assert m.subject == "raw 日本 \ufffd\ufffd broken"
+    assert "raw-8bit-header-invalid-utf8" in m.defects
+    latin = b"From: a@example.com\r\nSubject: M\xfcller caf\xe9 \xe0 la carte\r\n\r\nx"
+    assert read_message(latin).subject == "Müller café à la carte"
+
+
 def test_html_meta_charset_used_when_part_has_none() -> None:
     html = '<html><head><meta charset="windows-1251"></head><body>Привет</body></html>'
     m = read_message(text_msg(html.encode("cp1251"), "text/html"))
