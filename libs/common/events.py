@@ -172,6 +172,11 @@ class MailFlags(_Payload):
     date_fallback: bool = False
     auto_submitted: bool = False
     bounce: bool = False
+    # The text or HTML was cut for size (the whole text is an attachment, message.txt).
+    truncated: bool = False
+    # Some of the body could not be read (parts nested too deep, too many parts, or no body
+    # at all): what was read is here, the raw message is kept by ingest.
+    incomplete: bool = False
 
 
 @register("mail.received")

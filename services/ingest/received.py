@@ -62,6 +62,8 @@ def to_event(
                 date_fallback=read.date is None,
                 auto_submitted=read.auto_submitted,
                 bounce=read.bounce,
+                truncated=read.flags.text_truncated or read.flags.html_truncated,
+                incomplete=read.flags.depth_limited or read.flags.headers_only,
             ),
         }
     )

@@ -159,6 +159,8 @@ def _message(row: Any) -> dict[str, Any]:
         "in_reply_to": list(row["in_reply_to"]),
         "references": list(row["refs"]),
         "automatic": row["direction"] == "in" and storage.is_automatic(row["flags"]),
+        "truncated": bool((row["flags"] or {}).get("truncated")),
+        "incomplete": bool((row["flags"] or {}).get("incomplete")),
     }
 
 
@@ -235,6 +237,14 @@ class Message(BaseModel):
     automatic: bool = Field(
         description="sent by a machine (an auto-reply, a bounce): it reopened nothing and "
         "counts as no unread mail"
+    )
+    truncated: bool = Field(
+        description="the text or HTML was cut for size; the whole text is the attachment "
+        "message.txt"
+    )
+    incomplete: bool = Field(
+        description="part of the body could not be read (nested too deep, too many parts); "
+        "an admin can get the raw message from ingest"
     )
 
 

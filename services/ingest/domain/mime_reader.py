@@ -81,6 +81,9 @@ MAX_MSGIDS = 256  # ids kept from one References header (first + most recent)
 MAX_MSGID_LEN = 998  # RFC 5322 line limit; longer "ids" are garbage
 MAX_SUBJECT = 4096
 MAX_HTML_CHARS = 2 * 1024 * 1024  # HTML fed to the sanitizer / text extractor
+# Text shown to agents, carried by the event and the API; a longer body is cut there and kept
+# whole as an attachment (message.txt), so nothing is lost and a conversation stays light.
+MAX_TEXT_CHARS = 1024 * 1024
 MAX_DEFECTS = 200
 
 
@@ -160,6 +163,7 @@ class Flags:
     headers_only: bool = False  # body could not be parsed (nesting too deep); headers kept
     depth_limited: bool = False  # some MIME parts were below MAX_DEPTH / past MAX_PARTS
     html_truncated: bool = False  # HTML body longer than MAX_HTML_CHARS was cut
+    text_truncated: bool = False  # text longer than MAX_TEXT_CHARS was cut (whole: message.txt)
 
 
 @dataclass
@@ -2187,6 +2191,17 @@ def read_message(raw: bytes) -> ReadMessage:
     if any(not s.fallback for s in segs):
         segs = [s for s in segs if not s.fallback]
     text = _guard(notes, "text", lambda: _join_text([s.as_text() for s in segs]), "")
+    if len(text) > MAX_TEXT_CHARS:
+        flags.text_truncated = True
+        notes.append("text-truncated")
+        ctx.parts.append(
+            Part("message.txt", "text/plain; charset=utf-8", None, False, text.encode("utf-8"))
+        )
+        text = (
+            text[:MAX_TEXT_CHARS].rstrip()
+            + f"\n\n[The text goes on: {len(text):,} characters in all, attached whole as"
+            " message.txt.]"
+        )
     html = ""
     if any(s.html is not None for s in segs):
         raw_html = "".join(

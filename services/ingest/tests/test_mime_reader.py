@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from libs.common import testing
+from services.ingest.domain import mime_reader as mr
 from services.ingest.domain.mime_reader import (
     MAX_DEPTH,
     Addr,
@@ -373,6 +374,21 @@ def test_raw_utf8_header_with_a_stray_byte_stays_utf8() -> None:
     assert "raw-8bit-header-invalid-utf8" in m.defects
     latin = b"From: a@example.com\r\nSubject: M\xfcller caf\xe9 \xe0 la carte\r\n\r\nx"
     assert read_message(latin).subject == "Müller café à la carte"
+
+
+def test_a_huge_text_is_cut_for_display_and_kept_whole_as_an_attachment() -> None:
+    """A 25 MB log pasted into a mail made every opening of its conversation a 25 MB answer
+    (found by a trial): the text is cut at MAX_TEXT_CHARS, the whole text is message.txt."""
+    body = ("line of a very long log " * 4 + "\n") * 20_000  # about 2 MB
+    raw = b"From: a@example.com\r\nSubject: log\r\n\r\n" + body.replace("\n", "\r\n").encode()
+    m = read_message(raw)
+    assert m.flags.text_truncated and "text-truncated" in m.defects
+    assert len(m.text) < mr.MAX_TEXT_CHARS + 200
+    assert m.text.endswith("attached whole as message.txt.]")
+    (part,) = [p for p in m.parts if p.filename == "message.txt"]
+    assert part.data.decode().strip() == body.strip()
+    small = read_message(b"From: a@example.com\r\nSubject: s\r\n\r\nshort\r\n")
+    assert not small.flags.text_truncated and small.parts == []
 
 
 def test_html_meta_charset_used_when_part_has_none() -> None:

@@ -492,6 +492,35 @@ async def test_raw_8bit_ids_are_read_and_announced(mx: Mx) -> None:
     assert event.payload["in_reply_to"] == ["<x@müller.de>"]
 
 
+async def test_a_partly_unreadable_or_cut_body_is_flagged_on_the_event(mx: Mx) -> None:
+    """Parts nested past the depth limit were dropped in silence (found by a trial): the
+    event now says ``incomplete``; a body cut for size says ``truncated``."""
+    deep = new_mid("deep")
+    head = b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+        for i in range(300)
+    )
+    raw = (
+        f"From: Zoe <zoe@customer.test>\r\nTo: <{SUPPORT}>\r\nSubject: deep\r\n".encode()
+        + f"Message-ID: <{deep}>\r\nMIME-Version: 1.0\r\n".encode()
+        + head
+        + b"Content-Type: text/plain\r\n\r\ndeep text\r\n"
+    )
+    assert "queued as" in await send(mx, raw)
+    await mx.drained()
+    (event,) = await mx.events(deep)
+    assert event.payload["flags"]["incomplete"] is True
+    assert event.payload["flags"]["truncated"] is False
+    plain = new_mid("plain")
+    assert "queued as" in await send(mx, message(plain))
+    await mx.drained()
+    (event,) = await mx.events(plain)
+    assert (event.payload["flags"]["incomplete"], event.payload["flags"]["truncated"]) == (
+        False,
+        False,
+    )
+
+
 async def test_an_event_that_cannot_be_encoded_quarantines_instead_of_451(
     mx: Mx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
