@@ -3,7 +3,7 @@
 Why: a durable commit is a WAL flush, and one delivery was four to six statements (blob,
 message, attachments, outbox), each a round trip with its own parse and plan. With twenty
 sessions in DATA at once, committing them together pays the flush and the statements once per
-batch instead of once per message (bench numbers in ``docs/architecture.md``).
+batch instead of once per message (bench numbers in the README).
 
 How: ``IngestHandler.store`` hands a :class:`Job` (everything to store and announce, ids made in
 advance) to :meth:`Writer.write` and waits. A writer task takes every job waiting (up to
