@@ -121,6 +121,20 @@ async def insert_sends(
     return {r["send_id"]: r for r in rows}
 
 
+async def client_id_owners(
+    conn: asyncpg.Connection, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[uuid.UUID, str]]:
+    """The queued send holding each ``(user_id, client_id)``: its send id and conversation."""
+    rows = await conn.fetch(
+        """SELECT s.user_id, s.client_id, s.send_id, s.id_conversa FROM sends s
+           JOIN unnest($1::text[], $2::text[]) AS k (user_id, client_id)
+             ON s.user_id = k.user_id AND s.client_id = k.client_id""",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(r["user_id"], r["client_id"]): (r["send_id"], r["id_conversa"]) for r in rows}
+
+
 # ---- the prepare stage -------------------------------------------------------------------------
 
 

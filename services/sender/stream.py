@@ -30,6 +30,20 @@ CONSUMER = "sender"
 log = logging.getLogger("chatflow.sender.stream")
 
 
+def _failed(env: Envelope, cmd: MailSend, detail: str) -> Envelope:
+    """``failed`` for a command that is not queued at all (there is no row to take it from)."""
+    failed = MailStatus(
+        send_id=cmd.send_id,
+        client_id=cmd.client_id,
+        id_conversa=cmd.id_conversa,
+        mailbox_id=cmd.mailbox_id,
+        user_id=cmd.user_id,
+        status="failed",
+        detail=detail,
+    )
+    return Envelope.of(failed, producer="sender", correlation_id=env.correlation_id)
+
+
 def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
     async def on_mailbox(env: Envelope, entry_id: str) -> None:
         box = env.payload_as(MailboxChanged)
@@ -82,23 +96,30 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
                     fresh.append((env, cmd, uuid.UUID(cmd.send_id)))
                 except ValueError:
                     # Nothing to queue under that id, but the sender of the command hears why.
-                    failed = MailStatus(
-                        send_id=cmd.send_id,
-                        client_id=cmd.client_id,
-                        id_conversa=cmd.id_conversa,
-                        mailbox_id=cmd.mailbox_id,
-                        user_id=cmd.user_id,
-                        status="failed",
-                        detail=f"send_id {cmd.send_id!r} is not a UUID",
-                    )
-                    events.append(
-                        Envelope.of(failed, producer="sender", correlation_id=env.correlation_id)
-                    )
+                    events.append(_failed(env, cmd, f"send_id {cmd.send_id!r} is not a UUID"))
             rows = await storage.insert_sends(
                 conn, [(send_id, cmd, env.correlation_id) for env, cmd, send_id in fresh]
             )
-            for _env, cmd, send_id in fresh:
+            left_out = [
+                (c.user_id, c.client_id) for _, c, sid in fresh if sid not in rows and c.client_id
+            ]
+            owners = await storage.client_id_owners(conn, left_out) if left_out else {}
+            for env, cmd, send_id in fresh:
                 row = rows.pop(send_id, None)  # a send_id twice in this group is queued once
+                owner = owners.get((cmd.user_id, cmd.client_id))
+                if row is None and owner and owner[0] != send_id and owner[1] != cmd.id_conversa:
+                    # The agent's client_id is another conversation's send: this is a different
+                    # request that reused it, not a retry. It is not sent; the agent hears why.
+                    log.info(
+                        "mail.send refused: client_id in use",
+                        extra={"send_id": cmd.send_id, "client_id": cmd.client_id},
+                    )
+                    detail = (
+                        f"client_id {cmd.client_id!r} was already used by a send to another "
+                        "conversation"
+                    )
+                    events.append(_failed(env, cmd, detail))
+                    continue
                 if row is None:
                     log.info(
                         "duplicate mail.send ignored",

@@ -265,6 +265,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing or invalid bearer token",
         403: "Not an agent token",
         404: "No such conversation in the agent's mailboxes",
+        409: "The client_id was already used for another request",
         422: "Invalid parameters or body",
     }
     return {s: {"model": Error, "description": text[s]} for s in statuses}
@@ -475,7 +476,7 @@ def _addresses(values: list[AddressIn] | None) -> list[Address] | None:
     "/api/conversations/{id_conversa}/replies",
     status_code=202,
     response_model=None,
-    responses={202: {"model": ReplyAccepted}, **_errors(401, 403, 404, 422)},
+    responses={202: {"model": ReplyAccepted}, **_errors(401, 403, 404, 409, 422)},
 )
 async def reply(
     id_conversa: str, body: ReplyIn, request: Request, who: Identity = Depends(agent)
@@ -496,6 +497,22 @@ async def reply(
         draft=body.draft,
     )
     async with svc.pool.acquire() as conn, conn.transaction():
+        if body.client_id:
+            first = await storage.claim_reply_client_id(
+                conn, who.sub, body.client_id, row["id_conversa"], send_id
+            )
+            if first is not None:
+                if first["kind"] == "reply" and first["id_conversa"] == row["id_conversa"]:
+                    return {"send_id": str(first["send_id"])}  # a retry: sent once
+                raise ApiError(
+                    409,
+                    f"client_id {body.client_id!r} was already used for "
+                    + (
+                        "a reply in another conversation"
+                        if first["kind"] == "reply"
+                        else "a conversation this agent started"
+                    ),
+                )
         await outbox.add(conn, Envelope.of(cmd, producer="threader"))
     svc.relay.wake()
     return {"send_id": send_id}

@@ -67,12 +67,12 @@ class _Replay(Exception):
 async def _started(conn: Any, user_id: str, client_id: str) -> dict[str, str] | None:
     if not client_id:
         return None
-    row = await conn.fetchrow(
-        "SELECT id_conversa, send_id FROM outbound_starts WHERE user_id = $1 AND client_id = $2",
-        user_id,
-        client_id,
-    )
-    return {"id_conversa": str(row["id_conversa"]), "send_id": str(row["send_id"])} if row else None
+    row = await storage.client_id_use(conn, user_id, client_id)
+    if row is None:
+        return None
+    if row["kind"] != "start":
+        raise ApiError(409, f"client_id {client_id!r} was already used for a reply")
+    return {"id_conversa": str(row["id_conversa"]), "send_id": str(row["send_id"])}
 
 
 async def create_conversation(
@@ -105,7 +105,7 @@ async def create_conversation(
     response_model=None,
     responses={
         202: {"model": Started},
-        **_errors(401, 403, 422),
+        **_errors(401, 403, 409, 422),
         404: {"model": Error, "description": "The mailbox is not one of the agent's"},
     },
 )

@@ -612,6 +612,36 @@ async def list_conversations(
     return list(await conn.fetch(sql, *args))
 
 
+async def client_id_use(
+    conn: asyncpg.Connection, user_id: str, client_id: str
+) -> asyncpg.Record | None:
+    """What an agent's ``client_id`` was first used for: kind, conversation and send."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        """SELECT kind, id_conversa, send_id FROM outbound_starts
+           WHERE user_id = $1 AND client_id = $2""",
+        user_id,
+        client_id,
+    )
+    return row
+
+
+async def claim_reply_client_id(
+    conn: asyncpg.Connection, user_id: str, client_id: str, id_conversa: uuid.UUID, send_id: str
+) -> asyncpg.Record | None:
+    """Record a REST reply's ``client_id`` in the caller's transaction; None if it is new, else
+    its first use (a concurrent twin waits on the key for the first to commit)."""
+    if await conn.fetchval(
+        """INSERT INTO outbound_starts (user_id, client_id, id_conversa, send_id, kind)
+           VALUES ($1, $2, $3, $4::uuid, 'reply') ON CONFLICT DO NOTHING RETURNING 1""",
+        user_id,
+        client_id,
+        id_conversa,
+        send_id,
+    ):
+        return None
+    return await client_id_use(conn, user_id, client_id)
+
+
 async def record_agent(
     conn: asyncpg.Connection | asyncpg.Pool,
     user_id: str,

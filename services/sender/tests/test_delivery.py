@@ -298,6 +298,27 @@ async def test_same_send_id_or_client_id_sends_once(
     assert await sender_pool.fetchval("SELECT count(*) FROM sends") == 3
 
 
+async def test_a_client_id_reused_for_another_conversation_fails_with_the_reason(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """A retry (same conversation, new send_id) is still one send, in silence; the same
+    client_id on another conversation is another request: failed, saying why, never dropped
+    unseen (found by a trial: a reply answered 202 that nothing ever sent)."""
+    async with running(settings_for(sender_db, bus, sink)):
+        a, b = await conversation(bus, sender_pool), await conversation(bus, sender_pool)
+        first = await send(bus, a, client_id="c-7")
+        assert (await final_status(bus, first))["status"] == "sent"
+        retry = await send(bus, a, client_id="c-7")
+        elsewhere = await send(bus, b, client_id="c-7")
+        refused = await final_status(bus, elsewhere)
+        assert refused["status"] == "failed"
+        assert "already used by a send to another conversation" in refused["detail"]
+        await asyncio.sleep(0.5)
+    assert await statuses(bus, retry) == []
+    assert sorted(sink.count_by_message_id().values()) == [1]
+    assert await sender_pool.fetchval("SELECT count(*) FROM sends") == 1
+
+
 async def test_an_attachment_by_id_is_sent(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:

@@ -251,3 +251,35 @@ async def test_a_rest_reply_names_its_draft_in_the_command(env: Env) -> None:
     assert r.status_code == 422, r.text
     sends = [MailSend.model_validate(e) for e in mine(await env.events("mail.send"), cid)]
     assert [s.draft for s in sends] == [None, "reply"]  # the start's command, then the reply
+
+
+async def test_a_rest_replys_client_id_makes_a_retry_one_send_and_a_reuse_a_409(env: Env) -> None:
+    """The same client_id again on the same conversation answers with the first send (one
+    mail.send); on another conversation, or on a start, it is a 409 instead of a 202 that the
+    sender then dropped in silence (found by a trial)."""
+    a = (await env.start(client_id="start-a")).json()["id_conversa"]
+    b = (await env.start(client_id="start-b")).json()["id_conversa"]
+    body = {"html": "<p>Done.</p>", "client_id": "reply-1"}
+    first = await env.client.post(f"/api/conversations/{a}/replies", json=body, headers=env.auth())
+    again = await env.client.post(f"/api/conversations/{a}/replies", json=body, headers=env.auth())
+    assert first.status_code == again.status_code == 202
+    assert first.json()["send_id"] == again.json()["send_id"]
+    replies = [s for s in mine(await env.events("mail.send"), a) if s["client_id"] == "reply-1"]
+    assert [s["send_id"] for s in replies] == [first.json()["send_id"]]
+    other = await env.client.post(f"/api/conversations/{b}/replies", json=body, headers=env.auth())
+    assert other.status_code == 409
+    assert "another conversation" in other.json()["error"]["message"]
+    started = {"html": "<p>x</p>", "client_id": "start-a"}
+    assert (
+        await env.client.post(f"/api/conversations/{a}/replies", json=started, headers=env.auth())
+    ).status_code == 409
+    assert (await env.start(client_id="reply-1")).status_code == 409
+    # Without a client_id every reply is its own send, as before.
+    plain = {"html": "<p>Again.</p>"}
+    ids = {
+        (
+            await env.client.post(f"/api/conversations/{a}/replies", json=plain, headers=env.auth())
+        ).json()["send_id"]
+        for _ in range(2)
+    }
+    assert len(ids) == 2
