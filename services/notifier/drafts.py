@@ -69,6 +69,7 @@ from services.notifier.domain.drafts import (
     sync_message,
     valid_name,
 )
+from services.notifier.frames import OBJECT_ID
 from services.notifier.hub import Client, Hub, buffered
 
 log = logging.getLogger("chatflow.notifier.drafts")
@@ -103,7 +104,7 @@ class DraftEvent(BaseModel):
 class _DraftFrame(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id_conversa: str = Field(min_length=1, max_length=200)
+    id_conversa: str = Field(min_length=1, max_length=200, pattern=OBJECT_ID)
     draft: str = Field(DEFAULT_DRAFT, pattern=DRAFT_NAME.pattern)
 
     @property

@@ -8,7 +8,7 @@ Server frames are plain dicts built here once per event; the replica that delive
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,13 @@ from services.notifier.domain.drafts import DRAFT_NAME
 
 FRAME_TYPE = "notifier.frame"
 STREAM_ID = r"^\d{1,20}-\d{1,20}$"
+# What client frames may hold: ids of conversations and uploads as we mint them, client ids on
+# one line, html without NUL (PostgreSQL text cannot hold one: a send was acknowledged, then
+# failed in the sender for ever; found by a trial). The REST routes refuse the same.
+OBJECT_ID = r"^[A-Za-z0-9._:-]{1,200}$"
+ONE_LINE = r"^[^\x00-\x1f\x7f]+$"
+NO_NUL = r"^[^\x00]*$"
+MAX_STREAM_PART = 2**64 - 1
 
 
 class AccessChange(BaseModel):
@@ -77,10 +84,12 @@ class AuthFrame(_ClientFrame):
 
 class SendFrame(_ClientFrame):
     type: Literal["send"]
-    client_id: str = Field(min_length=1, max_length=128)
-    id_conversa: str = Field(min_length=1, max_length=200)
-    html: str = Field(min_length=1, max_length=2_000_000)  # as the REST reply's
-    attachments: list[str] = Field(default_factory=list, max_length=50)
+    client_id: str = Field(min_length=1, max_length=128, pattern=ONE_LINE)
+    id_conversa: str = Field(min_length=1, max_length=200, pattern=OBJECT_ID)
+    html: str = Field(min_length=1, max_length=2_000_000, pattern=NO_NUL)  # as the REST reply's
+    attachments: list[Annotated[str, Field(max_length=100, pattern=OBJECT_ID)]] = Field(
+        default_factory=list, max_length=50
+    )
     # The draft it was written in, cleared once the send is taken; a bad name refuses the send.
     draft: str | None = Field(default=None, pattern=DRAFT_NAME.pattern)
 
@@ -93,8 +102,9 @@ class ResumeFrame(_ClientFrame):
     @classmethod
     def _in_range(cls, v: str) -> str:
         """Both parts of a stream id are 64-bit: Redis refuses larger ones (an internal error
-        for what is the client's bad frame)."""
-        if any(int(part) >= 2**64 for part in v.split("-")):
+        for what is the client's bad frame), and there is nothing after the largest one."""
+        parts = [int(part) for part in v.split("-")]
+        if any(p > MAX_STREAM_PART for p in parts) or parts == [MAX_STREAM_PART] * 2:
             raise ValueError("not a stream id")
         return v
 
@@ -107,14 +117,14 @@ class ReadFrame(_ClientFrame):
     """Mark a conversation read for this agent (its badge goes to 0)."""
 
     type: Literal["read"]
-    id_conversa: str = Field(min_length=1, max_length=200)
+    id_conversa: str = Field(min_length=1, max_length=200, pattern=OBJECT_ID)
 
 
 class PresenceFrame(_ClientFrame):
     """``viewing`` (opened it), ``typing`` (repeat every few seconds while typing), ``left``."""
 
     type: Literal["viewing", "typing", "left"]
-    id_conversa: str = Field(min_length=1, max_length=200)
+    id_conversa: str = Field(min_length=1, max_length=200, pattern=OBJECT_ID)
 
 
 CLIENT_FRAMES: dict[str, type[_ClientFrame]] = {

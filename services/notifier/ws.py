@@ -257,7 +257,7 @@ class LiveServer:
             return
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting deeper than the parser goes is bad too
             await self._reply(client, frames.error("bad_request", "invalid JSON"))
             return
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):

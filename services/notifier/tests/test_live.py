@@ -309,6 +309,38 @@ async def test_bad_frames_get_error_frames_and_connection_survives(
                 "bad_request",
             ),
             (b"\x00\x01", "bad_request"),
+            # Found by a trial: the largest stream id (nothing is after it), NUL anywhere (a
+            # send was acknowledged, then lost in the sender; ids were internal errors), and
+            # nesting past the JSON parser's depth (the socket closed 1011 with no reason).
+            (
+                json.dumps({"type": "resume", "after": f"{2**64 - 1}-{2**64 - 1}"}),
+                "bad_request",
+            ),
+            (
+                json.dumps({"type": "send", "client_id": "c", "id_conversa": "x", "html": "a\0b"}),
+                "bad_request",
+            ),
+            (
+                json.dumps(
+                    {
+                        "type": "send",
+                        "client_id": "c",
+                        "id_conversa": "x",
+                        "html": "<p>a</p>",
+                        "attachments": ["\0"],
+                    }
+                ),
+                "bad_request",
+            ),
+            (
+                json.dumps({"type": "send", "client_id": "c\0", "id_conversa": "x", "html": "a"}),
+                "bad_request",
+            ),
+            (json.dumps({"type": "typing", "id_conversa": "\0"}), "bad_request"),
+            (json.dumps({"type": "read", "id_conversa": "\0"}), "bad_request"),
+            (json.dumps({"type": "viewing", "id_conversa": "a\0"}), "bad_request"),
+            (json.dumps({"type": "draft.sync", "id_conversa": "\0"}), "bad_request"),
+            ('{"type":"ping","a":' + "[" * 100_000 + "]" * 100_000 + "}", "bad_request"),
         ]
         for raw, code in cases:
             await ws.send(raw)
