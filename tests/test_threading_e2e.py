@@ -220,3 +220,29 @@ async def test_an_out_of_office_reply_leaves_a_closed_conversation_closed(
         detail = (await http.get(url, headers=auth)).json()
         assert detail["status"] == "closed"
         assert [m["automatic"] for m in detail["messages"]] == [False, True]
+
+
+async def test_a_read_frame_on_the_socket_is_read_in_the_rest_list(
+    stack: Stack, agent_token: str, ca_context: ssl.SSLContext
+) -> None:
+    """The notifier's conversation.read reaches the threader: the list's unread follows."""
+    tag = uuid.uuid4().hex[:6]
+    auth = {"Authorization": f"Bearer {agent_token}"}
+    async with (
+        agent_socket(stack, agent_token, ca_context) as ws,
+        httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http,
+    ):
+        first = mail(f"Ivo <ivo.{tag}@shop-{tag}.test>", f"Unread {tag}", "Hello?")
+        await smtp_send(stack, first, ca_context)
+        conv = (await added(ws, first["Message-ID"]))["id_conversa"]
+
+        async def unread() -> bool:
+            items = (await http.get("/api/conversations", headers=auth)).json()["items"]
+            return bool(next(i["unread"] for i in items if i["id_conversa"] == conv))
+
+        assert await unread()
+        await ws.send(json.dumps({"type": "read", "id_conversa": conv}))
+        deadline = asyncio.get_running_loop().time() + 10
+        while await unread():
+            assert asyncio.get_running_loop().time() < deadline, "still unread in the list"
+            await asyncio.sleep(0.05)

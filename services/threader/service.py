@@ -12,7 +12,7 @@ from services.threader.http import router
 from services.threader.outbound import router as outbound_router
 from services.threader.settings import ThreaderSettings
 from services.threader.storage import Rules
-from services.threader.stream import agents_handler, handlers, received_batch
+from services.threader.stream import agents_handler, handlers, reads_handler, received_batch
 
 
 class ThreaderService(Service):
@@ -44,3 +44,4 @@ class ThreaderService(Service):
         self.consumer(
             ["membership.changed", "user.changed"], agents_handler(self), group="threader-agents"
         )
+        self.consumer(["conversation.read"], reads_handler(self), group="threader-reads")

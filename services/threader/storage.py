@@ -757,6 +757,20 @@ async def mark_read(
     return read_at
 
 
+async def record_read(
+    conn: asyncpg.Connection | asyncpg.Pool, user_id: str, id_conversa: uuid.UUID, at: datetime
+) -> None:
+    """A read done elsewhere (the notifier's ``read`` frame): the newest read wins."""
+    await conn.execute(
+        """INSERT INTO reads (user_id, id_conversa, read_at) VALUES ($1, $2, $3)
+           ON CONFLICT (user_id, id_conversa)
+           DO UPDATE SET read_at = GREATEST(reads.read_at, EXCLUDED.read_at)""",
+        user_id,
+        id_conversa,
+        at,
+    )
+
+
 async def mark_message_failed(conn: asyncpg.Connection, mailbox_id: str, message_id: str) -> bool:
     """Our sent message bounced: its status in the conversation becomes ``failed``."""
     done: str = await conn.execute(

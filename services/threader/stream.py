@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -11,6 +12,7 @@ from libs.common.bus import BatchHandler, Handler
 from libs.common.events import (
     ConversationMerged,
     ConversationMessageAdded,
+    ConversationRead,
     Envelope,
     MailReceived,
     MailStatus,
@@ -169,3 +171,23 @@ def agents_handler(svc: ThreaderService) -> Handler:
             await storage.record_agent(svc.pool, u.user_id, None, u.active, env.occurred_at)
 
     return on_agent
+
+
+def reads_handler(svc: ThreaderService) -> Handler:
+    """``conversation.read`` from elsewhere (an agent's ``read`` frame on the WebSocket): the
+    REST list's ``unread`` follows it (it stayed true for ever; found by a trial)."""
+
+    async def on_read(env: Envelope, entry_id: str) -> None:
+        if env.producer == CONSUMER:
+            return  # our own REST mark-read, already stored
+        read = env.payload_as(ConversationRead)
+        try:
+            conv_id = uuid.UUID(read.id_conversa)
+        except ValueError:
+            return
+        row = await storage.resolve(svc.pool, conv_id)
+        if row is None or row["mailbox_id"] != read.mailbox_id:
+            return
+        await storage.record_read(svc.pool, read.user_id, row["id_conversa"], read.read_at)
+
+    return on_read

@@ -21,6 +21,7 @@ from libs.common import db, testing
 from libs.common.bus import Bus
 from libs.common.events import (
     Address,
+    ConversationRead,
     Envelope,
     JwksPublished,
     MailReceived,
@@ -32,7 +33,7 @@ from libs.common.events import (
 from services.threader import storage
 from services.threader.service import ThreaderService
 from services.threader.settings import ThreaderSettings
-from services.threader.stream import agents_handler, handlers
+from services.threader.stream import agents_handler, handlers, reads_handler
 
 
 @pytest.fixture(scope="session")
@@ -239,6 +240,42 @@ async def test_the_list_follows_arrival_not_the_senders_clock(env: Env) -> None:
     assert (await order())[:2] == [old, future]
     detail = (await env.client.get(f"/api/conversations/{old}", headers=env.token())).json()
     assert detail["messages"][0]["date"].startswith("1990-01-01")
+
+
+async def test_a_read_on_the_websocket_clears_unread_in_the_list(env: Env) -> None:
+    """``conversation.read`` from the notifier (the ``read`` frame) is the REST list's too; one
+    for another mailbox, or our own echo, changes nothing (found by a trial)."""
+    cid = await env.conv_of(await env.mail("Read me"))
+
+    async def unread(sub: str = "agent-1") -> bool:
+        r = await env.client.get("/api/conversations", headers=env.token(sub))
+        return next(i["unread"] for i in r.json()["items"] if i["id_conversa"] == cid)
+
+    assert await unread()
+    on_read = reads_handler(env.svc)
+
+    def read(producer: str, mailbox: str | None = None, user: str = "agent-1") -> Envelope:
+        event = ConversationRead(
+            id_conversa=cid,
+            mailbox_id=mailbox or env.mailbox,
+            user_id=user,
+            read_at=datetime.now(UTC),
+        )
+        return Envelope.of(event, producer=producer)
+
+    await on_read(read("notifier", mailbox="mb-other"), "0-1")
+    await on_read(read("threader"), "0-1")
+    assert await unread()
+    await on_read(read("notifier"), "0-1")
+    assert not await unread()
+    assert await unread("agent-2")  # per agent
+    await env.mail(
+        "Re: Read me",
+        reply_to=await env.svc.pool.fetchval(
+            "SELECT message_id FROM messages WHERE id_conversa = $1::uuid", cid
+        ),
+    )
+    assert await unread()
 
 
 async def test_only_an_agent_of_the_mailbox_can_be_assigned(env: Env) -> None:
