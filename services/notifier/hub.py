@@ -34,7 +34,6 @@ SLOW_CLOSED = Counter(
     "chatflow_notifier_slow_consumers_total", "Connections closed for not reading fast enough"
 )
 SLOW_CONSUMER = 4008
-LIVE_IDS_MAX = 256
 
 
 @dataclass(eq=False)
@@ -53,12 +52,12 @@ class Client:
     closing: bool = False
     # Encoded frames waiting for this turn's flush.
     pending: list[bytes] = field(default_factory=list)
-    # Entry ids delivered live since the connection opened: a client that reconnects resumes
-    # soon after (other frames, a ping or ``viewing``, may come first), and the replay skips what
-    # it already got meanwhile (else each would come twice). None after its first resume,
-    # ``LIVE_IDS_MAX`` ids or ``ws.RESUME_WINDOW_S`` (a resume then replays without that check;
-    # the bounds keep thousands of idle connections from holding ids).
-    live_ids: set[str] | None = field(default_factory=set)
+    # The entry id of the first frame delivered live on this connection. From the moment it is
+    # in the hub, every frame of its audience is delivered to it live, in stream order (or held
+    # while it resumes), so a ``resume`` replays only what came before that frame: the frames
+    # it got live between its reconnect and its ``resume`` do not come twice, however late the
+    # resume is (a set of ids kept for 10 s did that before, found by a trial).
+    first_live: str | None = None
 
     def __post_init__(self, served: set[str] | None) -> None:
         self.mailboxes = set(self.identity.mailboxes) if served is None else set(served)
@@ -134,12 +133,8 @@ class Hub:
             if data is None:
                 data = encode(text)
             self.queue(c, data)
-            live = c.live_ids
-            if live is not None:
-                if len(live) < LIVE_IDS_MAX:
-                    live.add(entry_id)
-                else:
-                    c.live_ids = None
+            if c.first_live is None:
+                c.first_live = entry_id
             n += 1
         if n:
             FRAMES_DELIVERED.inc(n)

@@ -59,7 +59,6 @@ UNAUTHORIZED: Final = 4401
 DISABLED: Final = "account disabled"
 _REJECTED: Final = object()  # the upgrade carried a token that failed verification
 _PAGE = 500
-RESUME_WINDOW_S: Final = 10.0  # see Client.live_ids
 
 
 def render(entry_id: str, frame: dict[str, Any]) -> str:
@@ -211,8 +210,6 @@ class LiveServer:
             self.state.connected(client)  # before any await: no frame slips past
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(max(0.0, identity.exp - time.time()), self._expire, client)
-        # A reconnecting client resumes at once; past this, no ids are kept for it.
-        recording = loop.call_later(RESUME_WINDOW_S, setattr, client, "live_ids", None)
         try:
             async for raw in conn:
                 await self._on_message(client, raw)
@@ -220,7 +217,6 @@ class LiveServer:
             pass
         finally:
             expiry.cancel()
-            recording.cancel()
             self.hub.remove(client)
             self.drafts.leave_all(client)
             if self.state is not None:
@@ -368,7 +364,8 @@ class LiveServer:
         """Replay frames after ``after`` for this client, then the live ones held meanwhile."""
         redis = self.bus.redis
         client.resuming = True
-        already, client.live_ids = client.live_ids or set(), None
+        # Frames from this one on were delivered live; a later resume (rare) replays them again.
+        cutoff, client.first_live = client.first_live, None
         try:
             head: Any = await redis.xrange(self.stream, "-", "+", count=1)
             first = head[0][0].decode() if head else None
@@ -378,17 +375,20 @@ class LiveServer:
             else:
                 last = after
                 scanned = 0
-                while True:
+                reached = False
+                while not reached:
                     page: Any = await redis.xrange(self.stream, f"({last}", "+", count=_PAGE)
                     for entry_id_b, fields in page:
-                        last = entry_id_b.decode()
-                        if last in already:
-                            continue  # delivered live after the reconnect, before this resume
+                        entry_id = entry_id_b.decode()
+                        if cutoff is not None and not is_after(cutoff, entry_id):
+                            reached = True  # from here on it got everything live
+                            break
+                        last = entry_id
                         text = self._text_for(client, last, fields)
                         if text is not None:
                             await client.conn.send(text)
                     scanned += len(page)
-                    if len(page) < _PAGE:
+                    if reached or len(page) < _PAGE:
                         break
                     if scanned >= self.settings.resume_max_entries:
                         await self._reply(client, frames.RESYNC)

@@ -410,6 +410,33 @@ async def test_frames_delivered_before_the_resume_frame_are_not_replayed(
         await assert_silent(ws, 0.8)
 
 
+async def test_a_late_resume_after_many_live_frames_replays_only_what_was_missed(
+    env: Env, start: Starter
+) -> None:
+    """Neither the number of frames delivered live since the reconnect nor the time before the
+    ``resume`` brings any back (the ids kept were capped at 256 and dropped after 10 s, so a
+    late resume repeated frames; found by a trial)."""
+    svc = await start()
+    box, sub = mbx(), user()
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        cid = await known_conversation(env, ws, box)
+        last_seen = (await env.bus.redis.xrange(env.bus.stream(FRAME_TYPE)))[-1][0].decode()
+    await env.publish(message_added(box, cid, n=2, subject="missed"))
+    await _frames_at_least(env, 2)
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        for i in range(300):
+            await env.publish(message_added(box, cid, n=3 + i, subject=f"live {i}"))
+        for i in range(300):
+            assert (await recv_type(ws, "message.added"))["message"]["subject"] == f"live {i}"
+        await ws.send(json.dumps({"type": "viewing", "id_conversa": cid}))
+        await ws.send(json.dumps({"type": "resume", "after": last_seen}))
+        replayed = await recv_type(ws, "message.added")
+        assert replayed["message"]["subject"] == "missed"
+        await assert_silent(ws, 0.8, skip=("presence", "badge"))
+        await env.publish(message_added(box, cid, n=400, subject="after"))
+        assert (await recv_type(ws, "message.added"))["message"]["subject"] == "after"
+
+
 async def _frames_at_least(env: Env, n: int) -> None:
     async def enough() -> bool:
         return bool(await env.bus.redis.xlen(env.bus.stream(FRAME_TYPE)) >= n)
