@@ -114,3 +114,40 @@ async def test_start_conversation_and_the_answer_threads_in(
             answer["Message-ID"],
         ]
         assert [m["direction"] for m in conv["messages"]] == ["out", "in"]
+
+
+async def test_a_reply_goes_to_the_reply_to_of_a_web_form(
+    stack: Stack, agent_token: str, ca_context: ssl.SSLContext
+) -> None:
+    """A contact form mails from noreply@ with the customer in Reply-To: the agent's reply
+    reaches the customer, not the form (RFC 5322 3.6.2; found by a trial)."""
+    from tests.test_threading_e2e import added, agent_socket, mail
+
+    tag = uuid.uuid4().hex[:6]
+    auth = {"Authorization": f"Bearer {agent_token}"}
+    customer = f"real.{tag}@person-{tag}.test"
+    async with (
+        agent_socket(stack, agent_token, ca_context) as ws,
+        httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http,
+    ):
+        form = mail(
+            f"Noreply Form <noreply@forms-{tag}.test>",
+            f"Contact form {tag}",
+            "Someone filled in the form.",
+            Reply_To=f"Real Person <{customer}>",
+        )
+        await smtp_send(stack, form, ca_context)
+        conv = (await added(ws, form["Message-ID"]))["id_conversa"]
+        detail = (await http.get(f"/api/conversations/{conv}", headers=auth)).json()
+        assert [a["address"] for a in detail["messages"][0]["reply_to"]] == [customer]
+        r = await http.post(
+            f"/api/conversations/{conv}/replies", json={"html": "<p>Hello!</p>"}, headers=auth
+        )
+        assert r.status_code == 202, r.text
+        send_id = r.json()["send_id"]
+
+        async def delivered() -> EmailMessage | None:
+            return sent_with(stack, send_id)
+
+        msg = await testing.eventually(delivered, timeout=20)
+        assert msg["To"].addresses[0].addr_spec == customer

@@ -219,6 +219,8 @@ class MessageSummary(_Payload):
     snippet: str = ""
     in_reply_to: list[str] = []
     references: list[str] = []
+    # Where its sender asked replies to go (Reply-To); empty: to ``from``.
+    reply_to: list[Address] = []
     # Sent by a machine, not a person: an auto-reply, a bounce (Auto-Submitted, Precedence,
     # X-Autoreply, a DSN). It joins its conversation but reopens nothing and raises no badge.
     automatic: bool = False

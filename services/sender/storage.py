@@ -64,8 +64,9 @@ async def add_thread_message(conn: asyncpg.Connection, values: tuple[Any, ...]) 
     """Store a message of a thread; returns how many sends that waited for it are due now."""
     await conn.execute(
         """INSERT INTO thread_messages (id_conversa, message_id, mailbox_id, number,
-               conv_subject, direction, sender, to_addrs, cc_addrs, subject, date, refs, token)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)
+               conv_subject, direction, sender, to_addrs, cc_addrs, subject, date, refs, token,
+               reply_to)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)
            ON CONFLICT DO NOTHING""",
         *values,
     )

@@ -78,6 +78,7 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
                     m.date,
                     m.references,
                     ev.conversation.token,
+                    [a.model_dump() for a in m.reply_to],
                 ),
             )
         if released:  # else nothing waits for it: no delivery pass per inbound mail

@@ -158,6 +158,7 @@ def _message(row: Any) -> dict[str, Any]:
         "status": row["status"],
         "in_reply_to": list(row["in_reply_to"]),
         "references": list(row["refs"]),
+        "reply_to": row["reply_to"],
         "automatic": row["direction"] == "in" and storage.is_automatic(row["flags"]),
         "truncated": bool((row["flags"] or {}).get("truncated")),
         "incomplete": bool((row["flags"] or {}).get("incomplete")),
@@ -234,6 +235,9 @@ class Message(BaseModel):
     status: str | None
     in_reply_to: list[str]
     references: list[str]
+    reply_to: list[Participant] = Field(
+        description="where the sender asked replies to go (Reply-To); a reply goes there"
+    )
     automatic: bool = Field(
         description="sent by a machine (an auto-reply, a bounce): it reopened nothing and "
         "counts as no unread mail"

@@ -171,6 +171,7 @@ async def place_message(
     thread_topic: str | None = None,
     rules: Rules = Rules(),
     arrived: datetime | None = None,
+    reply_to: list[Address] | None = None,
 ) -> Placed | None:
     """Thread one message; None when this mailbox already has this Message-ID (a retry, a Bcc copy).
 
@@ -327,8 +328,9 @@ async def place_message(
         """INSERT INTO messages (id, id_conversa, mailbox_id, channel, message_id, direction, sender,
                                  to_addrs, cc_addrs, subject, date, text_body, html_body,
                                  attachments, status, in_reply_to, refs, flags, subject_key,
-                                 loose, marked)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)
+                                 loose, marked, reply_to)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,
+                   $22)
            RETURNING *""",
         msg_uuid,
         uuid.UUID(target),
@@ -351,6 +353,7 @@ async def place_message(
         skey,
         unlinked,
         marked,
+        [a.model_dump() for a in reply_to or []],
     )
     await conn.executemany(
         """INSERT INTO thread_keys (mailbox_id, message_id, id_conversa) VALUES ($1, $2, $3)
@@ -359,7 +362,7 @@ async def place_message(
     )
     # The message's people, deduplicated; those the conversation lacks (by address, without
     # case) are appended in SQL, and the activity row is written by the same statement.
-    people_in = _participants([], sender, *to, *cc)
+    people_in = _participants([], sender, *(reply_to or []), *to, *cc)
     doc = search_document(subject, [sender, *to, *cc], text, html)
     conversation = await conn.fetchrow(
         f"""WITH u AS (UPDATE conversations SET
@@ -507,6 +510,7 @@ def summary(msg: asyncpg.Record) -> MessageSummary:
             "snippet": snippet(msg["text_body"]),
             "in_reply_to": list(msg["in_reply_to"]),
             "references": list(msg["refs"]),
+            "reply_to": msg["reply_to"],
             "automatic": msg["direction"] == "in" and is_automatic(msg["flags"]),
         }
     )

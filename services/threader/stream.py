@@ -88,6 +88,7 @@ async def _place_received(svc: ThreaderService, conn: asyncpg.Connection, env: E
         thread_topic=mail.thread_topic,
         rules=svc.rules,
         arrived=mail.received_at,
+        reply_to=mail.reply_to,
     )
     if placed is not None:
         await _announce(conn, env, placed, svc.token_secret)

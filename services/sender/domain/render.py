@@ -82,7 +82,8 @@ def plan(
         if cmd.to is not None:
             to = [c.Addr(a.name, a.address) for a in cmd.to]
         elif last_in is not None:
-            to = [_addr(last_in["sender"])]
+            # Its Reply-To if it has one (a web form's noreply@ asks for the customer there).
+            to = [_addr(a) for a in last_in.get("reply_to") or []] or [_addr(last_in["sender"])]
         else:
             to = [_addr(a) for a in last["to_addrs"]]
         number = last["number"]
