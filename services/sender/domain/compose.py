@@ -267,6 +267,13 @@ _PREFIX_RE = re.compile(
 )
 
 
+# A marker a gateway or list puts first ("[EXT]", "[acme-support]"); not a ticket tag.
+_LEAD_MARK_RE = re.compile(r"^(\[[^\]#\[]{1,40}\])\s*")
+# Ticket tags of ours ("[#123]"): another conversation's, carried over by a customer who
+# answered the wrong mail, must not travel with this one's.
+_ANY_TAG_RE = re.compile(r"\s*\[#\d{1,12}\]")
+
+
 def _tag_once(subject: str, tag: str) -> str:
     """Keep the first occurrence of ``tag`` where the customer put it, else append it."""
     head, found, tail = subject.partition(tag)
@@ -276,17 +283,23 @@ def _tag_once(subject: str, tag: str) -> str:
 
 
 def _strip_reply_prefixes(subject: str, tag: str) -> tuple[str, bool]:
-    """Strip leading reply prefixes, also those hiding behind a leading tag."""
+    """Strip leading reply prefixes, also those hiding behind a leading tag or marker
+    ("[EXT] Re: x" keeps its marker, loses the prefix)."""
     rest = _collapse(subject)
     lead_tag = False
+    marks: list[str] = []
     while True:
         before = rest
         rest = _PREFIX_RE.sub("", rest, count=1)
         if rest.startswith(tag):
             lead_tag = True
             rest = rest[len(tag) :].lstrip()
+        mark = _LEAD_MARK_RE.match(rest)
+        if mark and _PREFIX_RE.match(rest[mark.end() :]):
+            marks.append(mark.group(1))
+            rest = rest[mark.end() :]
         if rest == before:
-            return rest, lead_tag
+            return _collapse(" ".join([*marks, rest])), lead_tag
 
 
 def reply_subject(subject: str, token: str) -> str:
@@ -299,7 +312,11 @@ def reply_subject(subject: str, token: str) -> str:
     result is exactly what :func:`compose` puts in the Subject header.
     """
     tag = _tag(token)
-    rest, lead_tag = _strip_reply_prefixes(_clean_text(subject, "Subject"), tag)
+    cleaned = _clean_text(subject, "Subject")
+    foreign = [t for t in _ANY_TAG_RE.findall(cleaned) if t.strip() != tag]
+    for t in foreign:
+        cleaned = cleaned.replace(t.strip(), " ")
+    rest, lead_tag = _strip_reply_prefixes(cleaned, tag)
     if lead_tag:
         rest = _collapse(f"{tag} {rest.replace(tag, ' ')}")
     return f"Re: {_tag_once(rest, tag)}"

@@ -403,7 +403,14 @@ def test_references_refuse_line_breaks(bad: str) -> None:
         ("Re[2]: re:Hi", "Re: Hi [#12]"),
         ("[#12] Re: Hi [#12]", "Re: [#12] Hi"),
         ("Re:   Hi   [#12]  [#12]", "Re: Hi [#12]"),
-        ("Hi [#123]", "Re: Hi [#123] [#12]"),
+        # Another conversation's tag of ours (a customer answered the wrong mail) is dropped:
+        # one number per subject, this one's (found by a trial).
+        ("Hi [#123]", "Re: Hi [#12]"),
+        ("Re: Re: Earlier [#1]", "Re: Earlier [#12]"),
+        # A gateway's marker first keeps its place; the prefix behind it goes (found by a trial).
+        ("[EXT] Re: tagged", "Re: [EXT] tagged [#12]"),
+        ("Re: [External] RE: AW: Offer [#12]", "Re: [External] Offer [#12]"),
+        ("[acme] Weekly news", "Re: [acme] Weekly news [#12]"),
         ("Rebate: 10%", "Re: Rebate: 10% [#12]"),
         ("", "Re: [#12]"),
     ],
