@@ -92,6 +92,12 @@ def _participants(current: list[dict[str, Any]], *addrs: Address) -> list[dict[s
     return out
 
 
+def _base_address(address: str) -> str:
+    """``support+10-abc@x`` is ``support@x`` (the token is for threading), lower-cased."""
+    local, _, domain = address.lower().rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}"
+
+
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
@@ -172,6 +178,7 @@ async def place_message(
     rules: Rules = Rules(),
     arrived: datetime | None = None,
     reply_to: list[Address] | None = None,
+    own_address: str = "",
 ) -> Placed | None:
     """Thread one message; None when this mailbox already has this Message-ID (a retry, a Bcc copy).
 
@@ -362,7 +369,12 @@ async def place_message(
     )
     # The message's people, deduplicated; those the conversation lacks (by address, without
     # case) are appended in SQL, and the activity row is written by the same statement.
-    people_in = _participants([], sender, *(reply_to or []), *to, *cc)
+    # The people on the other side: not the mailbox itself, nor its +token addresses.
+    people_in = [
+        p
+        for p in _participants([], sender, *(reply_to or []), *to, *cc)
+        if not own_address or _base_address(p["address"]) != own_address.lower()
+    ]
     doc = search_document(subject, [sender, *to, *cc], text, html)
     conversation = await conn.fetchrow(
         f"""WITH u AS (UPDATE conversations SET

@@ -89,6 +89,7 @@ async def _place_received(svc: ThreaderService, conn: asyncpg.Connection, env: E
         rules=svc.rules,
         arrived=mail.received_at,
         reply_to=mail.reply_to,
+        own_address=mail.mailbox_address,
     )
     if placed is not None:
         await _announce(conn, env, placed, svc.token_secret)
@@ -151,6 +152,7 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 flags={},
                 id_conversa=st.id_conversa,
                 our_domain=m.from_.address.rpartition("@")[2],
+                own_address=m.from_.address,
                 rules=svc.rules,
             )
             if placed is not None:

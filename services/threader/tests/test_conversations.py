@@ -278,6 +278,22 @@ async def test_a_read_on_the_websocket_clears_unread_in_the_list(env: Env) -> No
     assert await unread()
 
 
+async def test_participants_are_the_other_side_not_the_mailbox_itself(env: Env) -> None:
+    """The mailbox's own address and its +token addresses are not participants (they showed
+    up as such after a customer wrote; found by a trial); the customer's colleagues are."""
+    mid = await env.mail(
+        "Invoice",
+        to=[
+            Address(address="Support+10-abc@chatflow.test"),
+            Address(address="support@chatflow.test"),
+            Address(name="Bo", address="bo@customer.test"),
+        ],
+    )
+    cid = await env.conv_of(mid)
+    conv = (await env.client.get(f"/api/conversations/{cid}", headers=env.token())).json()
+    assert [p["address"] for p in conv["participants"]] == ["ana@customer.test", "bo@customer.test"]
+
+
 async def test_only_an_agent_of_the_mailbox_can_be_assigned(env: Env) -> None:
     cid = await env.conv_of(await env.mail("Who takes it?"))
 
