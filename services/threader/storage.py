@@ -691,6 +691,21 @@ async def record_agent(
     )
 
 
+async def removed_mailboxes(
+    conn: asyncpg.Connection | asyncpg.Pool, user_id: str, mailboxes: frozenset[str]
+) -> set[str]:
+    """Which of a token's mailboxes auth has taken this agent out of since."""
+    if not mailboxes:
+        return set()
+    rows = await conn.fetch(
+        """SELECT mailbox_id FROM mailbox_agents
+           WHERE user_id = $1 AND mailbox_id = ANY($2::text[]) AND NOT active""",
+        user_id,
+        list(mailboxes),
+    )
+    return {r["mailbox_id"] for r in rows}
+
+
 async def assignable(
     conn: asyncpg.Connection | asyncpg.Pool, mailbox_id: str, user_id: str
 ) -> bool:

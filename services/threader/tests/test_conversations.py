@@ -294,6 +294,26 @@ async def test_participants_are_the_other_side_not_the_mailbox_itself(env: Env) 
     assert [p["address"] for p in conv["participants"]] == ["ana@customer.test", "bo@customer.test"]
 
 
+async def test_an_agent_taken_out_of_the_mailbox_loses_it_before_the_token_expires(
+    env: Env,
+) -> None:
+    """The token still lists the mailbox, but auth's membership.changed has taken the agent
+    out: 404 for the conversation and its reply, nothing in the list; back in, back again
+    (over REST a removed agent could read and reply for the token's life; found by a trial)."""
+    cid = await env.conv_of(await env.mail("Private matter"))
+    h = env.token("agent-9")
+    url = f"/api/conversations/{cid}"
+    assert (await env.client.get(url, headers=h)).status_code == 200
+    await env.agent("agent-9", active=False)
+    assert (await env.client.get(url, headers=h)).status_code == 404
+    reply = await env.client.post(f"{url}/replies", json={"html": "<p>x</p>"}, headers=h)
+    assert reply.status_code == 404
+    assert (await env.client.get("/api/conversations", headers=h)).json()["items"] == []
+    assert (await env.client.get(url, headers=env.token("agent-1"))).status_code == 200
+    await env.agent("agent-9", active=True)
+    assert (await env.client.get(url, headers=h)).status_code == 200
+
+
 async def test_only_an_agent_of_the_mailbox_can_be_assigned(env: Env) -> None:
     cid = await env.conv_of(await env.mail("Who takes it?"))
 
