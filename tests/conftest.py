@@ -40,6 +40,11 @@ def stack(
             "CHATFLOW_SENDER_RETRY_BASE_S": "0.5",
             "CHATFLOW_CONSUMER_CLAIM_IDLE_MS": "2000",
             "CHATFLOW_CONSUMER_CLAIM_INTERVAL_MS": "500",
+            # One IP and one demo agent make every request of the suite (the API fuzz alone
+            # sends ~600 a minute): the dev limits would throttle the tests after it, in
+            # whatever order they run. The limiter is tested on its own (gateway tests).
+            "CHATFLOW_GATEWAY_RATE_LIMIT_PER_IP": "100000",
+            "CHATFLOW_GATEWAY_RATE_LIMIT_PER_USER": "100000",
         },
     )
     st.migrate()
