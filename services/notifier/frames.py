@@ -144,6 +144,19 @@ EPHEMERAL = frozenset({"badge", "presence"})
 # ---- server → client ---------------------------------------------------------------------------
 
 
+# What a ``message.added`` frame tells of the message (CONTRACT.md); the rest is the API's.
+MESSAGE_FIELDS = (
+    "id",
+    "message_id",
+    "direction",
+    "from",
+    "subject",
+    "date",
+    "snippet",
+    "automatic",
+)
+
+
 def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
     """The message and the conversation's state after it: one frame per mail for every agent
     (a ``conversation.updated`` repeating that state sends no frame of its own)."""
@@ -151,19 +164,7 @@ def message_added(ev: ConversationMessageAdded) -> dict[str, Any]:
     return {
         "type": "message.added",
         "id_conversa": ev.id_conversa,
-        "message": {
-            k: m[k]
-            for k in (
-                "id",
-                "message_id",
-                "direction",
-                "from",
-                "subject",
-                "date",
-                "snippet",
-                "automatic",
-            )
-        },
+        "message": {k: m[k] for k in MESSAGE_FIELDS},
         "conversation": _state(ev.conversation),
     }
 
