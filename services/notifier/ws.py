@@ -364,7 +364,8 @@ class LiveServer:
         """Replay frames after ``after`` for this client, then the live ones held meanwhile."""
         redis = self.bus.redis
         client.resuming = True
-        # Frames from this one on were delivered live; a later resume (rare) replays them again.
+        # Frames from this one on were delivered live. The next live frame after this resume
+        # is the next cutoff, so a second resume (rare) sends again what this one replays.
         cutoff, client.first_live = client.first_live, None
         try:
             head: Any = await redis.xrange(self.stream, "-", "+", count=1)
