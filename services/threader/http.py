@@ -167,7 +167,7 @@ def _message(row: Any) -> dict[str, Any]:
         "in_reply_to": list(row["in_reply_to"]),
         "references": list(row["refs"]),
         "reply_to": row["reply_to"],
-        "automatic": row["direction"] == "in" and storage.is_automatic(row["flags"]),
+        "automatic": storage.sent_by_a_machine(row),
         "truncated": bool((row["flags"] or {}).get("truncated")),
         "incomplete": bool((row["flags"] or {}).get("incomplete")),
     }

@@ -523,9 +523,14 @@ def summary(msg: asyncpg.Record) -> MessageSummary:
             "in_reply_to": list(msg["in_reply_to"]),
             "references": list(msg["refs"]),
             "reply_to": msg["reply_to"],
-            "automatic": msg["direction"] == "in" and is_automatic(msg["flags"]),
+            "automatic": sent_by_a_machine(msg),
         }
     )
+
+
+def sent_by_a_machine(msg: asyncpg.Record) -> bool:
+    """A stored inbound message that ingest flagged automatic (an auto-reply, a bounce)."""
+    return bool(msg["direction"] == "in" and is_automatic(msg["flags"]))
 
 
 def is_automatic(flags: dict[str, Any] | None) -> bool:
