@@ -15,7 +15,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from libs.common import inbox, tls
+from libs.common import inbox, roster, tls
 from libs.common.bus import BroadcastReader
 from libs.common.events import Envelope, EventError, MailboxChanged
 from libs.common.service import Service
@@ -113,7 +113,11 @@ class IngestService(Service):
             except ValueError as exc:
                 raise ApiError(404, "attachment not found") from exc
             row = await storage.fetch_attachment(self.pool, key)
-            if row is None or row["mailbox_id"] not in who.mailboxes:
+            if (
+                row is None
+                or row["mailbox_id"] not in who.mailboxes
+                or await roster.removed(self.pool, who.sub, [row["mailbox_id"]])
+            ):
                 raise ApiError(404, "attachment not found")
             return Response(
                 bytes(row["data"]),
@@ -138,6 +142,8 @@ class IngestService(Service):
         # while no ingest ran.
         self.mailboxes = await storage.load_mailboxes(self.pool)
         self.consumer([MAILBOX_CHANGED], self.on_mailbox_changed)
+        # A removed agent's token lists the mailbox until it expires: downloads check this.
+        self.consumer(["membership.changed"], roster.handler(self.pool), group="ingest-members")
         self.consumers.append(
             BroadcastReader(
                 self.bus,

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from libs.common import outbox
+from libs.common import outbox, roster
 from libs.common.events import (
     Address,
     ConversationRead,
@@ -77,9 +77,7 @@ async def agent(request: Request, who: Identity = Depends(identity)) -> Identity
     so it could read and reply over REST for up to 15 minutes (found by a trial)."""
     if not who.is_agent:
         raise ApiError(403, "this API is for agents")
-    removed = await storage.removed_mailboxes(
-        request.app.state.service.pool, who.sub, who.mailboxes
-    )
+    removed = await roster.removed(request.app.state.service.pool, who.sub, who.mailboxes)
     return dataclasses.replace(who, mailboxes=who.mailboxes - removed) if removed else who
 
 

@@ -663,52 +663,20 @@ async def claim_reply_client_id(
     return await client_id_use(conn, user_id, client_id)
 
 
-async def record_agent(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    user_id: str,
-    mailbox_id: str | None,
-    active: bool,
-    changed_at: datetime,
+async def record_account(
+    conn: asyncpg.Connection | asyncpg.Pool, user_id: str, active: bool, changed_at: datetime
 ) -> None:
-    """Keep auth's word on who may be assigned: a membership (``mailbox_id``) or, without one,
-    the account itself. An older change than the one stored is ignored."""
-    if mailbox_id is None:
-        await conn.execute(
-            """INSERT INTO agent_accounts AS a (user_id, active, changed_at) VALUES ($1, $2, $3)
-               ON CONFLICT (user_id) DO UPDATE SET active = EXCLUDED.active,
-                   changed_at = EXCLUDED.changed_at
-               WHERE EXCLUDED.changed_at >= a.changed_at""",
-            user_id,
-            active,
-            changed_at,
-        )
-        return
+    """Keep auth's word on an account (``user.changed``): a disabled one is assigned nothing.
+    An older change than the one stored is ignored."""
     await conn.execute(
-        """INSERT INTO mailbox_agents AS a (mailbox_id, user_id, active, changed_at)
-           VALUES ($1, $2, $3, $4)
-           ON CONFLICT (mailbox_id, user_id) DO UPDATE SET active = EXCLUDED.active,
+        """INSERT INTO agent_accounts AS a (user_id, active, changed_at) VALUES ($1, $2, $3)
+           ON CONFLICT (user_id) DO UPDATE SET active = EXCLUDED.active,
                changed_at = EXCLUDED.changed_at
            WHERE EXCLUDED.changed_at >= a.changed_at""",
-        mailbox_id,
         user_id,
         active,
         changed_at,
     )
-
-
-async def removed_mailboxes(
-    conn: asyncpg.Connection | asyncpg.Pool, user_id: str, mailboxes: frozenset[str]
-) -> set[str]:
-    """Which of a token's mailboxes auth has taken this agent out of since."""
-    if not mailboxes:
-        return set()
-    rows = await conn.fetch(
-        """SELECT mailbox_id FROM mailbox_agents
-           WHERE user_id = $1 AND mailbox_id = ANY($2::text[]) AND NOT active""",
-        user_id,
-        list(mailboxes),
-    )
-    return {r["mailbox_id"] for r in rows}
 
 
 async def assignable(

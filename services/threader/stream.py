@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from libs.common import inbox, outbox
+from libs.common import inbox, outbox, roster
 from libs.common.bus import BatchHandler, Handler
 from libs.common.events import (
     ConversationMerged,
@@ -16,7 +16,6 @@ from libs.common.events import (
     Envelope,
     MailReceived,
     MailStatus,
-    MembershipChanged,
     UserChanged,
 )
 from services.threader import storage
@@ -163,15 +162,16 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
 
 
 def agents_handler(svc: ThreaderService) -> Handler:
-    """``membership.changed`` and ``user.changed``: who may be assigned a conversation."""
+    """``membership.changed`` (``libs.common.roster``) and ``user.changed``: who may be assigned
+    a conversation, and whose token's mailboxes are no longer theirs."""
+    members = roster.handler(svc.pool)
 
     async def on_agent(env: Envelope, entry_id: str) -> None:
         if env.type == "membership.changed":
-            m = env.payload_as(MembershipChanged)
-            await storage.record_agent(svc.pool, m.user_id, m.mailbox_id, m.active, env.occurred_at)
+            await members(env, entry_id)
         elif env.type == "user.changed":
             u = env.payload_as(UserChanged)
-            await storage.record_agent(svc.pool, u.user_id, None, u.active, env.occurred_at)
+            await storage.record_account(svc.pool, u.user_id, u.active, env.occurred_at)
 
     return on_agent
 

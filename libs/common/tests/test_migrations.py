@@ -24,6 +24,7 @@ async def test_changed_migration_is_refused(database_url: str, tmp_path: Path) -
     url = own_url(database_url).replace(ROLE, "chatflow_migtest")
     assert await db.migrate(database_url, url, "chatflow_migtest", "migtest", folder) == [
         "common_0001_outbox_inbox",
+        "common_0002_mailbox_agents",
         "0001_t",
     ]
     (folder / "0001_t.sql").write_text("CREATE TABLE t (a int, b int);")

@@ -20,7 +20,7 @@ import pytest
 from joserfc.jwk import OKPKey
 
 from libs.common import testing
-from libs.common.events import Envelope, JwksPublished
+from libs.common.events import Envelope, JwksPublished, MembershipChanged
 from services.ingest import smtp
 from services.ingest.bounces import BounceScanner
 from services.ingest.tests.conftest import SALES, SUPPORT, Mx, message, new_mid
@@ -380,3 +380,34 @@ async def test_replicas_scanning_at_once_announce_a_bounce_once(
         "SELECT count(*) FROM bounce_checks WHERE original_message_id = $1", original
     )
     assert checks == 1
+
+
+async def test_an_agent_taken_out_of_the_mailbox_downloads_nothing_more(
+    mx: Mx, http: httpx.AsyncClient, key: OKPKey
+) -> None:
+    """Auth's membership.changed reaches ingest: the agent's token still lists the mailbox, the
+    attachment is 404 at once; back in the mailbox, it downloads again (found by a trial)."""
+    mid = new_mid("roster")
+    async with aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=mx.port, start_tls=True, tls_context=mx.ca, timeout=15
+    ) as c:
+        await c.sendmail("zoe@customer.test", [SUPPORT], related(mid))
+    await mx.drained()
+    (ev,) = await mx.events(mid)
+    url = f"/api/attachments/{ev.payload['attachments'][0]['id']}"
+    sub = f"agent-{uuid.uuid4().hex[:6]}"
+    agent = bearer(key, mx, roles=["agent"], mailboxes=["mb-support"], sub=sub)
+    assert (await http.get(url, headers=agent)).status_code == 200
+
+    async def member(active: bool) -> None:
+        change = MembershipChanged(user_id=sub, mailbox_id="mb-support", active=active)
+        await mx.bus.publish(Envelope.of(change, "auth"))
+
+    await member(False)
+    await testing.eventually(lambda: _status(http, url, agent, 404), timeout=10, interval=0.05)
+    await member(True)
+    await testing.eventually(lambda: _status(http, url, agent, 200), timeout=10, interval=0.05)
+
+
+async def _status(http: httpx.AsyncClient, url: str, headers: dict[str, str], code: int) -> bool:
+    return (await http.get(url, headers=headers)).status_code == code
