@@ -8,6 +8,7 @@ does for its sockets.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -15,6 +16,7 @@ import asyncpg
 
 from libs.common.bus import Handler
 from libs.common.events import Envelope, MembershipChanged
+from libs.common.tokens import Identity
 
 
 async def record(
@@ -52,6 +54,12 @@ async def removed(
         boxes,
     )
     return {r["mailbox_id"] for r in rows}
+
+
+async def effective(conn: asyncpg.Connection | asyncpg.Pool, who: Identity) -> Identity:
+    """``who`` with only the mailboxes that are still theirs (the token's, less removals)."""
+    gone = await removed(conn, who.sub, who.mailboxes)
+    return dataclasses.replace(who, mailboxes=who.mailboxes - gone) if gone else who
 
 
 def handler(pool: asyncpg.Pool) -> Handler:

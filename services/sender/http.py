@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
+from libs.common import roster
 from libs.common.tokens import Identity
 from libs.common.web import ApiError, identity_dependency, read_limited_body
 from services.sender import storage
@@ -30,10 +31,12 @@ router = APIRouter()
 _FRAMING = 64 * 1024
 
 
-async def agent(who: Identity = Depends(identity)) -> Identity:
+async def agent(request: Request, who: Identity = Depends(identity)) -> Identity:
+    """An agent, with the token's mailboxes less those auth has since taken them out of
+    (``libs.common.roster``): uploads and their downloads follow a removal at once."""
     if not who.is_agent:
         raise ApiError(403, "this API is for agents")
-    return who
+    return await roster.effective(request.app.state.service.pool, who)
 
 
 class Uploaded(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from libs.common import tls
+from libs.common import roster, tls
 from libs.common.service import Service
 from services.sender import bounces, storage
 from services.sender.delivery import Delivery
@@ -38,6 +38,7 @@ class SenderService(Service):
         for _ in range(self.settings.send_consumers):
             self.consumer(["mail.send"], on_send, group="sender")
         self.consumer(["mail.bounced"], bounces.handler(self), group=bounces.CONSUMER)
+        self.consumer(["membership.changed"], roster.handler(self.pool), group="sender-members")
         self.background.append(self.delivery.run)
         self.background.append(self.expire_uploads)
 

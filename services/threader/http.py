@@ -8,7 +8,6 @@ Inputs are refused with 4xx before they can reach SQL or the outbox in a shape P
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import re
 import uuid
@@ -77,8 +76,7 @@ async def agent(request: Request, who: Identity = Depends(identity)) -> Identity
     so it could read and reply over REST for up to 15 minutes (found by a trial)."""
     if not who.is_agent:
         raise ApiError(403, "this API is for agents")
-    removed = await roster.removed(request.app.state.service.pool, who.sub, who.mailboxes)
-    return dataclasses.replace(who, mailboxes=who.mailboxes - removed) if removed else who
+    return await roster.effective(request.app.state.service.pool, who)
 
 
 def _cursor_encode(at: datetime, id_: uuid.UUID, as_of: int) -> str:

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from joserfc.jwk import OKPKey
 
-from libs.common import testing
+from libs.common import roster, testing
 from libs.common.bus import Bus
-from libs.common.events import Envelope, JwksPublished
+from libs.common.events import Envelope, JwksPublished, MembershipChanged
 from services.sender.domain import uploads
 from services.sender.service import SenderService
 from services.sender.tests.conftest import (
@@ -188,6 +188,26 @@ async def test_download_only_for_agents_of_its_mailboxes(api: Api) -> None:
     assert r.status_code == 404
     r = await api.client.get("/api/attachments/not-an-upload", headers=api.auth(MAILBOX))
     assert r.status_code == 404
+
+
+async def test_an_agent_taken_out_of_the_mailbox_loses_its_uploads_at_once(api: Api) -> None:
+    """membership.changed (``libs.common.roster``): the token still lists the mailbox, but the
+    upload is 404 and a new upload for it refused; back in, both work (found by a trial)."""
+    up = (await api.upload(b"%PDF-1.4 roster", headers=api.auth(MAILBOX))).json()
+    url = f"/api/attachments/{up['id']}"
+    assert (await api.client.get(url, headers=api.auth(MAILBOX))).status_code == 200
+    on_membership = roster.handler(api.svc.pool)
+
+    async def member(active: bool) -> None:
+        change = MembershipChanged(user_id="agent-1", mailbox_id=MAILBOX, active=active)
+        await on_membership(Envelope.of(change, "auth"), "0-1")
+
+    await member(False)
+    assert (await api.client.get(url, headers=api.auth(MAILBOX))).status_code == 404
+    refused = await api.upload(b"%PDF-1.4 again", headers=api.auth(MAILBOX))
+    assert refused.status_code == 403
+    await member(True)
+    assert (await api.client.get(url, headers=api.auth(MAILBOX))).status_code == 200
 
 
 async def test_upload_for_one_named_mailbox(api: Api, sender_pool: asyncpg.Pool) -> None:
