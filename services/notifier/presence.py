@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -34,6 +34,7 @@ from services.notifier.frames import NotifierFrame
 from services.notifier.hub import Client, Hub
 
 log = logging.getLogger("chatflow.notifier.presence")
+MAX_TYPED = 8  # conversations a connection typed in that its disconnect clears
 
 
 @dataclass
@@ -41,6 +42,9 @@ class _Where:
     key: str  # this connection's member suffix
     viewing: str | None = None
     mailbox: str | None = None
+    # Conversations it typed in without viewing them (id -> mailbox), the newest last: its
+    # typing ends there too when it disconnects, not only when the entry expires.
+    typed: dict[str, str] = field(default_factory=dict)
 
 
 def state_of(members: list[bytes]) -> tuple[list[str], list[str]]:
@@ -114,10 +118,14 @@ class Presence:
     async def _gone(self, user: str, w: _Where) -> None:
         try:
             await self.redis.zrem(self._online_key(user), w.key)
+            places = dict(w.typed)
             if w.viewing is not None and w.mailbox is not None:
-                key = self._conv_key(w.viewing)
-                await self.redis.zrem(key, f"v|{user}|{w.key}", f"t|{user}|{w.key}")
-                await self.announce(w.viewing, w.mailbox)
+                places[w.viewing] = w.mailbox
+            for conv, mailbox in places.items():
+                await self.redis.zrem(
+                    self._conv_key(conv), f"v|{user}|{w.key}", f"t|{user}|{w.key}"
+                )
+                await self.announce(conv, mailbox)
         except Exception:
             log.exception("presence cleanup failed")
 
@@ -184,6 +192,11 @@ class Presence:
         mailbox = await self._mailbox(client, id_conversa)
         if w is None or mailbox is None:
             return None
+        if id_conversa != w.viewing:
+            w.typed.pop(id_conversa, None)
+            w.typed[id_conversa] = mailbox
+            while len(w.typed) > MAX_TYPED:
+                del w.typed[next(iter(w.typed))]  # the oldest (likely expired already)
         key = self._conv_key(id_conversa)
         ttl_ms = int(self.typing_ttl_s * 1000)
         pipe = self.redis.pipeline(transaction=False)

@@ -89,6 +89,23 @@ async def test_viewing_and_typing_reach_the_mailboxs_agents_on_every_replica(
         await testing.eventually(lambda: _not(a.presence.online(ana)))
 
 
+async def test_typing_ends_at_disconnect_also_where_the_agent_was_not_viewing(
+    env: Env, start: Starter
+) -> None:
+    """Typing in a conversation one is not viewing (a reply box beside the list) ended only when
+    its entry expired; now the disconnect ends it (found by a trial). The TTL here is long, so
+    only the disconnect can clear it within the wait."""
+    svc = await start(presence_typing_ttl_s=30)
+    box = mbx()
+    ana, bia = user(), user()
+    cid = await known(env, svc, box)
+    async with ws_connect(svc, env.token(bia, [box])) as wb:
+        async with ws_connect(svc, env.token(ana, [box])) as wa:
+            await wa.send(json.dumps({"type": "typing", "id_conversa": cid}))
+            await presence(wb, cid, [], [ana])
+        await presence(wb, cid, [], [], timeout=3)
+
+
 async def _not(aw: Any) -> bool:
     return not await aw
 
