@@ -70,7 +70,7 @@ class LiveState:
         """Handle ``read``, ``viewing``, ``typing`` and ``left``; False for any other frame."""
         if isinstance(frame, ReadFrame):
             if not await self.badges.read(client, frame.id_conversa):
-                await self._not_found(client)
+                await self._not_found(client, frame.id_conversa)
             return True
         if not isinstance(frame, PresenceFrame):
             return False
@@ -79,17 +79,19 @@ class LiveState:
             return True
         if frame.type == "typing":
             if await self.presence.typing(client, frame.id_conversa) is None:
-                await self._not_found(client)
+                await self._not_found(client, frame.id_conversa)
             return True
         viewed = await self.presence.viewing(client, frame.id_conversa)
         if viewed is None:
-            await self._not_found(client)
+            await self._not_found(client, frame.id_conversa)
         elif not viewed[1]:
             # Nothing changed for the others (already viewing, say): the viewer still learns
             # who else is here, right away. A change reaches it with the mailbox's frame.
             await client.conn.send(_dump(viewed[0]))
         return True
 
-    async def _not_found(self, client: Client) -> None:
-        # The same answer for "absent" and "not yours": no probing of other mailboxes.
-        await client.conn.send(_dump(frames.error("not_found", "conversation not found")))
+    async def _not_found(self, client: Client, id_conversa: str) -> None:
+        # The same answer for "absent" and "not yours": no probing of other mailboxes. It names
+        # the conversation asked for, as the draft errors do, so a client can tell which.
+        error = frames.error("not_found", "conversation not found")
+        await client.conn.send(_dump({**error, "id_conversa": id_conversa}))

@@ -75,7 +75,7 @@ async def test_viewing_and_typing_reach_the_mailboxs_agents_on_every_replica(
         await assert_silent(wc, 0.3, skip=("badge",))
         await wc.send(json.dumps({"type": "viewing", "id_conversa": c1}))
         err = await recv_json(wc)
-        assert (err["type"], err["code"]) == ("error", "not_found")
+        assert (err["type"], err["code"], err["id_conversa"]) == ("error", "not_found", c1)
         await wb.send(json.dumps({"type": "viewing", "id_conversa": foreign}))
         assert (await recv_json(wb))["code"] == "not_found"
         # Leaving explicitly.
