@@ -279,14 +279,20 @@ def related(mid: str) -> bytes:
     )
 
 
-async def test_cid_images_point_at_their_stored_parts(mx: Mx) -> None:
-    mid = new_mid("cid")
+async def _related_received(mx: Mx, mid: str) -> Envelope:
+    """``related(mid)`` sent over SMTP; its ``mail.received`` event once relayed."""
     async with aiosmtplib.SMTP(
         hostname="127.0.0.1", port=mx.port, start_tls=True, tls_context=mx.ca, timeout=15
     ) as c:
         await c.sendmail("zoe@customer.test", [SUPPORT], related(mid))
     await mx.drained()
     (ev,) = await mx.events(mid)
+    return ev
+
+
+async def test_cid_images_point_at_their_stored_parts(mx: Mx) -> None:
+    mid = new_mid("cid")
+    ev = await _related_received(mx, mid)
     atts = {a["content_id"]: a for a in ev.payload["attachments"]}
     shot, logo = atts["shot.1@customer.test"], atts["logo@customer.test"]
     assert shot["inline"] and logo["inline"]
@@ -387,13 +393,7 @@ async def test_an_agent_taken_out_of_the_mailbox_downloads_nothing_more(
 ) -> None:
     """Auth's membership.changed reaches ingest: the agent's token still lists the mailbox, the
     attachment is 404 at once; back in the mailbox, it downloads again (found by a trial)."""
-    mid = new_mid("roster")
-    async with aiosmtplib.SMTP(
-        hostname="127.0.0.1", port=mx.port, start_tls=True, tls_context=mx.ca, timeout=15
-    ) as c:
-        await c.sendmail("zoe@customer.test", [SUPPORT], related(mid))
-    await mx.drained()
-    (ev,) = await mx.events(mid)
+    ev = await _related_received(mx, new_mid("roster"))
     url = f"/api/attachments/{ev.payload['attachments'][0]['id']}"
     sub = f"agent-{uuid.uuid4().hex[:6]}"
     agent = bearer(key, mx, roles=["agent"], mailboxes=["mb-support"], sub=sub)
