@@ -46,56 +46,6 @@ async def put_blob(conn: asyncpg.Connection, data: bytes) -> str:
     return digest
 
 
-async def insert_message(
-    conn: asyncpg.Connection,
-    *,
-    mailbox_id: str,
-    envelope_from: str,
-    rcpt: str,
-    raw: bytes,
-    status: str,
-    reason: str | None,
-    message_id: str | None,
-    received_at: datetime,
-    peer: str,
-) -> tuple[uuid.UUID, bool]:
-    """Store one delivery; returns its id and whether it is new.
-
-    The same raw bytes for the same mailbox are stored once (migration 0002): a retry of a message
-    we already committed gets the first copy's id and ``False``, so the caller announces nothing.
-    A concurrent identical delivery waits on the unique index until the first one commits.
-    """
-    digest = await put_blob(conn, raw)
-    new_id: uuid.UUID | None = await conn.fetchval(
-        """INSERT INTO messages (id, mailbox_id, envelope_from, rcpt, raw_sha256, status, reason,
-                                 message_id, received_at, peer)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-           ON CONFLICT (mailbox_id, raw_sha256) WHERE duplicate_of IS NULL DO NOTHING
-           RETURNING id""",
-        uuid.uuid4(),
-        mailbox_id,
-        envelope_from,
-        rcpt,
-        digest,
-        status,
-        reason,
-        message_id,
-        received_at,
-        peer,
-    )
-    if new_id is not None:
-        return new_id, True
-    first: uuid.UUID | None = await conn.fetchval(
-        """SELECT id FROM messages
-           WHERE mailbox_id = $1 AND raw_sha256 = $2 AND duplicate_of IS NULL""",
-        mailbox_id,
-        digest,
-    )
-    if first is None:  # the first copy vanished between the two statements: let the client retry
-        raise RuntimeError("duplicate message disappeared while checking it")
-    return first, False
-
-
 async def insert_attachment(
     conn: asyncpg.Connection,
     *,
