@@ -18,3 +18,6 @@ UPSTREAM_ERRORS = Counter(
 )
 RATE_LIMITED = Counter("chatflow_gateway_rate_limited_total", "Requests refused with 429", ["by"])
 WS_OPEN = Gauge("chatflow_gateway_ws_open", "WebSocket sessions bridged right now")
+WS_SLOW_CLOSED = Counter(
+    "chatflow_gateway_ws_slow_consumers_total", "WebSocket sessions closed for not reading (4008)"
+)

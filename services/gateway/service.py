@@ -14,6 +14,7 @@ import asyncio
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpcore
 import uvicorn
@@ -31,6 +32,7 @@ from services.gateway.proxy import Proxy
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokencache import CachingVerifier
+from services.gateway.trunk import TrunkPool
 from services.gateway.upstream import AsyncioBackend
 from services.gateway.ws import WsBridge
 from services.gateway.wsedge import WsEdge, front_door
@@ -76,6 +78,7 @@ class GatewayService(Service):
         self.upstream: httpcore.AsyncConnectionPool | None = None
         self.public: uvicorn.Server | None = None
         self.public_app: Edge | None = None
+        self.edge: WsEdge | None = None
         self.access: Access
         self._public_done = asyncio.Event()
 
@@ -155,7 +158,24 @@ class GatewayService(Service):
         )
         self.public.config.ws_max_size = s.ws_max_message_bytes
         # /ws upgrades are spliced to the notifier; every other request goes on to uvicorn.
-        self.public.config.http = front_door(WsEdge(bridge, security, s.ws_max_message_bytes))
+        trunk_url = urlunsplit(urlsplit(s.notifier_ws_url)._replace(path=s.notifier_trunk_path))
+        trunks = TrunkPool(
+            trunk_url,
+            tls.client_context(s.tls_ca),
+            s.ws_trunks,
+            s.ws_open_timeout_s,
+            s.ws_max_upstream_message_bytes,
+        )
+        self.edge = WsEdge(
+            bridge,
+            security,
+            s.ws_max_message_bytes,
+            trunks,
+            s.ws_slow_consumer_bytes,
+            s.ws_ping_interval_s,
+            s.ws_ping_timeout_s,
+        )
+        self.public.config.http = front_door(self.edge)
         self.background.append(self._serve_public)
 
     async def _serve_public(self) -> Any:
@@ -177,5 +197,7 @@ class GatewayService(Service):
             log.warning("public listener did not drain in time")
 
     async def on_stop(self) -> None:
+        if self.edge is not None:
+            self.edge.close()
         if self.upstream is not None:
             await self.upstream.aclose()

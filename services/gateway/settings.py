@@ -53,6 +53,17 @@ class GatewaySettings(ServiceSettings):
     ws_open_timeout_s: float = field(5.0, "upstream WebSocket handshake timeout")
     ws_max_message_bytes: int = field(4 * MIB, "largest client WebSocket message (as notifier)")
     ws_max_upstream_message_bytes: int = field(16 * MIB, "largest message from the notifier")
+    ws_trunks: int = field(
+        2, "trunks to the notifier per gateway process, each carrying many agents (ADR 0005)"
+    )
+    notifier_trunk_path: str = field("/trunk", "the notifier's trunk path, on its WebSocket port")
+    ws_slow_consumer_bytes: int = field(
+        MIB, "an agent's socket buffering more than this is closed (4008); it resumes later"
+    )
+    ws_ping_interval_s: float = field(20.0, "keepalive ping to every agent's socket")
+    ws_ping_timeout_s: float = field(
+        20.0, "an agent's socket not answering a ping in this is closed"
+    )
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

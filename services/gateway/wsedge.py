@@ -1,4 +1,4 @@
-"""``/ws`` without copying frames: check the upgrade, open the notifier's socket, splice bytes.
+"""``/ws`` at the edge: check the upgrade, then carry the agent's frames over a trunk.
 
 ``FrontDoor`` is the public listener's protocol (uvicorn's ``Config.http``). It reads the first
 request head of each connection: a WebSocket upgrade of ``/ws`` becomes a ``Session``, anything
@@ -9,38 +9,39 @@ bridge (``services.gateway.ws.WsBridge``), which enforces the same rules; browse
 clients open a connection per WebSocket, so that path is the exception (ADR 0004).
 
 A session checks what the bridge checks (Origin, the ``bearer.`` subprotocol or the first-frame
-``auth``, the rate limit, a disabled account), connects to the notifier as a WebSocket client,
-answers 101 itself (no extension: the bytes of both sides must mean the same thing) and from
-then on writes what one side sends to the other. With the token in the subprotocol the 101 goes
-out only once the notifier's has come back, and the notifier registers a connection before its
-101 can be read: a client that sees its socket open gets every frame sent from then on (a 101
-first let frames pass a busy gateway's new connections by, unseen, found by the bench at 1,000
-agents). A first-frame ``auth`` needs the 101 before the token; that client is live once the
-notifier answers its frames. Once spliced, the client's frames are already masked as
-a client's must be, the notifier's are unmasked as a server's are, so nothing is re-encoded.
-A ``FrameCursor`` per direction follows frame boundaries from the headers alone: the gateway's
-own close frames (4401 when the account is disabled, 1012 on restart, 1009 for a frame over the
-cap, 1011 when the notifier vanishes) go between two frames, and the client's frames are held to
-the size cap. Close frames of either side pass through unchanged, so close codes do too. Flow
-control is the transports' own: a side that can't take more pauses reading on the other side.
+``auth``, the rate limit, a disabled account), then sends ``open`` on a trunk to the notifier
+(``services.gateway.trunk``, ADR 0005): one WebSocket per notifier replica carrying every agent
+of this gateway. With the token in the subprotocol the 101 goes out only once the notifier has
+answered ``accepted``, which it sends after registering the agent: a client that sees its socket
+open gets every frame sent from then on (a 101 first let frames pass a busy gateway's new
+connections by, found by the bench at 1,000 agents). A first-frame ``auth`` needs the 101 before
+the token; that client is live once the notifier accepts it.
+
+Live, the client's frames are parsed by websockets' sans-I/O protocol (masking, UTF-8, fragments,
+the size cap with 1009, pings, the close handshake) and whole messages go on the trunk; the
+notifier's frames arrive already encoded as a server sends them, once per trunk with the list of
+sessions they are for, and each session writes them with one write per read of the trunk. The
+gateway pings every live client itself (one timer for all), closes a client whose socket buffers
+more than ``slow_bytes`` (4008, it resumes later), and passes close codes both ways: the
+notifier's ``close`` (4401, 4008...), the client's code to the notifier, 1001 for a client that
+vanished, 1011 to every client of a trunk that was lost, 1012 on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import os
-import ssl
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
-from urllib.parse import urlsplit
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -50,6 +51,7 @@ from libs.common.web import error_body
 from services.gateway import metrics
 from services.gateway.domain import wsframes as wf
 from services.gateway.domain.headers import sane_request_id, with_security
+from services.gateway.trunk import Trunk, TrunkDown, TrunkPool
 from services.gateway.ws import (
     DISABLED,
     FORBIDDEN,
@@ -68,8 +70,8 @@ MAX_HEAD = 16 * 1024  # a longer head is not ours: uvicorn answers it
 WS_PREFIX = b"GET /ws"
 CLOSE_TIMEOUT_S = 5.0  # wait this long for the other side's close frame, then drop TCP
 HEAD_TIMEOUT_S = 30.0  # a connection that sends no complete request head in this time is closed
-PRE_SPLICE_BYTES = 64 * 1024  # client bytes buffered before the splice (an auth frame is small)
-STALL_TIMEOUT_S = 60.0  # a client that takes no bytes for this long is dropped (see pause_upstream)
+PRE_SPLICE_BYTES = 64 * 1024  # client bytes buffered before the session is live (an auth frame)
+SLOW_CONSUMER = 4008  # as the notifier's
 CONCURRENT_CHECKS = 16  # upgrades whose token and rate limit are checked at the same time
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -178,15 +180,51 @@ def front_door(edge: WsEdge) -> type[FrontDoor]:
 
 
 class WsEdge:
-    """What every session shares: the bridge's checks and settings, the security headers."""
+    """What every session shares: the bridge's checks and settings, the security headers, the
+    trunks to the notifier, and one heartbeat for all live sessions."""
 
-    def __init__(self, bridge: WsBridge, security: RawHeaders, max_client_bytes: int) -> None:
+    def __init__(
+        self,
+        bridge: WsBridge,
+        security: RawHeaders,
+        max_client_bytes: int,
+        trunks: TrunkPool,
+        slow_bytes: int = 1024 * 1024,
+        ping_interval_s: float = 20.0,
+        ping_timeout_s: float = 20.0,
+    ) -> None:
         self.bridge = bridge
         self.security = security
         self.max_client_bytes = max_client_bytes  # largest client message (as the notifier's)
+        self.trunks = trunks
+        self.slow_bytes = slow_bytes
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
         # Each check takes a Redis connection for the rate limit: a reconnect storm of thousands
         # must not drain the pool the gateway's consumers share.
         self.checks = asyncio.Semaphore(CONCURRENT_CHECKS)
+        self.sessions: set[Session] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    def live(self, session: Session) -> None:
+        self.sessions.add(session)
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """Ping every live session each interval; one that has not answered the last is closed
+        (1011), like websockets' keepalive, with one timer for all instead of one each."""
+        while True:
+            await asyncio.sleep(min(self.ping_interval_s, self.ping_timeout_s))
+            now = asyncio.get_running_loop().time()
+            for s in list(self.sessions):
+                s.heartbeat(now, self.ping_interval_s, self.ping_timeout_s)
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        self.trunks.close()
 
 
 class ClientSide(asyncio.Protocol):
@@ -204,42 +242,12 @@ class ClientSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.s.client_lost()
 
-    def pause_writing(self) -> None:
-        self.s.pause_upstream(True)
-
-    def resume_writing(self) -> None:
-        self.s.pause_upstream(False)
-
     def shutdown(self) -> None:
         self.s.shutdown()
 
 
-class UpstreamSide(asyncio.Protocol):
-    def __init__(self, session: Session) -> None:
-        self.s = session
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.s.from_upstream(data)
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.s.upstream_lost()
-
-    def pause_writing(self) -> None:
-        self.s.pause_client(True)
-
-    def resume_writing(self) -> None:
-        self.s.pause_client(False)
-
-
 class Session:
-    """One ``/ws`` connection: the upgrade and its checks, then the splice."""
+    """One ``/ws`` connection: the upgrade and its checks, then its frames through a trunk."""
 
     def __init__(self, edge: WsEdge, transport: asyncio.Transport, server_state: Any) -> None:
         self.edge = edge
@@ -249,34 +257,29 @@ class Session:
         self.client = ClientSide(self)
         self.loop = asyncio.get_running_loop()
         self.rid = ""
-        self.inbuf = bytearray()  # client bytes not yet forwarded (before the splice)
-        self.more = asyncio.Event()  # client bytes arrived (before the splice)
-        self.upbuf = bytearray()  # notifier bytes before its handshake completed
-        self.up_head: asyncio.Future[tuple[bytes, bytes]] = self.loop.create_future()
-        # Failed after nobody waits any more (the session ended first): not worth a warning.
-        self.up_head.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self.upstream: UpstreamSide | None = None
-        self.up_cursor = wf.FrameCursor()  # client -> notifier
-        self.down_cursor = wf.FrameCursor()  # notifier -> client
-        self.message_bytes = 0  # of the client's fragmented message under way
+        self.inbuf = bytearray()  # client bytes not yet parsed (before the session is live)
+        self.more = asyncio.Event()  # client bytes arrived (before the session is live)
+        self.proto: ServerProtocol | None = None  # the client side, after the handshake
+        self.trunk: Trunk | None = None
+        self.cid = 0
+        # Set by the trunk: None once the notifier accepted, (code, reason) if it refused.
+        self.opened: asyncio.Future[tuple[int, str] | None] = self.loop.create_future()
         self.accepted = False  # 101 sent
         # The 101 waiting for the notifier's (see the module docstring): (protocol, response).
         self.pending_accept: tuple[ServerProtocol, Any] | None = None
-        self.spliced = False
+        self.live = False  # accepted by the notifier, 101 sent: frames go both ways
+        self.held: list[bytes] = []  # frames that came before the session was live
+        self.out: list[bytes] = []  # frames of this read of the trunk, written at its end
+        self.early_close: tuple[int, str] | None = None  # the notifier closed before live
         self.client_gone = False
-        self.upstream_gone = False
-        self.client_sent_close = False
-        self.notifier_sent_close = False
-        self.cut: tuple[int, str] | None = None  # our close frame waiting for a boundary
-        self.closing = False  # our close frame is out: waiting for the client's
+        self.closing = False  # our close frame (or the echo of the client's) is out
         self.paused_reading_client = False
-        self.paused_reading_upstream = False
-        self.client_paused = False  # the client's transport is full
-        self.upstream_paused = False
+        self.fragments: list[bytes] = []
+        self.fragment_opcode: Opcode | None = None
+        self.ping_sent: float | None = None  # when the unanswered ping went out
         self.unregister: Callable[[], None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.close_timer: asyncio.TimerHandle | None = None
-        self.stall_timer: asyncio.TimerHandle | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self, head: bytes, rest: bytes) -> None:
@@ -301,6 +304,7 @@ class Session:
         proto = ServerProtocol(
             select_subprotocol=_select_subprotocol, max_size=None, logger=_handshake_log
         )
+        self.proto = proto
         proto.receive_data(head)
         events = proto.events_received()
         request = events[0] if events else None
@@ -338,15 +342,15 @@ class Session:
             identity, problem = await self._check(token, ip)
             if identity is None:
                 raise Refused(UNAUTHORIZED, 401, problem)
-        # Registered before the upstream handshake, so a disable during it is not missed.
+        # Registered before the notifier's answer, so a disable meanwhile is not missed.
         self.unregister = self.bridge.register(identity.sub, self.revoke)
         if self.bridge.is_disabled(identity.sub):
             raise Refused(UNAUTHORIZED, 401, DISABLED)
-        await self._connect(token, origin, ip)
+        await self._attach(token, origin, ip)
         self._accept_pending()
-        if self.cut is not None or self.client_gone:
+        if self.closing or self.client_gone:
             return
-        self._splice()
+        self._go_live()
 
     async def _check(self, token: str, ip: str) -> tuple[Identity | None, str]:
         """The token and, when it is good, the rate limit; a few upgrades at a time."""
@@ -376,6 +380,7 @@ class Session:
         """Before the 101: an HTTP status; after: the matching close code."""
         if self.client_gone:
             return
+        self._leave_trunk(1000)
         self._accept_pending()
         if not self.accepted:
             body = json.dumps(error_body(exc.status, exc.message)).encode()
@@ -389,14 +394,13 @@ class Session:
             self._write_raw(b"\r\n".join(lines) + b"\r\n\r\n" + body)
             self.transport.close()
             return
-        self._drop_upstream()  # refusals all come before the splice
         self.close_client(exc.code, exc.message)
 
     def _write_raw(self, data: bytes) -> None:
         if not self.client_gone and not self.transport.is_closing():
             self.transport.write(data)
 
-    # ---- before the splice: the first-frame auth -----------------------------------------------
+    # ---- before the session is live: the first-frame auth --------------------------------------
     async def _first_frame_token(self) -> str | None:
         """``{"type": "auth", "token": ...}`` as the first frame; None when the client left."""
         try:
@@ -437,253 +441,221 @@ class Session:
         return str(data["token"])
 
     def _answer_close(self, payload: bytes) -> None:
-        """The client closed before we spliced: echo its code, then TCP goes."""
+        """The client closed before it was live: echo its code, then TCP goes."""
         self._write_raw(wf.server_frame(wf.OP_CLOSE, payload[:2]))
         self.transport.close()
 
-    # ---- the notifier's side ----------------------------------------------------------------
-    async def _connect(self, token: str, origin: str, ip: str) -> None:
-        b = self.bridge
-        u = urlsplit(b.url)
-        host, port = u.hostname or "127.0.0.1", u.port or 443
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {u.path or '/'}{'?' + u.query if u.query else ''} HTTP/1.1",
-            f"Host: {u.netloc}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-            f"Sec-WebSocket-Protocol: {PROTOCOL}, bearer.{token}",
-            f"Origin: {origin}",
-            f"X-Forwarded-For: {ip}",
-            "X-Forwarded-Proto: https",
-            f"X-Request-Id: {self.rid}",
-        ]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    # ---- the notifier's side: a trunk ----------------------------------------------------------
+    async def _attach(self, token: str, origin: str, ip: str) -> None:
+        """``open`` on a trunk, then wait for the notifier to register the agent (``accepted``)."""
         try:
-            async with asyncio.timeout(b.open_timeout_s):
-                _, up = await self.loop.create_connection(
-                    lambda: UpstreamSide(self), host, port, ssl=b.ssl, server_hostname=host
-                )
-                self.upstream = up
-                assert up.transport is not None
-                up.transport.write(request)
-                status_head, rest = await self.up_head
-        except (OSError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
-            # Only the exception type: its text could echo handshake headers.
-            log.warning("notifier unreachable", extra={"error": type(exc).__name__})
-            self._drop_upstream()
+            trunk = await self.edge.trunks.attach()
+        except TrunkDown as exc:
+            log.warning("notifier unreachable", extra={"error": str(exc)})
             raise Refused(1013, 503, "notifier unavailable") from exc
-        status, headers = _parse_response(status_head)
-        if status != 101:
-            self._drop_upstream()
-            if status in (401, 403):
-                raise Refused(4000 + status, status, "refused by notifier")
-            log.warning("notifier refused the handshake", extra={"status": status})
-            raise Refused(1013, 503, "notifier unavailable")
-        if (
-            headers.get("sec-websocket-accept") != wf.accept_key(key)
-            or headers.get("upgrade", "").lower() != "websocket"
-            or "sec-websocket-extensions" in headers
-        ):
-            self._drop_upstream()
-            log.warning("notifier sent an invalid handshake")
-            raise Refused(1013, 503, "notifier unavailable")
-        self.upbuf = bytearray(rest)
+        self.trunk = trunk
+        self.cid = trunk.open(self, token, origin, ip, self.rid)
+        try:
+            async with asyncio.timeout(self.bridge.open_timeout_s):
+                refused = await self.opened
+        except TimeoutError as exc:
+            log.warning("notifier did not answer an open in time")
+            raise Refused(1013, 503, "notifier unavailable") from exc
+        if refused is not None:
+            code, reason = refused
+            status = 401 if code == UNAUTHORIZED else 403 if code == 4403 else 503
+            raise Refused(code, status, reason or "refused by notifier")
 
-    def _drop_upstream(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream_gone = True
-            self.upstream.transport.abort()
+    def trunk_accepted(self) -> None:
+        if not self.opened.done():
+            self.opened.set_result(None)
 
-    def from_upstream(self, data: bytes) -> None:
-        if self.spliced:
-            self._down(data)
+    def trunk_refused(self, code: int, reason: str) -> None:
+        self.trunk = None  # the notifier has forgotten this cid
+        if not self.opened.done():
+            self.opened.set_result((code, reason))
+
+    def trunk_frames(self, data: bytes) -> None:
+        if self.live:
+            self.out.append(data)
+        elif not self.closing:
+            self.held.append(data)  # accepted, the 101 not out yet: after it
+
+    def trunk_flush(self) -> None:
+        """Write what this read of the trunk brought: one write, or close a slow consumer."""
+        if not self.out:
             return
-        if self.up_head.done():
-            self.upbuf += data
-            return
-        self.upbuf += data
-        end = self.upbuf.find(b"\r\n\r\n")
-        if end >= 0:
-            head, rest = bytes(self.upbuf[:end]), bytes(self.upbuf[end + 4 :])
-            self.upbuf = bytearray()
-            self.up_head.set_result((head, rest))
-        elif len(self.upbuf) > MAX_HEAD:
-            self.up_head.set_exception(ConnectionError("response head too long"))
-
-    def upstream_lost(self) -> None:
-        self.upstream_gone = True
-        if not self.up_head.done():
-            self.up_head.set_exception(ConnectionError("notifier closed"))
-            return
-        if not self.spliced or self.client_gone:
-            return
-        if self.paused_reading_client:
-            self._resume_client_reading()
-        if self.notifier_sent_close and self.client_sent_close:
-            self.transport.close()  # both close frames went through: the handshake is done
-        elif self.notifier_sent_close:
-            self._await_client_close()
-        else:
-            self.close_client(1011, "")  # lost without a close frame
-
-    # ---- the splice ---------------------------------------------------------------------------
-    def _splice(self) -> None:
-        self.spliced = True
-        metrics.WS_OPEN.inc()
-        if self.paused_reading_client and not self.upstream_paused:
-            self._resume_client_reading()
-        if self.upbuf:
-            data, self.upbuf = bytes(self.upbuf), bytearray()
-            self._down(data)
-        if self.inbuf:
-            data, self.inbuf = bytes(self.inbuf), bytearray()
-            self._up(data)
-        if self.upstream_gone:
-            self.upstream_lost()
-
-    def _down(self, data: bytes) -> None:
-        """Notifier bytes to the client, unless our own close frame is under way."""
+        chunks, self.out = self.out, []
         if self.closing or self.client_gone:
             return
-        headers = self.down_cursor.feed(data)
-        if self.cut is not None:
-            start = next((h.start for h in headers if h.start >= 0), None)
-            if start is not None:
-                self._write_raw(data[:start])
-                self._send_cut()
-            else:
-                self._write_raw(data)
-                if self.down_cursor.at_boundary:
-                    self._send_cut()
+        if self.transport.get_write_buffer_size() > self.edge.slow_bytes:
+            metrics.WS_SLOW_CLOSED.inc()
+            log.warning("closing slow consumer")
+            self._leave_trunk(SLOW_CONSUMER)
+            self.close_client(SLOW_CONSUMER, "slow consumer")
             return
-        for h in headers:
-            if h.opcode == wf.OP_CLOSE:
-                self.notifier_sent_close = True
-        self._write_raw(data)
+        self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def trunk_close(self, code: int, reason: str) -> None:
+        """The notifier closes the agent's socket (token expired, disabled, slow, restart)."""
+        self.trunk = None
+        if self.live:
+            self.close_client(code, reason)
+        else:
+            self.early_close = (code, reason)
+            if not self.opened.done():
+                self.opened.set_result((code, reason))
+
+    def trunk_lost(self) -> None:
+        """The notifier vanished: 1011 (the client reconnects and resumes elsewhere)."""
+        self.trunk = None
+        if not self.opened.done():
+            self.opened.set_result((1013, "notifier unavailable"))
+        elif self.live:
+            self.trunk_flush()
+            self.close_client(1011, "")
+        else:
+            self.early_close = (1011, "")
+
+    def _leave_trunk(self, code: int) -> None:
+        trunk, self.trunk = self.trunk, None
+        if trunk is not None and self.cid:
+            trunk.closed(self.cid, code)
+
+    # ---- live ---------------------------------------------------------------------------------
+    def _go_live(self) -> None:
+        if self.early_close is not None:
+            self.close_client(*self.early_close)
+            return
+        proto = self.proto
+        assert proto is not None
+        # The cap on a client's message (fragments summed), enforced by websockets: 1009.
+        proto.max_message_size = self.edge.max_client_bytes
+        self.live = True
+        metrics.WS_OPEN.inc()
+        self.edge.live(self)
+        if self.held:
+            self.out, self.held = self.held, []
+            self.trunk_flush()
+        if self.inbuf:
+            data, self.inbuf = bytes(self.inbuf), bytearray()
+            self._client_frames(data)
+        if self.paused_reading_client:
+            self._resume_client_reading()
 
     def from_client(self, data: bytes) -> None:
-        if self.closing:
-            self._closing_input(data)
-        elif self.spliced:
-            self._up(data)
+        if self.live or self.closing:
+            self._client_frames(data)
         else:
             self.inbuf += data
             self.more.set()
             if len(self.inbuf) > PRE_SPLICE_BYTES and not self.paused_reading_client:
-                # Nothing goes anywhere before the splice: stop reading until it starts.
+                # Nothing goes anywhere before the session is live: stop reading until then.
                 self.paused_reading_client = True
                 self.transport.pause_reading()
 
-    def _up(self, data: bytes) -> None:
-        """Client bytes to the notifier, each frame held to the size cap."""
-        cap = self.edge.max_client_bytes
-        for h in self.up_cursor.feed(data):
-            if h.opcode == wf.OP_CLOSE:
-                self.client_sent_close = True
-            elif h.opcode not in wf.CONTROL:
-                self.message_bytes = (
-                    h.length if h.opcode != wf.OP_CONT else self.message_bytes + h.length
-                )
-                if self.message_bytes > cap:
-                    if h.start > 0:
-                        self._to_upstream(data[: h.start])
-                    self._drop_upstream()
-                    self.close_client(1009, "message too big")
-                    return
-        self._to_upstream(data)
+    def _client_frames(self, data: bytes) -> None:
+        """The client's frames, parsed by websockets (masking, UTF-8, fragments, the cap, the
+        close handshake); whole messages go to the notifier."""
+        proto = self.proto
+        if proto is None:
+            return
+        proto.receive_data(data)
+        for event in proto.events_received():
+            if not isinstance(event, Frame):
+                continue
+            op = event.opcode
+            if op is Opcode.PONG:
+                self.ping_sent = None
+            elif op is Opcode.TEXT or op is Opcode.BINARY or op is Opcode.CONT:
+                self._message_part(event)
+        self._write_proto()
+        if proto.state is not State.OPEN and not self.closing:
+            # The client closed, or broke the protocol (websockets sent the close: 1009, 1007...).
+            rcvd, sent = proto.close_rcvd, proto.close_sent
+            code = rcvd.code if rcvd is not None else sent.code if sent is not None else 1006
+            self._leave_trunk(code)
+            self._closing()
 
-    def _to_upstream(self, data: bytes) -> None:
-        up = self.upstream
-        if up is not None and up.transport is not None and not up.transport.is_closing():
-            up.transport.write(data)
+    def _message_part(self, frame: Frame) -> None:
+        if frame.opcode is not Opcode.CONT:
+            self.fragment_opcode = frame.opcode
+            self.fragments = []
+        self.fragments.append(bytes(frame.data))
+        if not frame.fin:
+            return
+        payload = self.fragments[0] if len(self.fragments) == 1 else b"".join(self.fragments)
+        self.fragments = []
+        trunk = self.trunk
+        if trunk is None or self.closing or not self.live:
+            return
+        if self.fragment_opcode is Opcode.TEXT:
+            trunk.text(self.cid, payload)
+        else:
+            trunk.binary(self.cid, payload)
+
+    def _write_proto(self) -> None:
+        """What websockets has to send (pongs, close frames); an empty chunk means TCP goes."""
+        assert self.proto is not None
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self._write_raw(chunk)
+            elif not self.transport.is_closing():
+                self.transport.close()
+
+    def heartbeat(self, now: float, interval: float, timeout: float) -> None:
+        if self.closing or self.client_gone or not self.live or self.proto is None:
+            return
+        if self.ping_sent is not None:
+            if now - self.ping_sent >= timeout:
+                self._leave_trunk(1006)
+                self.close_client(1011, "keepalive ping timeout")
+            return
+        self.ping_sent = now
+        self.proto.send_ping(os.urandom(4))
+        self._write_proto()
 
     def client_lost(self) -> None:
         self.client_gone = True
         self.server_state.connections.discard(self.client)
         self.more.set()
-        for timer in (self.close_timer, self.stall_timer):
-            if timer is not None:
-                timer.cancel()
-        if self.task is not None and not self.task.done() and not self.spliced:
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        if self.task is not None and not self.task.done() and not self.live:
             self.task.cancel()
-        if self.spliced:
+        if self.live:
             metrics.WS_OPEN.dec()
-            if not self.client_sent_close and not self.closing:
-                self._close_upstream(1001, "")
-            else:
-                self._end_upstream()
-        else:
-            self._drop_upstream()
+            self.edge.sessions.discard(self)
+        rcvd = self.proto.close_rcvd if self.proto is not None else None
+        self._leave_trunk(rcvd.code if rcvd is not None else 1001)
         if self.unregister is not None:
             self.unregister()
             self.unregister = None
 
     # ---- our own close frames -------------------------------------------------------------------
     def close_client(self, code: int, reason: str) -> None:
-        """Send the client our close frame at the next boundary of the notifier's stream."""
-        if self.closing or self.client_gone or self.cut is not None:
+        """Our close frame to the client, then wait for its own (or give up after a while)."""
+        if self.closing or self.client_gone:
             return
-        self.cut = (code, reason)
-        if not self.spliced or self.down_cursor.at_boundary:
-            self._send_cut()
-        elif self.upstream_gone:
-            self.transport.abort()  # the notifier's last frame will never end
-        else:
-            # Mid-frame: wait for its end, but not forever.
-            self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, _abort, self.transport)
-
-    def _send_cut(self) -> None:
-        assert self.cut is not None
-        code, reason = self.cut
-        self._write_raw(wf.server_frame(wf.OP_CLOSE, wf.close_payload(code, reason)))
-        self._await_client_close()
-
-    def _await_client_close(self) -> None:
-        """Read the client's close frame (then close TCP), or give up after a while."""
-        if self.closing:
-            return
-        self.closing = True
-        if self.close_timer is not None:
-            self.close_timer.cancel()
-        self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, _abort, self.transport)
-        if self.paused_reading_client:
-            self._resume_client_reading()
-        if self.client_sent_close:  # it already did (forwarded to a notifier now gone)
+        proto = self.proto
+        if proto is None or not self.accepted or proto.state is not State.OPEN:
             self.transport.close()
             return
-        if self.inbuf:
+        proto.send_close(code, reason)
+        self._write_proto()
+        self._closing()
+
+    def _closing(self) -> None:
+        self.closing = True
+        self.out.clear()
+        self.held.clear()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(CLOSE_TIMEOUT_S, _abort, self.transport)
+        if self.paused_reading_client:
+            self._resume_client_reading()
+        if self.inbuf:  # bytes from before the session was live: the client's close is there
             data, self.inbuf = bytes(self.inbuf), bytearray()
-            self._closing_input(data)
-
-    def _closing_input(self, data: bytes) -> None:
-        for h in self.up_cursor.feed(data):
-            if h.opcode == wf.OP_CLOSE:
-                self.client_sent_close = True
-                # The rest of that frame may still be on its way; the client waits for TCP to
-                # close, so closing once the frame has begun is enough.
-                self.transport.close()
-                return
-
-    def _close_upstream(self, code: int, reason: str) -> None:
-        """A close frame of ours to the notifier if we are between two of the client's frames,
-        else just the TCP close; either way the notifier forgets the connection."""
-        up = self.upstream
-        if up is None or up.transport is None or up.transport.is_closing():
-            return
-        if self.up_cursor.at_boundary and not self.client_sent_close:
-            up.transport.write(
-                wf.client_frame(wf.OP_CLOSE, wf.close_payload(code, reason), os.urandom(4))
-            )
-            self.client_sent_close = True
-        self.loop.call_later(CLOSE_TIMEOUT_S, _abort, up.transport)
-
-    def _end_upstream(self) -> None:
-        up = self.upstream
-        if up is not None and up.transport is not None and not up.transport.is_closing():
-            self.loop.call_later(CLOSE_TIMEOUT_S, _abort, up.transport)
+            self._client_frames(data)
 
     def revoke(self) -> None:
         """The account was disabled: 4401 to the client, a close to the notifier."""
@@ -702,48 +674,12 @@ class Session:
             return
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        self._leave_trunk(upstream_code)
         self._accept_pending()
         if not self.accepted:
             self.transport.close()
             return
-        if self.spliced:
-            self._close_upstream(upstream_code, reason)
-        else:
-            self._drop_upstream()
         self.close_client(code, reason)
-
-    # ---- flow control -------------------------------------------------------------------------
-    def pause_upstream(self, paused: bool) -> None:
-        """The client's transport is full (or has room again): stop (or go on) reading the
-        notifier, whose own buffer then grows until it closes a slow consumer (4008)."""
-        self.client_paused = paused
-        if self.stall_timer is not None:
-            self.stall_timer.cancel()
-            self.stall_timer = None
-        if paused:
-            # The notifier closes a consumer this slow (4008), but its close frame waits behind
-            # the bytes we hold: a client that never reads again is dropped here.
-            self.stall_timer = self.loop.call_later(STALL_TIMEOUT_S, _abort, self.transport)
-        up = self.upstream
-        if up is None or up.transport is None or up.transport.is_closing():
-            return
-        if paused and not self.paused_reading_upstream:
-            self.paused_reading_upstream = True
-            up.transport.pause_reading()
-        elif not paused and self.paused_reading_upstream:
-            self.paused_reading_upstream = False
-            up.transport.resume_reading()
-
-    def pause_client(self, paused: bool) -> None:
-        """The notifier's transport is full: stop reading the client until it drains."""
-        self.upstream_paused = paused
-        if self.client_gone or self.transport.is_closing():
-            return
-        if paused and not self.paused_reading_client and not self.closing:
-            self.paused_reading_client = True
-            self.transport.pause_reading()
-        elif not paused and self.paused_reading_client:
-            self._resume_client_reading()
 
     def _resume_client_reading(self) -> None:
         self.paused_reading_client = False
@@ -783,21 +719,6 @@ def _headers_of(raw: RawHeaders) -> Headers:
     for k, v in raw:
         h[k.decode("latin-1")] = v.decode("latin-1")
     return h
-
-
-def _parse_response(head: bytes) -> tuple[int, dict[str, str]]:
-    """Status and headers (lower-case names) of the notifier's handshake response."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    try:
-        status = int(parts[1]) if len(parts) >= 2 and parts[0].startswith("HTTP/1.") else 0
-    except ValueError:
-        status = 0
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    return status, headers
 
 
 def _reason_phrase(status: int) -> str:

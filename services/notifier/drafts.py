@@ -44,7 +44,6 @@ from typing import Any, Final, Literal
 
 import asyncpg
 import pycrdt
-import websockets
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from websockets.exceptions import ConnectionClosed
@@ -70,7 +69,7 @@ from services.notifier.domain.drafts import (
     valid_name,
 )
 from services.notifier.frames import OBJECT_ID
-from services.notifier.hub import Client, Hub, buffered
+from services.notifier.hub import Client, Hub
 
 log = logging.getLogger("chatflow.notifier.drafts")
 
@@ -474,16 +473,8 @@ class Drafts:
             self._broadcast(targets, _dump(_frame("draft.update", od, message)))
 
     def _broadcast(self, clients: list[Client], text: str) -> None:
-        conns = []
-        for c in clients:
-            if c.closing:
-                continue
-            if buffered(c.conn) > self.hub.slow_bytes:
-                self.hub.kick(c)
-                continue
-            conns.append(c.conn)
-        if conns:
-            websockets.broadcast(conns, text)
+        """Encoded once, written with this turn's other frames (slow connections closed there)."""
+        self.hub.send(clients, text)
 
     # ---- compaction ------------------------------------------------------------------------
     def _spawn_compaction(self, key: DraftKey) -> None:

@@ -19,10 +19,10 @@ from dataclasses import InitVar, dataclass, field
 
 from prometheus_client import Counter, Gauge
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from libs.common.tokens import Identity
+from libs.common.trunk import TrunkLink, server_frame
 
 log = logging.getLogger("chatflow.notifier.hub")
 
@@ -38,7 +38,8 @@ SLOW_CONSUMER = 4008
 
 @dataclass(eq=False)
 class Client:
-    conn: ServerConnection
+    # A WebSocket of its own, or one carried by a gateway's trunk (``libs.common.trunk``).
+    conn: ServerConnection | TrunkLink
     identity: Identity
     # The mailboxes this connection is served: the token's, less memberships removed since it was
     # minted (``served``, when given). Changed only through the Hub, which keeps ``by_mailbox``
@@ -158,6 +159,9 @@ class Hub:
 
     def queue(self, client: Client, data: bytes) -> None:
         """Queue an ``encode``d frame for this turn's flush."""
+        if isinstance(client.conn, TrunkLink):
+            client.conn.queue(data)  # batched by its trunk: one message for all its links
+            return
         if not client.pending:
             self._dirty.append(client)
         client.pending.append(data)
@@ -172,10 +176,13 @@ class Hub:
             chunks, c.pending = c.pending, []
             if c.closing or not chunks:
                 continue
-            if buffered(c.conn) > self.slow_bytes:
+            conn = c.conn
+            if isinstance(conn, TrunkLink):
+                continue  # never queued here: its trunk batches its frames
+            if buffered(conn) > self.slow_bytes:
                 self.kick(c)
                 continue
-            write(c.conn, chunks)
+            write(conn, chunks)
 
     def kick(self, client: Client) -> None:
         """Close a connection that can't keep up; it resumes from its last event id later."""
@@ -194,7 +201,7 @@ class Hub:
 
 def encode(text: str) -> bytes:
     """A text frame as the server sends it: unmasked, no extension, the same for every client."""
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+    return server_frame(text)
 
 
 def write(conn: ServerConnection, chunks: list[bytes]) -> None:
@@ -221,7 +228,9 @@ def _header_size(data: bytes) -> int:
     return 2 if n < 126 else 4 if n == 126 else 10
 
 
-def buffered(conn: ServerConnection) -> int:
+def buffered(conn: ServerConnection | TrunkLink) -> int:
+    if isinstance(conn, TrunkLink):
+        return conn.buffered
     transport = conn.transport
     return transport.get_write_buffer_size() if transport is not None else 0
 

@@ -13,7 +13,16 @@ class NotifierSettings(ServiceSettings):
     http_port: int = 8106
 
     ws_port: int = field(8116, "WSS port of the agents' live connection (reached via the gateway)")
-    ws_path: str = field("/ws", "the only path the WebSocket server upgrades")
+    ws_path: str = field("/ws", "the path of an agent's own WebSocket")
+    trunk_path: str = field(
+        "/trunk", "the path of a gateway's trunk: many agents on one WebSocket (ADR 0005)"
+    )
+    trunk_max_buffer_bytes: int = field(
+        64 * 1024 * 1024, "a trunk whose write buffer grows past this is dropped (gateway stuck)"
+    )
+    trunk_max_queued_frames: int = field(
+        256, "an agent on a trunk with this many frames not handled yet is closed (1008)"
+    )
     allowed_origins: list[str] = field(
         ["https://127.0.0.1:8443", "https://localhost:8443"],
         "Origin values accepted at the upgrade (the gateway forwards the browser's); JSON in env",

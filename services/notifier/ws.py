@@ -34,6 +34,8 @@ from libs.common.bus import Bus
 from libs.common.events import Envelope, EventError, MailSend
 from libs.common.outbox import OutboxRelay
 from libs.common.tokens import Identity, InvalidToken, TokenVerifier, bearer_from_subprotocols
+from libs.common.trunk import SUBPROTOCOL as TRUNK_PROTOCOL
+from libs.common.trunk import TrunkEnd, TrunkLink
 from services.notifier import frames, storage
 from services.notifier.access import AccessState
 from services.notifier.domain.drafts import DraftLimits
@@ -58,6 +60,7 @@ PROTOCOL: Final = Subprotocol("chatflow.v1")
 UNAUTHORIZED: Final = 4401
 DISABLED: Final = "account disabled"
 _REJECTED: Final = object()  # the upgrade carried a token that failed verification
+_TRUNK: Final = object()  # a gateway's trunk (libs.common.trunk), not one agent's socket
 _PAGE = 500
 
 
@@ -126,19 +129,16 @@ class LiveServer:
             weakref.WeakKeyDictionary()
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.trunks: set[TrunkEnd] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        origins: list[str | None] = list(s.allowed_origins)
-        if s.allow_missing_origin:
-            origins.append(None)
         self.server = await serve(
             self._handle,
             s.http_host,
             s.ws_port,
             ssl=tls.server_context(s.tls_cert, s.tls_key),
-            origins=origins,  # type: ignore[arg-type]
             select_subprotocol=self._select_subprotocol,
             process_request=self._process_request,
             compression=None,  # per-connection deflate state costs far more memory than it saves
@@ -152,6 +152,10 @@ class LiveServer:
         log.info("websocket listening", extra={"ws_port": s.ws_port})
 
     async def close(self) -> None:
+        # The agents on trunks get what direct ones get from the server's close: 1001.
+        for end in list(self.trunks):
+            for link in list(end.links.values()):
+                await link.close(1001, "going away")
         if self.server is not None:
             self.server.close(close_connections=True)
             await self.server.wait_closed()
@@ -167,8 +171,17 @@ class LiveServer:
 
     # ---- opening handshake ---------------------------------------------------------------------
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path != self.settings.ws_path:
+        path = urlsplit(request.path).path
+        origin = request.headers.get("Origin")
+        if path == self.settings.trunk_path:
+            if origin is not None:  # browsers always send one; a gateway never does
+                return conn.respond(HTTPStatus.FORBIDDEN, "Invalid Origin header\n")
+            self._pending[conn] = _TRUNK
+            return None
+        if path != self.settings.ws_path:
             return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if not self._origin_ok(origin):
+            return conn.respond(HTTPStatus.FORBIDDEN, "Invalid Origin header\n")
         token = bearer_from_subprotocols(offered_subprotocols(request.headers))
         if token is None:
             return None  # the first frame must authenticate
@@ -181,15 +194,25 @@ class LiveServer:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
         return None
 
+    def _origin_ok(self, origin: str | None) -> bool:
+        if origin is None:
+            return self.settings.allow_missing_origin
+        return origin in self.settings.allowed_origins
+
     def _select_subprotocol(
         self, conn: ServerConnection, offered: Sequence[Subprotocol]
     ) -> Subprotocol | None:
         # Never select bearer.*: that would echo the token in the response.
+        if self._pending.get(conn) is _TRUNK:
+            return Subprotocol(TRUNK_PROTOCOL) if TRUNK_PROTOCOL in offered else None
         return PROTOCOL if PROTOCOL in offered else None
 
     # ---- connection ----------------------------------------------------------------------------
     async def _handle(self, conn: ServerConnection) -> None:
         state = self._pending.pop(conn, None)
+        if state is _TRUNK:
+            await self._serve_trunk(conn)
+            return
         identity: Identity | None
         if state is _REJECTED:
             identity = None
@@ -204,14 +227,21 @@ class LiveServer:
         if self.access.is_disabled(identity.sub):
             await conn.close(UNAUTHORIZED, DISABLED)
             return
+        await self._serve(self._admit(conn, identity))
+
+    def _admit(self, conn: ServerConnection | TrunkLink, identity: Identity) -> Client:
         client = Client(conn, identity, self.access.effective(identity.sub, identity.mailboxes))
         self.hub.add(client)
         if self.state is not None:
             self.state.connected(client)  # before any await: no frame slips past
+        return client
+
+    async def _serve(self, client: Client) -> None:
+        """The connection's frames until it closes; then it leaves the hub, drafts, presence."""
         loop = asyncio.get_running_loop()
-        expiry = loop.call_later(max(0.0, identity.exp - time.time()), self._expire, client)
+        expiry = loop.call_later(max(0.0, client.identity.exp - time.time()), self._expire, client)
         try:
-            async for raw in conn:
+            async for raw in client.conn:
                 await self._on_message(client, raw)
         except ConnectionClosed:
             pass
@@ -221,6 +251,47 @@ class LiveServer:
             self.drafts.leave_all(client)
             if self.state is not None:
                 self.state.disconnected(client)
+
+    # ---- trunks --------------------------------------------------------------------------------
+    async def _serve_trunk(self, conn: ServerConnection) -> None:
+        """A gateway's trunk: its agents' connections, each handled as a direct one is."""
+        s = self.settings
+        # A trunk message is an agent's message (held to ws_max_size by the gateway) plus a
+        # few bytes of header: one agent at the cap must not close everyone's trunk.
+        conn.protocol.max_message_size = s.ws_max_size + 1024
+        end = TrunkEnd(conn, s.trunk_max_buffer_bytes, s.trunk_max_queued_frames)
+        self.trunks.add(end)
+        log.info("trunk opened")
+        try:
+            await end.serve(self._open_link)
+        finally:
+            self.trunks.discard(end)
+            log.info("trunk closed")
+
+    async def _open_link(self, link: TrunkLink) -> None:
+        """An agent's connection on a trunk: the checks of an upgrade, then ``accepted``."""
+        end, info = link.end, link.info
+        origin = info.get("origin")
+        if not self._origin_ok(origin if isinstance(origin, str) else None):
+            end.refuse(link, 4403, "origin not allowed")
+            return
+        try:
+            identity = await self.verifier.verify(info["token"])
+        except InvalidToken:
+            end.refuse(link, UNAUTHORIZED, "unauthorized")
+            return
+        except Exception:
+            log.exception("token verification unavailable")
+            end.refuse(link, 1013, "unavailable")
+            return
+        if not link.open:
+            return  # the agent left while its token was checked
+        if self.access.is_disabled(identity.sub):
+            end.refuse(link, UNAUTHORIZED, DISABLED)
+            return
+        client = self._admit(link, identity)
+        end.accept(link)  # after hub.add, before any frame for it can be written
+        await self._serve(client)
 
     async def _first_frame_auth(self, conn: ServerConnection) -> Identity | None:
         try:

@@ -183,21 +183,23 @@ class Frame:
     size: int  # bytes the whole frame took on the wire
 
 
-def parse_frame(buf: bytes | bytearray, max_payload: int) -> Frame | None:
-    """The whole frame at the start of ``buf``, or None while it is incomplete.
+def parse_frame(buf: bytes | bytearray, max_payload: int, pos: int = 0) -> Frame | None:
+    """The whole frame at ``pos`` in ``buf``, or None while it is incomplete; its ``size``
+    counts from ``pos``.
 
     Raises ``ValueError`` for a frame longer than ``max_payload`` (before it has all arrived).
     """
-    found = _parse_header(buf, 0)
+    found = _parse_header(buf, pos)
     if found is None:
         return None
     header, size = found
     if header.length > max_payload:
         raise ValueError("frame too big")
-    end = size + header.length
+    start = pos + size
+    end = start + header.length
     if len(buf) < end:
         return None
-    payload = bytes(buf[size:end])
+    payload = bytes(buf[start:end])
     if header.masked:
-        payload = mask(payload, bytes(buf[size - 4 : size]))
-    return Frame(header.fin, header.opcode, payload, header.masked, header.rsv, end)
+        payload = mask(payload, bytes(buf[start - 4 : start]))
+    return Frame(header.fin, header.opcode, payload, header.masked, header.rsv, end - pos)

@@ -29,6 +29,7 @@ from libs.common import db, testing, tls, web
 from libs.common.bus import Bus, connect
 from libs.common.events import Envelope, JwksPublished
 from libs.common.settings import ROOT
+from libs.common.trunk import TrunkEnd, TrunkLink, server_frame
 from services.gateway.service import GatewayService
 from services.gateway.settings import GatewaySettings
 
@@ -113,11 +114,16 @@ class Notifier:
     # When each connection's handler began (the real notifier registers it there, before any
     # await), on this process's monotonic clock.
     registered: list[float] = field(default_factory=list)
+    links: list[TrunkLink] = field(default_factory=list)
 
     async def handler(self, ws: ServerConnection) -> None:
-        self.registered.append(time.monotonic())
         req = ws.request
         assert req is not None
+        if req.path == "/trunk":  # the gateway's trunk: the notifier's own end of it
+            ws.protocol.max_message_size = None
+            await TrunkEnd(ws, 64 * 1024 * 1024, 256).serve(self.on_link)
+            return
+        self.registered.append(time.monotonic())
         self.handshakes.append(
             {
                 "origin": req.headers.get("Origin"),
@@ -135,6 +141,34 @@ class Notifier:
         except ConnectionClosed:
             pass
         self.closes.append(ws.close_code)
+
+    async def on_link(self, link: TrunkLink) -> None:
+        """The same echo for an agent on a trunk."""
+        self.registered.append(time.monotonic())
+        info = link.info
+        self.handshakes.append(
+            {
+                "origin": info.get("origin"),
+                "protocols": [f"chatflow.v1, bearer.{info['token']}"],
+                "forwarded_for": info.get("ip"),
+                "subprotocol": "chatflow.v1",
+            }
+        )
+        self.links.append(link)
+        link.end.accept(link)
+        async for msg in link:
+            if isinstance(msg, str) and msg.startswith("close:"):
+                await link.close(int(msg.split(":")[1]), "bye")
+                break
+            if isinstance(msg, str) and msg.startswith("flood:"):
+                n, size = (int(x) for x in msg.split(":")[1:])
+                for i in range(n):
+                    link.queue(server_frame(f"{i}:" + "f" * size))
+                    if i % 100 == 99:
+                        await asyncio.sleep(0)
+                continue
+            await link.send(f"echo:{msg}" if isinstance(msg, str) else msg)
+        self.closes.append(link.close_code)
 
 
 @dataclass
@@ -195,7 +229,7 @@ async def rig(database_url: str, stream_prefix: str) -> AsyncIterator[Rig]:
         "127.0.0.1",
         notifier.port,
         ssl=tls.server_context(CERT, KEY),
-        subprotocols=["chatflow.v1"],  # type: ignore[list-item]
+        subprotocols=["chatflow.v1", "chatflow.trunk.v1"],  # type: ignore[list-item]
         compression=None,
     )
     prefix = f"{stream_prefix}gw{testing.new_run_id()}:"
