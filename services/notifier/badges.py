@@ -122,8 +122,9 @@ class Badges:
             log.warning("skipping malformed badge entry", extra={"entry_id": entry_id})
             return 0
         groups: dict[tuple[int, int], list[Client]] = {}
-        for c in list(self.hub.audience(mailbox_id, to_user)):
-            agent = self.agents.get(c)
+        agents, mailbox = self.agents, op.mailbox
+        for c in self.hub.audience(mailbox_id, to_user):  # a list already: safe to kick in it
+            agent = agents.get(c)
             if c.closing or agent is None:
                 continue
             view = agent.view
@@ -135,7 +136,12 @@ class Badges:
             n = view.apply(op, to_user)
             if n is None:
                 continue
-            groups.setdefault((n, view.totals.get(op.mailbox, 0)), []).append(c)
+            key = (n, view.totals.get(mailbox, 0))
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [c]
+            else:
+                group.append(c)
         # Queued with this turn's other frames (after the message.added it counts); the hub's
         # flush closes a connection that cannot keep up.
         return sum(

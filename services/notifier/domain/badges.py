@@ -148,15 +148,24 @@ class BadgeView:
     def apply(self, op: BadgeOp, to_user: str | None = None) -> int | None:
         """Apply one frame; the agent's unread count of ``op.id_conversa`` after it, or None when
         the frame is not theirs or their snapshot already counted it."""
-        if self.snapshot is None or self.snapshot.sees(op.xid):
+        snap = self.snapshot
+        if snap is None:
             return None
-        if op.op == "read" and to_user != self.user_id:
+        xid = op.xid
+        if xid < snap.xmin or (xid < snap.xmax and xid not in snap.xip):  # snap.sees(xid), inline
             return None
         conv = op.id_conversa
         r = self.reads.get(conv, 0)
         if op.op == "in":
-            delta = 1
-        elif op.op == "close":
+            # The common case, for every agent of the mailbox: ``cleared`` and the agent's marker
+            # stay, so whether the marker is kept does not change; only the total moves.
+            totals = self.totals
+            totals[op.mailbox] = totals.get(op.mailbox, 0) + 1
+            c = op.counters
+            return max(0, c.in_seq - max(c.cleared, r))
+        if op.op == "read" and to_user != self.user_id:
+            return None
+        if op.op == "close":
             delta = -unread(op.before, r)
         elif op.op == "read":
             delta = unread(op.counters, op.read) - unread(op.before, op.read_before)
