@@ -36,9 +36,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
+from bench.sender import backend_cpu_s
 from libs.common import db, testing
 from libs.common.bus import connect
 from libs.common.events import Envelope, MailReceived
@@ -299,6 +301,8 @@ async def thread_run(url: str, prefix: str, schema: str, count: int, convs: int)
     )
     proc = testing.start_python(["services.threader", "run"], service_env, log)
     conn = await asyncpg.connect(url)
+    db_name = urlsplit(url).path.lstrip("/")
+    pg0 = pg = 0.0
     try:
         start = cpu0 = None
         first_at = 0.0
@@ -312,11 +316,13 @@ async def thread_run(url: str, prefix: str, schema: str, count: int, convs: int)
             )
             if done and start is None:
                 start, first_at, cpu0 = done, time.perf_counter(), _cpu(proc.pid)
+                pg0 = await backend_cpu_s(conn, db_name)
             if done >= count:
                 break
             await asyncio.sleep(0.2)
         elapsed = time.perf_counter() - first_at
         cpu = _cpu(proc.pid) - (cpu0 or 0.0)
+        pg = await backend_cpu_s(conn, db_name) - pg0  # the service's backends (and this poll)
         span = await conn.fetchrow(
             f"""SELECT min(processed_at) AS a, max(processed_at) AS b, count(*) AS n
                 FROM {schema}.processed_events WHERE consumer = 'threader'"""
@@ -338,6 +344,7 @@ async def thread_run(url: str, prefix: str, schema: str, count: int, convs: int)
         "threaded_per_s": round((n - 1) / db_span, 1) if db_span == db_span and db_span else None,
         "poll_elapsed_s": round(elapsed, 2),
         "service_cpu_ms_per_msg": round(1000 * cpu / max(1, n - (start or 0)), 3),
+        "postgres_cpu_ms_per_msg": round(1000 * pg / max(1, n - (start or 0)), 3),
         "complete": n >= count,
     }
 

@@ -69,9 +69,19 @@ def search_document(subject: str, addrs: list[Address], text: str, html: str = "
 
 @dataclass
 class Placed:
+    # Only the columns ``state`` and ``summary`` read: a placement returned the whole rows before,
+    # bodies and the conversation's search vector (as text) included, and decoding them was a
+    # good part of the threader's CPU per message.
     conversation: asyncpg.Record
     message: asyncpg.Record
     merged: list[str]
+    text: str  # the message's text, for its snippet (not read back)
+
+
+_STATE_COLUMNS = (
+    "id_conversa, mailbox_id, number, channel, subject, status, assignee, message_count,"
+    " last_message_at, participants"
+)
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,18 @@ async def _subject_candidates(
     ]
 
 
+async def lock_mailboxes(conn: asyncpg.Connection, mailbox_ids: list[str]) -> None:
+    """The placement lock of these mailboxes until the transaction ends, taken in one order
+    (sorted), so two replicas placing batches of the same mailboxes cannot deadlock."""
+    if not mailbox_ids:
+        return
+    await conn.execute(
+        """SELECT pg_advisory_xact_lock(hashtext('thread:' || m))
+           FROM (SELECT DISTINCT m FROM unnest($1::text[]) AS m ORDER BY m) AS ms""",
+        mailbox_ids,
+    )
+
+
 async def place_message(
     conn: asyncpg.Connection,
     *,
@@ -179,6 +201,7 @@ async def place_message(
     arrived: datetime | None = None,
     reply_to: list[Address] | None = None,
     own_address: str = "",
+    locked: bool = False,
 ) -> Placed | None:
     """Thread one message; None when this mailbox already has this Message-ID (a retry, a Bcc copy).
 
@@ -186,7 +209,8 @@ async def place_message(
     the list is ordered by: a sender's clock, wrong by years either way, must not pin a
     conversation to the top or bury a fresh reply. ``date`` stays the message's own.
 
-    Serialized per mailbox with an advisory lock so two replicas can't split one thread.
+    Serialized per mailbox with an advisory lock so two replicas can't split one thread
+    (``locked``: the caller took it already, with ``lock_mailboxes``).
     ``id_conversa`` forces the conversation (our own outbound messages know theirs).  The rules,
     in order: thread keys (``domain.keys``: JWZ ids, our ids scoped per customer, the Outlook
     thread), the subject fallback (``domain.fallback``), our signed token, the subject number
@@ -194,7 +218,8 @@ async def place_message(
     the reopen age hands its thread to a new conversation linked to it.
     """
     automatic = direction == "in" and is_automatic(flags)
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('thread:' || $1))", mailbox_id)
+    if not locked:
+        await lock_mailboxes(conn, [mailbox_id])
     if await conn.fetchval(
         "SELECT 1 FROM messages WHERE mailbox_id = $1 AND message_id = $2", mailbox_id, message_id
     ):
@@ -331,14 +356,21 @@ async def place_message(
     for old_id in merged:
         await _merge(conn, uuid.UUID(old_id), uuid.UUID(target))
     msg_uuid = uuid.uuid4()
+    # The message and its thread keys in one statement.
     message = await conn.fetchrow(
-        """INSERT INTO messages (id, id_conversa, mailbox_id, channel, message_id, direction, sender,
-                                 to_addrs, cc_addrs, subject, date, text_body, html_body,
-                                 attachments, status, in_reply_to, refs, flags, subject_key,
-                                 loose, marked, reply_to)
-           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,
-                   $22)
-           RETURNING *""",
+        """WITH m AS (
+               INSERT INTO messages (id, id_conversa, mailbox_id, channel, message_id, direction,
+                                     sender, to_addrs, cc_addrs, subject, date, text_body,
+                                     html_body, attachments, status, in_reply_to, refs, flags,
+                                     subject_key, loose, marked, reply_to)
+               VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,
+                       $21,$22)
+               RETURNING id, message_id, direction, sender, to_addrs, cc_addrs, subject, date,
+                         in_reply_to, refs, reply_to, flags),
+           k AS (INSERT INTO thread_keys (mailbox_id, message_id, id_conversa)
+                 SELECT $3, key, $2 FROM unnest($23::text[]) AS key
+                 ON CONFLICT (mailbox_id, message_id) DO NOTHING)
+           SELECT * FROM m""",
         msg_uuid,
         uuid.UUID(target),
         mailbox_id,
@@ -361,11 +393,7 @@ async def place_message(
         unlinked,
         marked,
         [a.model_dump() for a in reply_to or []],
-    )
-    await conn.executemany(
-        """INSERT INTO thread_keys (mailbox_id, message_id, id_conversa) VALUES ($1, $2, $3)
-           ON CONFLICT (mailbox_id, message_id) DO NOTHING""",
-        [(mailbox_id, k, uuid.UUID(target)) for k in keys],
+        list(keys),
     )
     # The message's people, deduplicated; those the conversation lacks (by address, without
     # case) are appended in SQL, and the activity row is written by the same statement.
@@ -396,7 +424,7 @@ async def place_message(
                status = CASE WHEN $3 = 'in' AND NOT $7 AND status = 'closed' THEN 'open'
                              ELSE status END,
                broadcast = broadcast OR $6
-           WHERE id_conversa = $1 RETURNING *),
+           WHERE id_conversa = $1 RETURNING {_STATE_COLUMNS}, activity_seq),
            a AS (INSERT INTO activity (seq, id_conversa, last_message_at)
                  SELECT activity_seq, id_conversa, last_message_at FROM u)
            SELECT * FROM u""",
@@ -408,7 +436,7 @@ async def place_message(
         broadcast,
         automatic,
     )
-    return Placed(conversation, message, merged)
+    return Placed(conversation, message, merged, text)
 
 
 async def _named_conversation(
@@ -508,7 +536,8 @@ def snippet(text: str, size: int = 160) -> str:
     return flat if len(flat) <= size else flat[: size - 1] + "…"
 
 
-def summary(msg: asyncpg.Record) -> MessageSummary:
+def summary(msg: asyncpg.Record, text: str | None = None) -> MessageSummary:
+    """``text``: the message's text when the record was read without its body."""
     return MessageSummary.model_validate(
         {
             "id": str(msg["id"]),
@@ -519,7 +548,7 @@ def summary(msg: asyncpg.Record) -> MessageSummary:
             "cc": msg["cc_addrs"],
             "subject": msg["subject"],
             "date": msg["date"],
-            "snippet": snippet(msg["text_body"]),
+            "snippet": snippet(msg["text_body"] if text is None else text),
             "in_reply_to": list(msg["in_reply_to"]),
             "references": list(msg["refs"]),
             "reply_to": msg["reply_to"],

@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 CONSUMER = "threader"
 
 
-async def _announce(
-    conn: object, env: Envelope, placed: storage.Placed, token_secret: bytes
-) -> None:
+def _announcement(env: Envelope, placed: storage.Placed, token_secret: bytes) -> list[Envelope]:
     """``conversation.message_added`` carries the conversation's new state, so a placement is
     not also a ``conversation.updated`` (that one is for changes without a message: status,
     assignee): one event per mail for every consumer instead of two."""
@@ -39,7 +37,7 @@ async def _announce(
                 id_conversa=conv.id_conversa,
                 mailbox_id=conv.mailbox_id,
                 channel=conv.channel,
-                message=storage.summary(placed.message),
+                message=storage.summary(placed.message, placed.text),
                 conversation=conv,
             ),
             producer="threader",
@@ -56,13 +54,13 @@ async def _announce(
                 correlation_id=env.correlation_id,
             )
         )
-    await outbox.add(conn, *events)
+    return events
 
 
-async def _place_received(svc: ThreaderService, conn: asyncpg.Connection, env: Envelope) -> None:
-    mail = env.payload_as(MailReceived)
-    if not await inbox.first_time(conn, CONSUMER, env.id):
-        return
+async def _place_received(
+    svc: ThreaderService, conn: asyncpg.Connection, env: Envelope, mail: MailReceived
+) -> list[Envelope]:
+    """Thread one new ``mail.received`` (its id recorded, its mailbox locked); what to publish."""
     placed = await storage.place_message(
         conn,
         mailbox_id=mail.mailbox_id,
@@ -89,18 +87,28 @@ async def _place_received(svc: ThreaderService, conn: asyncpg.Connection, env: E
         arrived=mail.received_at,
         reply_to=mail.reply_to,
         own_address=mail.mailbox_address,
+        locked=True,
     )
-    if placed is not None:
-        await _announce(conn, env, placed, svc.token_secret)
+    return [] if placed is None else _announcement(env, placed, svc.token_secret)
 
 
 def received_batch(svc: ThreaderService) -> BatchHandler:
-    """``mail.received`` events in stream order placed in one transaction (one commit)."""
+    """``mail.received`` events in stream order placed in one transaction (one commit), their
+    ids recorded and their events added to the outbox in one statement each."""
 
     async def on_batch(items: list[tuple[Envelope, str]]) -> None:
+        mails = [env.payload_as(MailReceived) for env, _ in items]
         async with svc.pool.acquire() as conn, conn.transaction():
-            for env, _ in items:
-                await _place_received(svc, conn, env)
+            fresh = await inbox.first_times(conn, CONSUMER, [env.id for env, _ in items])
+            todo = [
+                (env, mail) for (env, _), mail, new in zip(items, mails, fresh, strict=True) if new
+            ]
+            await storage.lock_mailboxes(conn, [mail.mailbox_id for _, mail in todo])
+            events: list[Envelope] = []
+            for env, mail in todo:
+                events += await _place_received(svc, conn, env, mail)
+            if events:
+                await outbox.add(conn, *events)
         svc.relay.wake()
 
     return on_batch
@@ -109,7 +117,13 @@ def received_batch(svc: ThreaderService) -> BatchHandler:
 def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
     async def on_mail_received(env: Envelope, entry_id: str) -> None:
         async with svc.pool.acquire() as conn, conn.transaction():
-            await _place_received(svc, conn, env)
+            if not await inbox.first_time(conn, CONSUMER, env.id):
+                return
+            mail = env.payload_as(MailReceived)
+            await storage.lock_mailboxes(conn, [mail.mailbox_id])
+            events = await _place_received(svc, conn, env, mail)
+            if events:
+                await outbox.add(conn, *events)
         svc.relay.wake()
 
     async def on_mail_status(env: Envelope, entry_id: str) -> None:
@@ -155,7 +169,7 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 rules=svc.rules,
             )
             if placed is not None:
-                await _announce(conn, env, placed, svc.token_secret)
+                await outbox.add(conn, *_announcement(env, placed, svc.token_secret))
         svc.relay.wake()
 
     return on_mail_received, on_mail_status
