@@ -220,10 +220,6 @@ async def place_message(
     automatic = direction == "in" and is_automatic(flags)
     if not locked:
         await lock_mailboxes(conn, [mailbox_id])
-    if await conn.fetchval(
-        "SELECT 1 FROM messages WHERE mailbox_id = $1 AND message_id = $2", mailbox_id, message_id
-    ):
-        return None
     our_domain = our_domain.lower()
     inbound = direction == "in"
     broadcast = False
@@ -255,16 +251,26 @@ async def place_message(
             our_domain=our_domain,
             broadcast=broadcast,
         )
+    # The keys' conversations, and a row with ``dup`` if this mailbox has the Message-ID
+    # already (after the lock: a statement of its own, so it sees what was committed meanwhile).
     rows = await conn.fetch(
-        """SELECT k.message_id, c.id_conversa, c.created_at,
+        """SELECT NULL::text AS message_id, NULL::uuid AS id_conversa,
+                  NULL::timestamptz AS created_at, NULL::boolean AS stale, true AS dup
+           FROM messages WHERE mailbox_id = $1 AND message_id = $4
+           UNION ALL
+           SELECT k.message_id, c.id_conversa, c.created_at,
                   c.status = 'closed' AND $3::interval > '0'::interval
-                  AND clock_timestamp() - c.last_message_at > $3::interval AS stale
+                  AND clock_timestamp() - c.last_message_at > $3::interval,
+                  false
            FROM thread_keys k JOIN conversations c USING (id_conversa)
            WHERE k.mailbox_id = $1 AND k.message_id = ANY($2::text[])""",
         mailbox_id,
         [*keys, *ours],
         rules.reopen_max_age,
+        message_id,
     )
+    if any(r["dup"] for r in rows):
+        return None
     found_owners = {r["message_id"]: (str(r["id_conversa"]), r["created_at"]) for r in rows}
     stale_known = {str(r["id_conversa"]): bool(r["stale"]) for r in rows}
     owners = {k: v for k, v in found_owners.items() if k in keys}
