@@ -15,7 +15,7 @@ from services.sender import bounces, storage
 from services.sender.delivery import Delivery
 from services.sender.http import router
 from services.sender.settings import SenderSettings
-from services.sender.stream import handlers
+from services.sender.stream import handlers, thread_batch
 
 log = logging.getLogger("chatflow.sender")
 
@@ -34,7 +34,12 @@ class SenderService(Service):
     async def on_start(self) -> None:
         on_mailbox, on_added, on_send = handlers(self)
         self.consumer(["mailbox.changed"], on_mailbox, group="sender-mailboxes")
-        self.consumer(["conversation.message_added"], on_added, group="sender-threads")
+        self.consumer(
+            ["conversation.message_added"],
+            on_added,
+            group="sender-threads",
+            batch_handler=thread_batch(self),
+        )
         for _ in range(self.settings.send_consumers):
             self.consumer(["mail.send"], on_send, group="sender")
         self.consumer(["mail.bounced"], bounces.handler(self), group=bounces.CONSUMER)

@@ -62,30 +62,38 @@ async def upsert_mailbox(
 
 async def add_thread_message(conn: asyncpg.Connection, values: tuple[Any, ...]) -> int:
     """Store a message of a thread; returns how many sends that waited for it are due now."""
-    await conn.execute(
+    return await add_thread_messages(conn, [values])
+
+
+async def add_thread_messages(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Store messages of threads (one round trip); how many sends that waited for them are due."""
+    if not rows:
+        return 0
+    await conn.executemany(
         """INSERT INTO thread_messages (id_conversa, message_id, mailbox_id, number,
                conv_subject, direction, sender, to_addrs, cc_addrs, subject, date, refs, token,
                reply_to)
            VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)
            ON CONFLICT DO NOTHING""",
-        *values,
+        rows,
     )
-    # Sends that were waiting for this conversation go now rather than at their deadline.
-    return await _release(conn, "id_conversa", values[0])
+    # Sends that were waiting for these conversations go now rather than at their deadline.
+    return await _release(conn, "id_conversa", sorted({r[0] for r in rows}))
 
 
-async def _release(conn: asyncpg.Connection, column: str, value: str) -> int:
-    """Sends of this conversation or mailbox not composed yet are due now; how many.
+async def _release(conn: asyncpg.Connection, column: str, value: str | list[str]) -> int:
+    """Sends of this conversation or mailbox (or of these) not composed yet are due now; how many.
 
     Every such row is updated, due or not: the row lock is what orders this with a prepare pass
     that read the views before this transaction committed (it skips the locked row, or we wait
     and then undo its postponing). Skipping rows already due lost that: a send could wait its
     whole ``unknown_conversation_wait_s`` (seen under CI load).
     """
+    values = value if isinstance(value, list) else [value]
     status = await conn.execute(
         f"""UPDATE sends SET next_attempt_at = now()
-            WHERE {column} = $1 AND state = 'queued' AND mime IS NULL""",
-        value,
+            WHERE {column} = ANY($1::text[]) AND state = 'queued' AND mime IS NULL""",
+        values,
     )
     return int(status.split()[-1])
 

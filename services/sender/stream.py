@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from libs.common import inbox, outbox
-from libs.common.bus import Handler
+from libs.common.bus import BatchHandler, Handler
 from libs.common.events import (
     ConversationMessageAdded,
     Envelope,
@@ -44,7 +44,45 @@ def _failed(env: Envelope, cmd: MailSend, detail: str) -> Envelope:
     return Envelope.of(failed, producer="sender", correlation_id=env.correlation_id)
 
 
+def thread_batch(svc: SenderService) -> BatchHandler:
+    """``conversation.message_added`` in batches: ids, rows and the release of the sends that
+    waited for them in one transaction of three statements (one per inbound mail before)."""
+
+    async def on_messages_added(items: list[tuple[Envelope, str]]) -> None:
+        events = [env.payload_as(ConversationMessageAdded) for env, _ in items]
+        async with svc.pool.acquire() as conn, conn.transaction():
+            fresh = await inbox.first_times(conn, CONSUMER, [env.id for env, _ in items])
+            rows = [_thread_row(ev) for ev, new in zip(events, fresh, strict=True) if new]
+            released = await storage.add_thread_messages(conn, rows)
+        if released:  # else nothing waits for it: no delivery pass per inbound mail
+            svc.delivery.wake()
+
+    return on_messages_added
+
+
+def _thread_row(ev: ConversationMessageAdded) -> tuple[Any, ...]:
+    m = ev.message
+    return (
+        ev.id_conversa,
+        m.message_id,
+        ev.mailbox_id,
+        ev.conversation.number,
+        ev.conversation.subject,
+        m.direction,
+        m.from_.model_dump(),
+        [a.model_dump() for a in m.to],
+        [a.model_dump() for a in m.cc],
+        m.subject,
+        m.date,
+        m.references,
+        ev.conversation.token,
+        [a.model_dump() for a in m.reply_to],
+    )
+
+
 def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
+    on_messages_added = thread_batch(svc)
+
     async def on_mailbox(env: Envelope, entry_id: str) -> None:
         box = env.payload_as(MailboxChanged)
         async with svc.pool.acquire() as conn, conn.transaction():
@@ -57,32 +95,7 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
             svc.delivery.wake()
 
     async def on_message_added(env: Envelope, entry_id: str) -> None:
-        ev = env.payload_as(ConversationMessageAdded)
-        m = ev.message
-        async with svc.pool.acquire() as conn, conn.transaction():
-            if not await inbox.first_time(conn, CONSUMER, env.id):
-                return
-            released = await storage.add_thread_message(
-                conn,
-                (
-                    ev.id_conversa,
-                    m.message_id,
-                    ev.mailbox_id,
-                    ev.conversation.number,
-                    ev.conversation.subject,
-                    m.direction,
-                    m.from_.model_dump(),
-                    [a.model_dump() for a in m.to],
-                    [a.model_dump() for a in m.cc],
-                    m.subject,
-                    m.date,
-                    m.references,
-                    ev.conversation.token,
-                    [a.model_dump() for a in m.reply_to],
-                ),
-            )
-        if released:  # else nothing waits for it: no delivery pass per inbound mail
-            svc.delivery.wake()
+        await on_messages_added([(env, entry_id)])
 
     async def accept_many(items: list[tuple[Envelope, MailSend]]) -> list[None]:
         """Store a group of commands and their ``queued`` events in one transaction."""
