@@ -153,13 +153,20 @@ class Trunk(asyncio.Protocol):
                 if frame is None:
                     break
                 pos += frame.size
-                self._on_frame(frame, touched)
+                try:
+                    self._on_frame(frame, touched)
+                except Exception:
+                    # One session's trouble must not take the trunk, and every agent on it, down.
+                    log.exception("trunk message handling failed")
                 if self.lost:
                     return
         finally:
             del buf[:pos]
             for user in touched.values():
-                user.trunk_flush()
+                try:
+                    user.trunk_flush()
+                except Exception:
+                    log.exception("session write failed")
 
     def _on_frame(self, frame: wf.Frame, touched: dict[int, TrunkUser]) -> None:
         op = frame.opcode

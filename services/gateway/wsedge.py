@@ -486,7 +486,7 @@ class Session:
         if not self.out:
             return
         chunks, self.out = self.out, []
-        if self.closing or self.client_gone:
+        if self.closing or self.client_gone or self.transport.is_closing():
             return
         if self.transport.get_write_buffer_size() > self.edge.slow_bytes:
             metrics.WS_SLOW_CLOSED.inc()
