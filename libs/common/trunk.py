@@ -17,14 +17,24 @@ gw -> nf     ``O`` open            JSON: token, origin, ip, request id
 gw -> nf     ``T`` text            the agent's text message (UTF-8, checked by the gateway)
 gw -> nf     ``B`` binary          the agent's binary message
 gw -> nf     ``X`` closed          close code (2 bytes): the agent's socket is gone
+gw -> nf     ``W`` wait, ``G`` go   (none): the agent's socket is full / drained again
 nf -> gw     ``A`` accepted        (none): registered, frames may follow; the gateway sends 101
 nf -> gw     ``R`` refused         close code, reason
 nf -> gw     ``C`` close           close code, reason: close the agent's socket with them
 nf -> gw     ``F`` frames          count (4 bytes), that many cids, then whole server frames
+nf -> gw     ``D`` direct          whole server frames for this one agent (a reply, a replay)
+nf -> gw     ``H`` hold, ``L``      (none): stop reading the agent's socket / read it again
+             release
 ===========  ====================  ===========================================================
 
 ``F`` carries WebSocket frames already encoded as a server sends them (unmasked, no extension),
-so the gateway writes the same bytes to every connection listed. This module holds the codec
+so the gateway writes the same bytes to every connection listed; ``D`` the same for one agent,
+what the notifier's ``send`` wrote on a socket of its own (replies, a resume's replay). A live
+``F`` frame for a socket that stays full ends in the gateway's slow-consumer close (4008); ``D``
+frames are paced instead. ``W``/``G`` and ``H``/``L`` are
+the flow control a socket of its own gave each agent: a ``send`` of the notifier (a resume's
+replay) waits while the agent's socket is full, and an agent that sends faster than the notifier
+handles its frames is not read until it catches up, instead of either side being closed. This module holds the codec
 (pure) and the notifier's end (``TrunkEnd``, ``TrunkLink``); the gateway's end is
 ``services.gateway.trunk``.
 """
@@ -54,6 +64,11 @@ ACCEPTED: Final = 0x41  # "A"
 REFUSED: Final = 0x52  # "R"
 CLOSE: Final = 0x43  # "C"
 FRAMES: Final = 0x46  # "F"
+DIRECT: Final = 0x44  # "D": nf -> gw, frames for one agent, paced by wait/go
+WAIT: Final = 0x57  # "W": gw -> nf, the agent's socket is full: send it nothing more for now
+GO: Final = 0x47  # "G": gw -> nf, it drained
+HOLD: Final = 0x48  # "H": nf -> gw, stop reading the agent's socket: its frames pile up here
+RELEASE: Final = 0x4C  # "L": nf -> gw, read it again
 
 _CID = struct.Struct("!BI")
 _CID_CODE = struct.Struct("!BIH")
@@ -82,6 +97,26 @@ def binary_msg(cid: int, payload: bytes) -> bytes:
 
 def closed_msg(cid: int, code: int) -> bytes:
     return _CID_CODE.pack(CLOSED, cid, code)
+
+
+def direct_msg(cid: int, data: bytes) -> bytes:
+    return _CID.pack(DIRECT, cid) + data
+
+
+def wait_msg(cid: int) -> bytes:
+    return _CID.pack(WAIT, cid)
+
+
+def go_msg(cid: int) -> bytes:
+    return _CID.pack(GO, cid)
+
+
+def hold_msg(cid: int) -> bytes:
+    return _CID.pack(HOLD, cid)
+
+
+def release_msg(cid: int) -> bytes:
+    return _CID.pack(RELEASE, cid)
 
 
 def accepted_msg(cid: int) -> bytes:
@@ -127,9 +162,9 @@ def decode(msg: bytes) -> Message:
         if n == 0 or len(msg) < end:
             raise TrunkError("frames message with a bad count")
         return Message(kind, 0, msg[end:], cids=struct.unpack_from(f"!{n}I", msg, 5))
-    if kind in (TEXT, BINARY, OPEN):
+    if kind in (TEXT, BINARY, OPEN, DIRECT):
         return Message(kind, _CID.unpack_from(msg)[1], msg[5:])
-    if kind == ACCEPTED:
+    if kind in (ACCEPTED, WAIT, GO, HOLD, RELEASE):
         return Message(kind, _CID.unpack_from(msg)[1])
     if kind in (CLOSED, REFUSED, CLOSE):
         if len(msg) < 7:
@@ -157,6 +192,10 @@ def server_frame(message: str | bytes) -> bytes:
 
 
 # ---- the notifier's end -------------------------------------------------------------------------
+HOLD_AT = 32  # an agent's frames waiting to be handled when its socket stops being read
+RELEASE_AT = 8  # and when it is read again
+
+
 class TrunkLink:
     """One agent's connection carried by a trunk, with the part of ``ServerConnection``'s
     interface the notifier uses: ``send``, ``recv``, ``async for``, ``close``."""
@@ -169,14 +208,25 @@ class TrunkLink:
         self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self.open = True
         self.close_code: int | None = None
+        self.writable = asyncio.Event()  # cleared while the gateway says the socket is full
+        self.writable.set()
+        self.holding = False  # the gateway was asked to stop reading the agent
 
     async def send(self, message: str | bytes) -> None:
+        """One frame now; waits first while the agent's socket is full, as a socket's drain
+        does, so a long replay goes at the agent's pace."""
+        # Yield first, as a socket's drain may: a replay's loop must let the gateway's ``wait``
+        # in before it has written far past the agent's socket.
+        await asyncio.sleep(0)
+        if not self.writable.is_set():
+            await self.writable.wait()
         if not self.open:
             raise ConnectionClosed(None, None)
-        self.end.write(frames_msg([self.cid], server_frame(message)))
+        self.end.write(direct_msg(self.cid, server_frame(message)))
 
     def queue(self, data: bytes) -> None:
-        """A server frame for this turn's batched write (``Hub``'s fan-out)."""
+        """A server frame for this turn's batched write (``Hub``'s fan-out; never waits: a live
+        frame for a socket that stays full ends in the gateway's slow-consumer close)."""
         if self.open:
             self.end.queue(self.cid, data)
 
@@ -191,6 +241,9 @@ class TrunkLink:
         if message is None:
             self.inbox.put_nowait(None)  # every later recv ends too
             raise ConnectionClosed(Close(self.close_code or 1006, ""), None)
+        if self.holding and self.inbox.qsize() <= RELEASE_AT and self.open:
+            self.holding = False
+            self.end.write(release_msg(self.cid))
         return message
 
     async def __aiter__(self) -> AsyncIterator[str | bytes]:
@@ -203,13 +256,24 @@ class TrunkLink:
     def feed(self, message: str | bytes) -> None:
         if not self.open:
             return
-        if self.inbox.qsize() >= self.max_queued:
-            # A client sending faster than its frames are handled: like a socket that is not
-            # read any more, but without stopping the trunk for everyone else.
+        queued = self.inbox.qsize()
+        if queued >= self.max_queued:
+            # Held and still sending (the gateway reads what was in flight): a client that
+            # ignores the hold this much is broken.
             self._end(1008)
             self.end.write(close_msg(self.cid, 1008, "too many frames"))
             return
         self.inbox.put_nowait(message)
+        if queued + 1 >= HOLD_AT and not self.holding:
+            self.holding = True
+            self.end.write(hold_msg(self.cid))
+
+    def full(self, full: bool) -> None:
+        """The gateway's ``wait`` / ``go`` for the agent's socket."""
+        if full:
+            self.writable.clear()
+        else:
+            self.writable.set()
 
     def lost(self, code: int) -> None:
         """The agent's socket is gone (its close code), or the whole trunk is."""
@@ -221,6 +285,7 @@ class TrunkLink:
         self.close_code = code
         self.end.links.pop(self.cid, None)
         self.inbox.put_nowait(None)
+        self.writable.set()  # a send waiting for room ends (ConnectionClosed)
 
     @property
     def buffered(self) -> int:
@@ -238,10 +303,13 @@ class TrunkEnd:
     messages follow the order of the calls that queued them.
     """
 
-    def __init__(self, conn: ServerConnection, max_buffer: int, max_queued: int) -> None:
+    def __init__(
+        self, conn: ServerConnection, max_buffer: int, max_queued: int, max_message: int | None
+    ) -> None:
         self.conn = conn
         self.max_buffer = max_buffer
         self.max_queued = max_queued
+        self.max_message = max_message  # an agent's message, as on a socket of its own
         self.links: dict[int, TrunkLink] = {}
         self._batches: list[tuple[bytes, list[int]]] = []
         self._flush: asyncio.Handle | None = None
@@ -307,15 +375,23 @@ class TrunkEnd:
                     task.add_done_callback(tasks.discard)
                 elif m.kind in (TEXT, BINARY):
                     target = self.links.get(m.cid)
-                    if target is not None:
-                        try:
-                            target.feed(m.body.decode() if m.kind == TEXT else m.body)
-                        except UnicodeDecodeError:
-                            target.feed(m.body)  # not text after all: answered as binary
-                elif m.kind == CLOSED:
+                    if target is None:
+                        continue
+                    if self.max_message is not None and len(m.body) > self.max_message:
+                        await target.close(1009, "message too big")
+                        continue
+                    try:
+                        target.feed(m.body.decode() if m.kind == TEXT else m.body)
+                    except UnicodeDecodeError:
+                        await target.close(1007, "invalid UTF-8")  # the gateway checks it
+                elif m.kind in (CLOSED, WAIT, GO):
                     target = self.links.get(m.cid)
-                    if target is not None:
+                    if target is None:
+                        continue
+                    if m.kind == CLOSED:
                         target.lost(m.code)
+                    else:
+                        target.full(m.kind == WAIT)
         except ConnectionClosed:
             pass
         finally:

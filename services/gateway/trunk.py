@@ -32,10 +32,11 @@ class TrunkUser(Protocol):
 
     def trunk_accepted(self) -> None: ...
     def trunk_refused(self, code: int, reason: str) -> None: ...
-    def trunk_frames(self, data: bytes) -> None: ...
+    def trunk_frames(self, data: bytes, broadcast: bool = True) -> None: ...
     def trunk_flush(self) -> None: ...
     def trunk_close(self, code: int, reason: str) -> None: ...
     def trunk_lost(self) -> None: ...
+    def trunk_hold(self, hold: bool) -> None: ...
 
 
 class TrunkDown(ConnectionError):
@@ -57,6 +58,8 @@ class Trunk(asyncio.Protocol):
         self.upgraded = False
         self.lost = False
         self.fragments: list[bytes] = []
+        self.ping_data: bytes | None = None  # our unanswered ping
+        self.ping_sent = 0.0
 
     # ---- opening ------------------------------------------------------------------------------
     async def handshake(self, url: str, timeout: float) -> None:  # noqa: ASYNC109
@@ -119,6 +122,26 @@ class Trunk(asyncio.Protocol):
     def forget(self, cid: int) -> None:
         self.sessions.pop(cid, None)
 
+    def full(self, cid: int, full: bool) -> None:
+        """The agent's socket is full (or drained): the notifier's sends to it wait (or go)."""
+        if cid in self.sessions:
+            self._send(tk.wait_msg(cid) if full else tk.go_msg(cid))
+
+    def heartbeat(self, now: float, timeout: float) -> None:
+        """Ping the notifier; a trunk whose last ping went unanswered for ``timeout`` is dropped
+        (its agents get 1011 and reconnect): a hung or unreachable replica would otherwise keep
+        them connected to nothing, their own pings answered here."""
+        if not self.usable:
+            return
+        if self.ping_data is not None:
+            if now - self.ping_sent >= timeout:
+                log.warning("trunk not answering pings, dropping it")
+                self._abort()
+            return
+        self.ping_data, self.ping_sent = os.urandom(4), now
+        assert self.transport is not None
+        self.transport.write(wf.client_frame(wf.OP_PING, self.ping_data, os.urandom(4)))
+
     def _send(self, message: bytes) -> None:
         if self.usable:
             assert self.transport is not None
@@ -179,8 +202,12 @@ class Trunk(asyncio.Protocol):
                 self.transport.write(wf.client_frame(wf.OP_CLOSE, frame.payload[:2], os.urandom(4)))
             self._abort()
             return
+        if op == wf.OP_PONG:
+            if frame.payload == self.ping_data:
+                self.ping_data = None
+            return
         if op not in (wf.OP_BINARY, wf.OP_CONT):
-            return  # pongs; the notifier sends no text on a trunk
+            return  # the notifier sends no text on a trunk
         self.fragments.append(frame.payload)
         if not frame.fin:
             return
@@ -202,8 +229,13 @@ class Trunk(asyncio.Protocol):
         user = self.sessions.get(m.cid)
         if user is None:
             return
-        if m.kind == tk.ACCEPTED:
+        if m.kind == tk.DIRECT:
+            user.trunk_frames(m.body, broadcast=False)
+            touched[m.cid] = user
+        elif m.kind == tk.ACCEPTED:
             user.trunk_accepted()
+        elif m.kind == tk.HOLD or m.kind == tk.RELEASE:
+            user.trunk_hold(m.kind == tk.HOLD)
         elif m.kind == tk.REFUSED:
             self.sessions.pop(m.cid, None)
             user.trunk_refused(m.code, m.reason)
@@ -254,30 +286,41 @@ class TrunkPool:
         self.max_bytes = max_bytes
         self.slots: list[Trunk | None] = [None] * max(1, size)
         self.locks = [asyncio.Lock() for _ in self.slots]
+        self.attaching = [0 for _ in self.slots]  # sessions choosing each slot right now
 
     async def attach(self) -> Trunk:
-        """The trunk with the fewest sessions, a slot not open yet counting as none (so the
-        trunks fill up in turn); ``TrunkDown`` when none can be had."""
+        """The trunk with the fewest sessions, counting those being attached and a slot not
+        open yet as none, so the trunks fill in turn even when a reconnect storm asks for many
+        at once; ``TrunkDown`` when none can be had."""
 
         def load(i: int) -> int:
             t = self.slots[i]
-            return len(t.sessions) if t is not None and t.usable else 0
+            return self.attaching[i] + (len(t.sessions) if t is not None and t.usable else 0)
 
         i = min(range(len(self.slots)), key=load)
-        async with self.locks[i]:
-            trunk = self.slots[i]
-            if trunk is not None and trunk.usable:
+        self.attaching[i] += 1
+        try:
+            async with self.locks[i]:
+                trunk = self.slots[i]
+                if trunk is not None and trunk.usable:
+                    return trunk
+                try:
+                    trunk = await self._open()
+                except TrunkDown:
+                    # Another slot's trunk still works: better loaded than refused.
+                    other = next((t for t in self.slots if t is not None and t.usable), None)
+                    if other is None:
+                        raise
+                    return other
+                self.slots[i] = trunk
                 return trunk
-            try:
-                trunk = await self._open()
-            except TrunkDown:
-                # Another slot's trunk still works: better loaded than refused.
-                other = next((t for t in self.slots if t is not None and t.usable), None)
-                if other is None:
-                    raise
-                return other
-            self.slots[i] = trunk
-            return trunk
+        finally:
+            self.attaching[i] -= 1
+
+    def heartbeat(self, now: float, timeout: float) -> None:
+        for t in self.slots:
+            if t is not None:
+                t.heartbeat(now, timeout)
 
     async def _open(self) -> Trunk:
         loop = asyncio.get_running_loop()

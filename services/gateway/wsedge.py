@@ -17,8 +17,9 @@ open gets every frame sent from then on (a 101 first let frames pass a busy gate
 connections by, found by the bench at 1,000 agents). A first-frame ``auth`` needs the 101 before
 the token; that client is live once the notifier accepts it.
 
-Live, the client's frames are parsed by websockets' sans-I/O protocol (masking, UTF-8, fragments,
-the size cap with 1009, pings, the close handshake) and whole messages go on the trunk; the
+Live, the client's frames are parsed by websockets' sans-I/O protocol (masking, fragments, the
+size cap with 1009, pings, the close handshake; UTF-8 is checked here, 1007) and whole messages
+go on the trunk, with its flow control both ways (``wait``/``go``, ``hold``/``release``); the
 notifier's frames arrive already encoded as a server sends them, once per trunk with the list of
 sessions they are for, and each session writes them with one write per read of the trunk. The
 gateway pings every live client itself (one timer for all), closes a client whose socket buffers
@@ -72,6 +73,7 @@ CLOSE_TIMEOUT_S = 5.0  # wait this long for the other side's close frame, then d
 HEAD_TIMEOUT_S = 30.0  # a connection that sends no complete request head in this time is closed
 PRE_SPLICE_BYTES = 64 * 1024  # client bytes buffered before the session is live (an auth frame)
 SLOW_CONSUMER = 4008  # as the notifier's
+DIRECT_BACKLOG = 16  # times slow_bytes of paced frames for one agent before it counts as slow
 CONCURRENT_CHECKS = 16  # upgrades whose token and rate limit are checked at the same time
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -217,6 +219,7 @@ class WsEdge:
         while True:
             await asyncio.sleep(min(self.ping_interval_s, self.ping_timeout_s))
             now = asyncio.get_running_loop().time()
+            self.trunks.heartbeat(now, self.ping_timeout_s)
             for s in list(self.sessions):
                 s.heartbeat(now, self.ping_interval_s, self.ping_timeout_s)
 
@@ -241,6 +244,12 @@ class ClientSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.s.client_lost()
+
+    def pause_writing(self) -> None:
+        self.s.client_full(True)
+
+    def resume_writing(self) -> None:
+        self.s.client_full(False)
 
     def shutdown(self) -> None:
         self.s.shutdown()
@@ -270,6 +279,7 @@ class Session:
         self.live = False  # accepted by the notifier, 101 sent: frames go both ways
         self.held: list[bytes] = []  # frames that came before the session was live
         self.out: list[bytes] = []  # frames of this read of the trunk, written at its end
+        self.out_broadcast = False  # some of them are live frames (not paced by wait/go)
         self.early_close: tuple[int, str] | None = None  # the notifier closed before live
         self.client_gone = False
         self.closing = False  # our close frame (or the echo of the client's) is out
@@ -277,6 +287,9 @@ class Session:
         self.fragments: list[bytes] = []
         self.fragment_opcode: Opcode | None = None
         self.ping_sent: float | None = None  # when the unanswered ping went out
+        self.ping_data = b""
+        self.on_hold = False  # the notifier asked us to stop reading the client (``hold``)
+        self.full = False  # the client's socket is full: the notifier was told to wait
         self.unregister: Callable[[], None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.close_timer: asyncio.TimerHandle | None = None
@@ -475,9 +488,10 @@ class Session:
         if not self.opened.done():
             self.opened.set_result((code, reason))
 
-    def trunk_frames(self, data: bytes) -> None:
+    def trunk_frames(self, data: bytes, broadcast: bool = True) -> None:
         if self.live:
             self.out.append(data)
+            self.out_broadcast = self.out_broadcast or broadcast
         elif not self.closing:
             self.held.append(data)  # accepted, the 101 not out yet: after it
 
@@ -486,9 +500,13 @@ class Session:
         if not self.out:
             return
         chunks, self.out = self.out, []
+        broadcast, self.out_broadcast = self.out_broadcast, False
         if self.closing or self.client_gone or self.transport.is_closing():
             return
-        if self.transport.get_write_buffer_size() > self.edge.slow_bytes:
+        # Live frames for a socket that stays full: a slow consumer. Frames for this agent
+        # alone (a replay) are paced by wait/go, so only a far larger backlog is one.
+        limit = self.edge.slow_bytes if broadcast else DIRECT_BACKLOG * self.edge.slow_bytes
+        if self.transport.get_write_buffer_size() > limit:
             metrics.WS_SLOW_CLOSED.inc()
             log.warning("closing slow consumer")
             self._leave_trunk(SLOW_CONSUMER)
@@ -517,6 +535,25 @@ class Session:
         else:
             self.early_close = (1011, "")
 
+    def trunk_hold(self, hold: bool) -> None:
+        """The notifier has this many of the client's frames still to handle: stop reading its
+        socket (TCP pushes back on the client) until it says so, instead of closing it."""
+        self.on_hold = hold
+        if self.client_gone or self.closing:
+            return
+        if hold and not self.paused_reading_client:
+            self.paused_reading_client = True
+            self.transport.pause_reading()
+        elif not hold and self.paused_reading_client and self.live:
+            self._resume_client_reading()
+
+    def client_full(self, full: bool) -> None:
+        """The client's socket is full (or drained): the notifier's sends to it (a resume's
+        replay) wait, as they would on a socket of their own."""
+        self.full = full
+        if self.trunk is not None and self.live:
+            self.trunk.full(self.cid, full)
+
     def _leave_trunk(self, code: int) -> None:
         trunk, self.trunk = self.trunk, None
         if trunk is not None and self.cid:
@@ -540,7 +577,7 @@ class Session:
         if self.inbuf:
             data, self.inbuf = bytes(self.inbuf), bytearray()
             self._client_frames(data)
-        if self.paused_reading_client:
+        if self.paused_reading_client and not self.on_hold:
             self._resume_client_reading()
 
     def from_client(self, data: bytes) -> None:
@@ -555,8 +592,8 @@ class Session:
                 self.transport.pause_reading()
 
     def _client_frames(self, data: bytes) -> None:
-        """The client's frames, parsed by websockets (masking, UTF-8, fragments, the cap, the
-        close handshake); whole messages go to the notifier."""
+        """The client's frames, parsed by websockets (masking, fragments, the cap, the close
+        handshake); whole messages, their UTF-8 checked, go to the notifier."""
         proto = self.proto
         if proto is None:
             return
@@ -566,7 +603,8 @@ class Session:
                 continue
             op = event.opcode
             if op is Opcode.PONG:
-                self.ping_sent = None
+                if event.data == self.ping_data:  # an unsolicited pong proves nothing
+                    self.ping_sent = None
             elif op is Opcode.TEXT or op is Opcode.BINARY or op is Opcode.CONT:
                 self._message_part(event)
         self._write_proto()
@@ -590,6 +628,13 @@ class Session:
         if trunk is None or self.closing or not self.live:
             return
         if self.fragment_opcode is Opcode.TEXT:
+            # websockets' sans-I/O layer leaves this to its callers (its asyncio one does it).
+            try:
+                payload.decode()
+            except UnicodeDecodeError as exc:
+                assert self.proto is not None
+                self.proto.fail(1007, f"invalid UTF-8 at position {exc.start}")
+                return
             trunk.text(self.cid, payload)
         else:
             trunk.binary(self.cid, payload)
@@ -612,7 +657,8 @@ class Session:
                 self.close_client(1011, "keepalive ping timeout")
             return
         self.ping_sent = now
-        self.proto.send_ping(os.urandom(4))
+        self.ping_data = os.urandom(4)
+        self.proto.send_ping(self.ping_data)
         self._write_proto()
 
     def client_lost(self) -> None:

@@ -21,7 +21,12 @@ class NotifierSettings(ServiceSettings):
         64 * 1024 * 1024, "a trunk whose write buffer grows past this is dropped (gateway stuck)"
     )
     trunk_max_queued_frames: int = field(
-        256, "an agent on a trunk with this many frames not handled yet is closed (1008)"
+        4096,
+        "an agent on a trunk with this many frames not handled yet is closed (1008); from 32 on,"
+        " the gateway stops reading its socket until it catches up",
+    )
+    trunk_max_message_bytes: int = field(
+        64 * 1024 * 1024, "largest trunk message (one agent's is held to ws_max_size)"
     )
     allowed_origins: list[str] = field(
         ["https://127.0.0.1:8443", "https://localhost:8443"],

@@ -256,10 +256,11 @@ class LiveServer:
     async def _serve_trunk(self, conn: ServerConnection) -> None:
         """A gateway's trunk: its agents' connections, each handled as a direct one is."""
         s = self.settings
-        # A trunk message is an agent's message (held to ws_max_size by the gateway) plus a
-        # few bytes of header: one agent at the cap must not close everyone's trunk.
-        conn.protocol.max_message_size = s.ws_max_size + 1024
-        end = TrunkEnd(conn, s.trunk_max_buffer_bytes, s.trunk_max_queued_frames)
+        # A trunk message is an agent's message plus a few bytes: the cap per agent is the
+        # link's (1009 for that agent, as on its own socket), the trunk's only a safety net, so a
+        # gateway allowing more than ws_max_size cannot close everyone's trunk.
+        conn.protocol.max_message_size = s.trunk_max_message_bytes
+        end = TrunkEnd(conn, s.trunk_max_buffer_bytes, s.trunk_max_queued_frames, s.ws_max_size)
         self.trunks.add(end)
         log.info("trunk opened")
         try:

@@ -96,7 +96,7 @@ def _messages(written: list[bytes]) -> list[tk.Message]:
 
 async def test_frames_of_a_turn_are_batched_in_call_order() -> None:
     conn: Any = _Conn()
-    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=4)
+    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=4, max_message=None)
     a, b = (tk.TrunkLink(end, cid, {}, 4) for cid in (1, 2))
     end.links.update({1: a, 2: b})
     x, y, z = (tk.server_frame(t) for t in "xyz")
@@ -114,14 +114,14 @@ async def test_frames_of_a_turn_are_batched_in_call_order() -> None:
 
 async def test_a_direct_message_goes_after_what_was_queued() -> None:
     conn: Any = _Conn()
-    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=4)
+    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=4, max_message=None)
     link = tk.TrunkLink(end, 9, {}, 4)
     end.links[9] = link
     link.queue(tk.server_frame("live"))
     await link.send("reply")
     await link.close(4401, "token expired")
     got = _messages(conn.transport.written)
-    assert [m.kind for m in got] == [tk.FRAMES, tk.FRAMES, tk.CLOSE]
+    assert [m.kind for m in got] == [tk.FRAMES, tk.DIRECT, tk.CLOSE]
     assert got[1].body == tk.server_frame("reply") and got[2].code == 4401
     assert 9 not in end.links and not link.open
     with pytest.raises(Exception):  # noqa: B017 (websockets' ConnectionClosed)
@@ -130,7 +130,7 @@ async def test_a_direct_message_goes_after_what_was_queued() -> None:
 
 async def test_a_link_that_floods_is_closed_not_the_trunk() -> None:
     conn: Any = _Conn()
-    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=2)
+    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=2, max_message=None)
     link = tk.TrunkLink(end, 1, {}, 2)
     end.links[1] = link
     for i in range(3):
@@ -144,9 +144,43 @@ async def test_a_link_that_floods_is_closed_not_the_trunk() -> None:
 
 async def test_a_trunk_not_read_is_dropped() -> None:
     conn: Any = _Conn()
-    end = tk.TrunkEnd(conn, max_buffer=10, max_queued=2)
+    end = tk.TrunkEnd(conn, max_buffer=10, max_queued=2, max_message=None)
     link = tk.TrunkLink(end, 1, {}, 2)
     end.links[1] = link
     await link.send("x" * 20)
     await link.send("y")
     assert conn.transport.aborted
+
+
+async def test_a_busy_link_holds_the_agent_and_releases_it_once_it_caught_up() -> None:
+    conn: Any = _Conn()
+    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=100, max_message=None)
+    link = tk.TrunkLink(end, 5, {}, 100)
+    end.links[5] = link
+    for i in range(tk.HOLD_AT):
+        link.feed(f"m{i}")
+    assert [m.kind for m in _messages(conn.transport.written)] == [tk.HOLD]
+    for _ in range(tk.HOLD_AT - tk.RELEASE_AT):
+        await link.recv()
+    assert [m.kind for m in _messages(conn.transport.written)] == [tk.HOLD, tk.RELEASE]
+    assert link.open
+
+
+async def test_a_send_waits_while_the_agents_socket_is_full() -> None:
+    conn: Any = _Conn()
+    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=4, max_message=None)
+    link = tk.TrunkLink(end, 3, {}, 4)
+    end.links[3] = link
+    link.full(True)
+    sending = asyncio.create_task(link.send("replay"))
+    await asyncio.sleep(0.05)
+    assert not sending.done() and conn.transport.written == []
+    link.full(False)
+    await asyncio.wait_for(sending, 1)
+    assert _messages(conn.transport.written)[0].kind == tk.DIRECT
+    link.full(True)
+    blocked = asyncio.create_task(link.send("never"))
+    await asyncio.sleep(0.01)
+    link.lost(1001)  # the agent left meanwhile: the send ends
+    with pytest.raises(Exception):  # noqa: B017 (websockets' ConnectionClosed)
+        await asyncio.wait_for(blocked, 1)

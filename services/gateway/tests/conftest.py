@@ -121,7 +121,7 @@ class Notifier:
         assert req is not None
         if req.path == "/trunk":  # the gateway's trunk: the notifier's own end of it
             ws.protocol.max_message_size = None
-            await TrunkEnd(ws, 64 * 1024 * 1024, 256).serve(self.on_link)
+            await TrunkEnd(ws, 64 * 1024 * 1024, 4096, None).serve(self.on_link)
             return
         self.registered.append(time.monotonic())
         self.handshakes.append(
@@ -160,6 +160,15 @@ class Notifier:
             if isinstance(msg, str) and msg.startswith("close:"):
                 await link.close(int(msg.split(":")[1]), "bye")
                 break
+            if isinstance(msg, str) and msg.startswith("slowly:"):
+                await asyncio.sleep(float(msg.split(":")[1]))  # a handler that takes its time
+                await link.send(msg)
+                continue
+            if isinstance(msg, str) and msg.startswith("replay:"):
+                n, size = (int(x) for x in msg.split(":")[1:])
+                for i in range(n):  # as a resume replays: each send waits for room
+                    await link.send(f"{i}:" + "r" * size)
+                continue
             if isinstance(msg, str) and msg.startswith("flood:"):
                 n, size = (int(x) for x in msg.split(":")[1:])
                 for i in range(n):

@@ -174,3 +174,87 @@ async def test_a_lost_trunk_closes_its_agents_1011_and_the_next_opens_a_new_one(
             assert rig.notifier.links[-1].end is not end
     finally:
         await stop_gateway(gw)
+
+
+async def test_a_burst_of_client_frames_is_held_back_not_closed(
+    gateway: Gateway, rig: Rig, good_token: str
+) -> None:
+    """Frames the notifier handles slowly pile up on its side: past a few dozen it asks the
+    gateway to stop reading the client (TCP pushes back) instead of closing it (found by a
+    trial: 300 keystrokes of a draft closed the editor with 1008)."""
+    async with dial(gateway, rig, ["chatflow.v1", f"bearer.{good_token}"]) as ws:
+        for i in range(300):
+            await ws.send(f"slowly:0.002:{i}")
+        got = [await asyncio.wait_for(ws.recv(), 10) for _ in range(300)]
+        assert got == [f"slowly:0.002:{i}" for i in range(300)]
+
+
+async def test_invalid_utf8_in_a_text_frame_closes_1007(
+    gateway: Gateway, rig: Rig, good_token: str
+) -> None:
+    reader, writer = await _raw_upgrade(gateway, rig, good_token)
+    before = len(rig.notifier.closes)
+    writer.write(wf.client_frame(wf.OP_TEXT, b'{"type":"\xff"}', os.urandom(4)))
+    frames = await _frames_until_close(reader)
+    code, _ = wf.parse_close(frames[-1].payload)
+    assert code == 1007
+    assert await testing.eventually(lambda: len(rig.notifier.closes) > before)
+    assert rig.notifier.closes[-1] == 1007  # the notifier never saw the frame, only the close
+    writer.close()
+
+
+async def test_a_replay_to_a_client_that_pauses_goes_at_its_pace(
+    start_gateway: StartGateway, rig: Rig
+) -> None:
+    """The notifier's sends wait while the client's socket is full (``wait``/``go``), as they
+    did on a socket of their own: a long resume to a client that stops reading for a while is
+    not cut off as a slow consumer (found by a trial)."""
+    gw = await start_gateway(ws_slow_consumer_bytes=256 * 1024)
+    try:
+        async with dial(gw, rig, ["chatflow.v1", f"bearer.{make_token(rig.key)}"]) as ws:
+            assert ws.transport is not None
+            ws.transport.pause_reading()
+            await ws.send("replay:4000:2000")  # 8 MB, 32 times the slow-consumer limit
+            await asyncio.sleep(2)
+            ws.transport.resume_reading()
+            for i in range(4000):
+                assert (await asyncio.wait_for(ws.recv(), 10)).startswith(f"{i}:")
+    finally:
+        await stop_gateway(gw)
+
+
+async def test_a_hung_notifier_drops_its_trunk_and_agents_get_1011(
+    start_gateway: StartGateway, rig: Rig
+) -> None:
+    """The gateway pings its trunks: a notifier that stops answering (hung, or a network that
+    drops packets without a reset) is dropped and its agents told (found by a trial: they stayed
+    connected to nothing, their own pings answered by the gateway)."""
+    gw = await start_gateway(ws_trunks=1, ws_ping_interval_s=0.2, ws_ping_timeout_s=0.5)
+    try:
+        ws = await dial(gw, rig, ["chatflow.v1", f"bearer.{make_token(rig.key)}"])
+        await ws.send("x")
+        assert await ws.recv() == "echo:x"
+        end = rig.notifier.links[-1].end
+        end.conn.transport.pause_reading()  # hung: the trunk's bytes, pings too, go unread
+        assert await asyncio.wait_for(closed_with(ws), 10) == 1011
+        end.conn.transport.resume_reading()
+    finally:
+        await stop_gateway(gw)
+
+
+async def test_a_storm_of_upgrades_spreads_over_the_trunks(
+    start_gateway: StartGateway, rig: Rig
+) -> None:
+    gw = await start_gateway(ws_trunks=2)
+    try:
+        before = len(rig.notifier.links)
+        conns = await asyncio.gather(
+            *(dial(gw, rig, ["chatflow.v1", f"bearer.{make_token(rig.key)}"]) for _ in range(20))
+        )
+        ends = [id(link.end) for link in rig.notifier.links[before:]]
+        assert len(set(ends)) == 2
+        assert min(ends.count(e) for e in set(ends)) >= 5
+        for ws in conns:
+            await ws.close()
+    finally:
+        await stop_gateway(gw)
