@@ -78,6 +78,15 @@ class Placed:
     text: str  # the message's text, for its snippet (not read back)
 
 
+# Every column but the search vector, which only SQL reads (asked as ``*``, it came back as text
+# for each row: up to the whole vector of every conversation listed).
+_CONV_COLUMNS = (
+    "id_conversa, number, mailbox_id, channel, subject, status, created_at, last_message_at,"
+    " last_inbound_at, message_count, participants, merged_into, assignee, activity_seq,"
+    " broadcast, linked_to"
+)
+_C_CONV_COLUMNS = ", ".join(f"c.{c.strip()}" for c in _CONV_COLUMNS.split(","))
+
 _STATE_COLUMNS = (
     "id_conversa, mailbox_id, number, channel, subject, status, assignee, message_count,"
     " last_message_at, participants"
@@ -576,7 +585,9 @@ def is_automatic(flags: dict[str, Any] | None) -> bool:
 async def resolve(pool: asyncpg.Pool, id_conversa: uuid.UUID) -> asyncpg.Record | None:
     """The conversation, following merges: an old id answers with its survivor."""
     for _ in range(10):
-        row = await pool.fetchrow("SELECT * FROM conversations WHERE id_conversa = $1", id_conversa)
+        row = await pool.fetchrow(
+            f"SELECT {_CONV_COLUMNS} FROM conversations WHERE id_conversa = $1", id_conversa
+        )
         if row is None or row["merged_into"] is None:
             return row
         id_conversa = row["merged_into"]
@@ -659,7 +670,7 @@ async def list_conversations(
                                      WHERE a.id_conversa = c.id_conversa AND a.seq <= $4
                                      ORDER BY a.seq DESC LIMIT 1) h
                  WHERE {where} AND c.activity_seq > $4 AND {before_then}))
-              SELECT c.*, pos.walk_key,
+              SELECT {_C_CONV_COLUMNS}, pos.walk_key,
                      (c.last_inbound_at IS NOT NULL AND
                       (r.read_at IS NULL OR r.read_at < c.last_inbound_at)) AS unread
               FROM pos JOIN conversations c USING (id_conversa)
@@ -742,7 +753,8 @@ async def update_state(
     The row lock orders this against a placement reopening the same conversation.
     """
     row = await conn.fetchrow(
-        "SELECT * FROM conversations WHERE id_conversa = $1 AND merged_into IS NULL FOR UPDATE",
+        f"SELECT {_CONV_COLUMNS} FROM conversations"
+        " WHERE id_conversa = $1 AND merged_into IS NULL FOR UPDATE",
         id_conversa,
     )
     if row is None:
@@ -752,7 +764,8 @@ async def update_state(
     if new_status == row["status"] and new_assignee == row["assignee"]:
         return row, False
     row = await conn.fetchrow(
-        "UPDATE conversations SET status = $2, assignee = $3 WHERE id_conversa = $1 RETURNING *",
+        "UPDATE conversations SET status = $2, assignee = $3 WHERE id_conversa = $1"
+        f" RETURNING {_CONV_COLUMNS}",
         id_conversa,
         new_status,
         new_assignee,
