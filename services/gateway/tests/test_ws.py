@@ -24,6 +24,16 @@ def dial(gw: Gateway, rig: Rig, protocols: list[str], origin: str | None = ORIGI
     )
 
 
+def raw_upgrade(key: str, token: str) -> bytes:
+    """A ``/ws`` upgrade request with the token as subprotocol, as a browser sends it."""
+    return (
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n"
+        f"Sec-WebSocket-Protocol: chatflow.v1, bearer.{token}\r\n\r\n"
+    ).encode()
+
+
 async def closed_with(ws: ClientConnection) -> int | None:
     with pytest.raises(ConnectionClosed) as info:
         for _ in range(3):

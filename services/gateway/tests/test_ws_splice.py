@@ -13,9 +13,9 @@ from websockets.exceptions import ConnectionClosed
 
 from libs.common import testing
 from services.gateway.domain import wsframes as wf
-from services.gateway.tests.conftest import ORIGIN, Gateway, Rig, StartGateway, stop_gateway
+from services.gateway.tests.conftest import Gateway, Rig, StartGateway, stop_gateway
 from services.gateway.tests.conftest import token as make_token
-from services.gateway.tests.test_ws import closed_with, dial
+from services.gateway.tests.test_ws import closed_with, dial, raw_upgrade
 
 
 async def test_large_frames_cross_intact_both_ways(
@@ -99,14 +99,7 @@ async def test_upgrade_on_a_kept_alive_connection_uses_the_bridge(
         )
         await reader.readexactly(length)
         key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                f"Sec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n"
-                f"Sec-WebSocket-Protocol: chatflow.v1, bearer.{good_token}\r\n\r\n"
-            ).encode()
-        )
+        writer.write(raw_upgrade(key, good_token))
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101")
         assert wf.accept_key(key).encode() in head
