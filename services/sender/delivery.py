@@ -17,9 +17,12 @@ Stages (one row of ``sends`` each, state in brackets):
    [failed]. A partly refused recipient list is sent to the accepted ones; the refusals go into
    the ``sent`` detail (``mail.status`` has one status per send, not per recipient).
 
-The writes of steps 4 and 5 (and the unlock after 5) are group-committed with those of the other
-attempts in flight (``groupcommit.py``): each attempt still waits for its own commit before it
-writes the ``.`` or lets its lock go, so nothing below changes.
+The writes of steps 4 and 5 are group-committed with those of the other attempts in flight
+(``groupcommit.py``): each attempt still waits for its own commit before it writes the ``.``, so
+nothing below changes. Step 5 is one statement on the lock session (``storage.finish_many``):
+the row, the attempt, the outbox row, and the unlock of each send once its row is updated (the
+row stays locked until that statement commits, so a replica that takes the freed lock waits for
+the commit and then finds the row no longer 'sending').
 
 Ownership without timeouts: a process holds a PostgreSQL *session* advisory lock on every send
 it has in [sending], taken by the claim statement itself on one dedicated connection. When the
@@ -163,7 +166,7 @@ class Delivery:
         # Group commit of the per-attempt writes (see groupcommit.py); the order each attempt
         # sees is unchanged: its mark commits before its '.', its outcome before its unlock.
         self._dots: GroupCommit[tuple[uuid.UUID, int], bool] = GroupCommit("dots", self._write_dots)
-        self._outcomes: GroupCommit[storage.Outcome, Any] = GroupCommit(
+        self._outcomes: GroupCommit[tuple[storage.Outcome, Any], Any] = GroupCommit(
             "outcomes", self._write_outcomes
         )
         self._unlocks: GroupCommit[uuid.UUID, None] = GroupCommit("unlocks", self._write_unlocks)
@@ -343,10 +346,12 @@ class Delivery:
         except Exception as exc:
             log.exception("unexpected delivery error", extra={"send_id": str(send_id)})
             detail = f"internal error: {type(exc).__name__}"
+        unlocked = False
         try:
-            await self.finish(row, state, detail, outcome)
+            unlocked = await self.finish(row, state, detail, outcome)
         finally:
-            await self._unlock(send_id)
+            if not unlocked:
+                await self._unlock(send_id)
 
     async def _unlock(self, send_id: uuid.UUID) -> None:
         try:
@@ -358,17 +363,25 @@ class Delivery:
         marked = await storage.mark_dots(self.svc.pool, items)
         return [item in marked for item in items]
 
-    async def _write_outcomes(self, items: list[storage.Outcome]) -> list[Any]:
-        async with self.svc.pool.acquire() as conn, conn.transaction():
-            done = await storage.finish_many(conn, items)
+    async def _write_outcomes(self, items: list[tuple[storage.Outcome, Any]]) -> list[Any]:
+        """The outcomes, their events and the unlocks of their sends: one statement, on the lock
+        session (``finish_many`` unlocks each send only once its row is updated)."""
+        outcomes, events = [o for o, _ in items], [e for _, e in items]
+
+        async def write(conn: Any) -> Any:
+            return await storage.finish_many(conn, outcomes, events, unlock=True)
+
+        done = await self.locks.run(write)
         self.svc.relay.wake()
-        return [done.get((item[0], item[1])) for item in items]
+        return [done.get((o[0], o[1])) for o in outcomes]
 
     async def _write_unlocks(self, send_ids: list[uuid.UUID]) -> list[None]:
         await self.locks.run(storage.unlock, send_ids)
         return [None] * len(send_ids)
 
-    async def finish(self, row: Any, state: str, detail: str, outcome: str) -> None:
+    async def finish(self, row: Any, state: str, detail: str, outcome: str) -> bool:
+        """Record the outcome and its event, and give the send's lock back; False when the
+        attempt was no longer current (nothing written, the lock not given back)."""
         s = self.svc.settings
         next_at = None
         if state == "deferred":
@@ -384,19 +397,21 @@ class Delivery:
             else:
                 wait = backoff(row["attempts"], s.retry_base_s, s.retry_max_s)
                 next_at = min(now + timedelta(seconds=wait), deadline)
+        event = storage.outcome_event(row, state, detail, next_at)
         done = await self._outcomes.submit(
-            (row["send_id"], row["attempts"], state, detail, outcome, next_at)
+            ((row["send_id"], row["attempts"], state, detail, outcome, next_at), event)
         )
         if done is None:
             log.warning(
                 "outcome not recorded: attempt no longer current",
                 extra={"send_id": str(row["send_id"])},
             )
-            return
+            return False
         log.info(
             "delivery attempt",
             extra={"send_id": str(row["send_id"]), "attempt": row["attempts"], "state": state},
         )
+        return True
 
     # ---- crash recovery --------------------------------------------------------------------
     async def recover(self) -> int:
