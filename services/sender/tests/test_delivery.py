@@ -11,6 +11,7 @@ from email.message import EmailMessage
 
 import asyncpg
 import dkim
+import pytest
 
 from libs.common import testing
 from libs.common.bus import Bus
@@ -78,9 +79,11 @@ async def test_unsigned_without_a_key_for_the_domain(
     assert "DKIM-Signature" not in parsed(sink.received[0].raw)
 
 
+@pytest.mark.parametrize("sink", [True, False], ids=["pipelining", "one-by-one"], indirect=True)
 async def test_451_twice_then_250_delivers_once(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
+    pipelined = sink.handler.pipelining
     sink.handler.data_replies = ["451 4.3.0 Try again later", "451 4.7.1 Greylisted, come back"]
     async with running(settings_for(sender_db, bus, sink)):
         conv = await conversation(bus, sender_pool)
@@ -98,6 +101,12 @@ async def test_451_twice_then_250_delivers_once(
     assert all(p["next_attempt_at"] for p in seq[1:3])
     assert len(sink.received) == 1 and sink.handler.data_calls == 3
     assert sink.connections == 1  # one pooled connection for all three attempts
+    # A relay that offers PIPELINING gets MAIL, RCPT and DATA in one write (RFC 2920).
+    grouped = [r for r in sink.reads if r.startswith(b"MAIL FROM:")]
+    assert len(grouped) == 3
+    assert all(
+        (b"\r\nRCPT TO:<" in r and r.endswith(b"\r\nDATA\r\n")) == pipelined for r in grouped
+    )
     outcomes = await sender_pool.fetch(
         "SELECT attempt, outcome FROM attempts WHERE send_id = $1 ORDER BY attempt",
         uuid.UUID(send_id),
@@ -109,6 +118,7 @@ async def test_451_twice_then_250_delivers_once(
     ]
 
 
+@pytest.mark.parametrize("sink", [True, False], ids=["pipelining", "one-by-one"], indirect=True)
 async def test_5xx_fails_at_once_with_the_reply_text(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
@@ -191,6 +201,7 @@ async def test_connections_are_pooled_and_bounded_per_relay(
     assert sink.connections == 2  # and the same two connections carried all eight
 
 
+@pytest.mark.parametrize("sink", [True, False], ids=["pipelining", "one-by-one"], indirect=True)
 async def test_a_connection_the_relay_closed_is_replaced_without_a_deferral(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
