@@ -147,3 +147,14 @@ async def test_grouped_writes_touch_only_current_attempts(sender_pool: Any) -> N
         "SELECT next_attempt_at FROM sends WHERE send_id = $1", ids[3]
     )
     assert next_at == later
+
+
+async def test_the_large_values_are_compressed_with_lz4(sender_pool: Any) -> None:
+    rows = await sender_pool.fetch(
+        """SELECT c.relname, a.attname, a.attcompression::text AS attcompression FROM pg_attribute a
+           JOIN pg_class c ON c.oid = a.attrelid
+           WHERE c.relnamespace = 'sender'::regnamespace
+             AND (c.relname, a.attname) IN (('sends', 'command'), ('sends', 'mime'),
+                                            ('sends', 'sent_message'), ('outbox', 'envelope'))"""
+    )
+    assert len(rows) == 4 and {r["attcompression"] for r in rows} == {"l"}
