@@ -9,6 +9,8 @@ Stages (one row of ``sends`` each, state in brackets):
    mailbox) has not reached us waits up to ``unknown_conversation_wait_s`` without blocking the
    stream (its events wake it).
 3. *claim*: attempt ``n`` is recorded and committed [sending, attempts = n] before any SMTP.
+   A send composed while attempt slots are free is claimed by the prepare transaction itself
+   (the same state and lock, taken before that transaction commits).
 4. The SMTP transaction runs on a pooled relay connection. Just before the terminating ``.`` of
    the message we commit ``smtp_dot_at`` (end of data is being sent).
 5. The outcome is committed with its ``mail.status`` event (outbox, same transaction):
@@ -227,6 +229,14 @@ class Delivery:
     # ---- prepare ---------------------------------------------------------------------------
     async def prepare_once(self) -> int:
         """Compose and sign a batch of new commands; returns how many left the prepare stage."""
+        locked: set[uuid.UUID] = set()
+        try:
+            return await self._prepare(locked)
+        except BaseException:
+            await self._unlock_many(locked)  # their transaction did not commit: not ours to send
+            raise
+
+    async def _prepare(self, locked: set[uuid.UUID]) -> int:
         s = self.svc.settings
         wait = timedelta(seconds=s.unknown_conversation_wait_s)
         async with self.svc.pool.acquire() as conn, conn.transaction():
@@ -265,9 +275,33 @@ class Delivery:
                     )
                 else:
                     ready.append((row["send_id"], result))
-            await storage.mark_ready(conn, ready)
+            # As many as there are free attempt slots begin their first attempt now, in this
+            # transaction (no second UPDATE and claim round trip for them, and their bytes need
+            # not come back from the database); the others wait for claim_once as before.
+            free = 0 if self._stopping else s.delivery_concurrency - len(self._inflight)
+            now_ready = ready[: max(0, free)]
+            if now_ready:
+                locked |= await self.locks.run(storage.try_locks, [sid for sid, _ in now_ready])
+            started = await storage.mark_sending(
+                conn, [(sid, r) for sid, r in now_ready if sid in locked]
+            )
+            await storage.mark_ready(conn, [(sid, r) for sid, r in ready if sid not in locked])
+        # Committed: the rows are 'sending' under our locks and their attempts give them back;
+        # no await before their tasks exist (recover() skips only the sends in _inflight).
+        missed = locked - {r["send_id"] for r in started}
+        locked.clear()
+        mimes = {sid: r.mime for sid, r in now_ready}
+        for record in started:
+            row = dict(record)
+            row["mime"] = mimes[row["send_id"]]
+            self._start(row)
+        await self._unlock_many(missed)
         self.svc.relay.wake()
         return len(jobs)
+
+    async def _unlock_many(self, send_ids: set[uuid.UUID]) -> None:
+        if send_ids:
+            await asyncio.gather(*(self._unlock(sid) for sid in send_ids))
 
     async def _render(self, job: Job, now: datetime) -> Rendered | Refusal:
         s = self.svc.settings
@@ -300,10 +334,14 @@ class Delivery:
             return 0
         rows = await self.locks.run(storage.claim, free)
         for row in rows:
-            task = asyncio.create_task(self.attempt(row), name=f"send-{row['send_id']}")
-            self._inflight[row["send_id"]] = task
-            task.add_done_callback(functools.partial(self._done, row["send_id"]))
+            self._start(row)
         return len(rows)
+
+    def _start(self, row: Any) -> None:
+        """Run the attempt the row was claimed for (its send locked by this process)."""
+        task = asyncio.create_task(self.attempt(row), name=f"send-{row['send_id']}")
+        self._inflight[row["send_id"]] = task
+        task.add_done_callback(functools.partial(self._done, row["send_id"]))
 
     def _done(self, send_id: uuid.UUID, _task: object = None) -> None:
         self._inflight.pop(send_id, None)

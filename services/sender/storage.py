@@ -195,24 +195,55 @@ async def attachments(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str,
     }
 
 
-async def mark_ready(conn: asyncpg.Connection, items: list[tuple[uuid.UUID, Rendered]]) -> None:
-    """Store the composed messages, in one statement."""
-    if not items:
-        return
-    await conn.execute(
-        """UPDATE sends s SET mime = v.mime, message_id = v.message_id, mail_from = v.mail_from,
-                              recipients = ARRAY(SELECT jsonb_array_elements_text(v.recipients::jsonb)),
-                              sent_message = v.sent, next_attempt_at = now(), updated_at = now()
-           FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::text[], $5::text[],
-                       $6::jsonb[]) AS v(send_id, mime, message_id, mail_from, recipients, sent)
-           WHERE s.send_id = v.send_id""",
+_READY = """UPDATE sends s SET mime = v.mime, message_id = v.message_id, mail_from = v.mail_from,
+                          recipients = ARRAY(SELECT jsonb_array_elements_text(v.recipients::jsonb)),
+                          sent_message = v.sent, next_attempt_at = now(), updated_at = now() {}
+       FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
+            AS v(send_id, mime, message_id, mail_from, recipients, sent)
+       WHERE s.send_id = v.send_id {}"""
+
+
+def _ready_args(items: list[tuple[uuid.UUID, Rendered]]) -> list[Any]:
+    return [
         [sid for sid, _ in items],
         [r.mime for _, r in items],
         [r.message_id for _, r in items],
         [r.mail_from for _, r in items],
         [json.dumps(list(r.recipients)) for _, r in items],  # one text[] each: a jsonb here
         [r.sent for _, r in items],
+    ]
+
+
+async def mark_ready(conn: asyncpg.Connection, items: list[tuple[uuid.UUID, Rendered]]) -> None:
+    """Store the composed messages, in one statement."""
+    if items:
+        await conn.execute(_READY.format("", ""), *_ready_args(items))
+
+
+async def mark_sending(
+    conn: asyncpg.Connection, items: list[tuple[uuid.UUID, Rendered]]
+) -> list[asyncpg.Record]:
+    """Store the composed messages and claim them at once: attempt 1 of each begins, as
+    :func:`claim` would begin it (in the prepare transaction, which holds the rows; the caller
+    took their advisory locks on its lock session first). The rows, without the mime."""
+    if not items:
+        return []
+    cols = ", ".join("s." + c.strip() for c in SEND_COLUMNS.split(","))
+    sql = _READY.format(
+        """, state = 'sending', attempts = s.attempts + 1, attempt_started_at = now(),
+             smtp_dot_at = NULL""",
+        f"AND s.state = 'queued' AND s.mime IS NULL RETURNING {cols}",
     )
+    return list(await conn.fetch(sql, *_ready_args(items)))
+
+
+async def try_locks(conn: asyncpg.Connection, send_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """This session's advisory lock of each send that nobody else holds; the ones it got."""
+    rows = await conn.fetch(
+        """SELECT id FROM unnest($1::uuid[]) AS id WHERE pg_try_advisory_lock(send_lock_key(id))""",
+        send_ids,
+    )
+    return {r["id"] for r in rows}
 
 
 async def postpone(conn: asyncpg.Connection, send_id: uuid.UUID, until: datetime) -> None:

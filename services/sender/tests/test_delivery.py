@@ -8,6 +8,7 @@ import time
 import uuid
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from unittest import mock
 
 import asyncpg
 import dkim
@@ -347,3 +348,42 @@ async def test_an_attachment_by_id_is_sent(
         ] == "sent"
     (part,) = list(parsed(sink.received[0].raw).iter_attachments())
     assert part.get_filename() == "fatura março.pdf" and part.get_content() == data
+
+
+async def test_a_send_composed_with_a_free_slot_begins_in_its_prepare_transaction(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """No separate claim for it; with every slot taken the others wait for the claim, and each
+    is sent once either way."""
+    from services.sender import storage
+
+    claimed: list[uuid.UUID] = []
+    real_claim = storage.claim
+
+    async def counting_claim(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+        rows = await real_claim(conn, limit)
+        claimed.extend(r["send_id"] for r in rows)
+        return rows
+
+    with mock.patch.object(storage, "claim", counting_claim):
+        async with running(settings_for(sender_db, bus, sink)):
+            conv = await conversation(bus, sender_pool)
+            first = await send(bus, conv)
+            assert (await final_status(bus, first))["status"] == "sent"
+        assert claimed == []
+        sink.handler.delay_s = 0.1
+        settings = settings_for(sender_db, bus, sink, delivery_concurrency=1)
+        async with running(settings):
+            ids = [await send(bus, conv) for _ in range(4)]
+            done = [await final_status(bus, i) for i in ids]
+    assert [d["status"] for d in done] == ["sent"] * 4
+    assert claimed and set(claimed) <= {uuid.UUID(i) for i in ids}
+    assert sink.handler.max_active == 1
+    assert list(sink.count_by_message_id().values()) == [1] * 5
+    attempts = await sender_pool.fetch("SELECT send_id, attempt, outcome FROM attempts")
+    assert sorted(r["attempt"] for r in attempts) == [1] * 5
+    locks = await sender_pool.fetchval(
+        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+    )
+    assert locks == 0
