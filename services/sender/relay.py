@@ -415,9 +415,7 @@ class RelayPool:
         proto = smtp.protocol
         if proto is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
-        body = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message))
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
+        body = wire_body(message)
         proto.write(body)
         await _drained(proto, self._data_timeout)
         if not proto.is_connected:
@@ -436,6 +434,20 @@ class RelayPool:
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         await asyncio.gather(*(_quit(c.smtp) for c in idle), return_exceptions=True)
+
+
+def wire_body(message: bytes) -> bytes:
+    """The message as DATA carries it: CRLF line ends, a '.' starting a line doubled, a CRLF at
+    the end. aiosmtplib's regular expressions for it, run only where they change something
+    (our messages are composed with CRLF and rarely have a line that starts with '.')."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = normalize_message_line_endings(message)
+    if message.startswith(b".") or b"\n." in message:
+        message = PERIOD_REGEX.sub(b"..", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message
 
 
 class _Stale(Exception):
