@@ -387,3 +387,27 @@ async def test_a_send_composed_with_a_free_slot_begins_in_its_prepare_transactio
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
     )
     assert locks == 0
+
+
+async def test_commands_read_together_are_stored_and_acked_together(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    from redis.asyncio import Redis
+
+    acks: list[tuple[str, int]] = []
+    real_xack = Redis.xack
+
+    async def counting_xack(self: Redis, name: str, groupname: str, *ids: str) -> int:
+        if name.endswith("mail.send"):
+            acks.append((groupname, len(ids)))
+        return await real_xack(self, name, groupname, *ids)
+
+    await publish_mailbox(bus)
+    conv = await publish_conversation(bus)
+    ids = [await send(bus, conv) for _ in range(12)]  # waiting in the stream before we start
+    with mock.patch.object(Redis, "xack", counting_xack):
+        async with running(settings_for(sender_db, bus, sink)):
+            done = [await final_status(bus, i) for i in ids]
+    assert [d["status"] for d in done] == ["sent"] * 12
+    mine = [n for group, n in acks if group == "sender"]
+    assert sum(mine) == 12 and len(mine) < 12
