@@ -60,13 +60,28 @@ PARAGRAPH = "Thanks for writing in. We checked your order and it ships today fro
 class Relay:
     """Accepts everything; keeps arrival times, sizes and a sample of raw messages."""
 
-    def __init__(self, count: int, sample_every: int) -> None:
+    def __init__(self, count: int, sample_every: int, pipelining: bool = True) -> None:
+        self.pipelining = pipelining
         self.count = count
         self.sample_every = sample_every
         self.arrivals: list[float] = []
         self.sizes: list[int] = []
         self.samples: list[bytes] = []
         self.done = asyncio.Event()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Offers PIPELINING (RFC 2920) as the relays we stand in for do (Postfix, Exim)."""
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
@@ -129,7 +144,12 @@ async def _wait(predicate: Any, timeout: float, what: str) -> None:  # noqa: ASY
 
 
 async def run(
-    count: int, size: int, replicas: int, rsa_backend: str, extra_env: dict[str, str]
+    count: int,
+    size: int,
+    replicas: int,
+    rsa_backend: str,
+    extra_env: dict[str, str],
+    pipelining: bool = True,
 ) -> dict[str, Any]:
     run_id = testing.new_run_id()
     db_name = f"chatflow_bench_{run_id}_sender"
@@ -158,7 +178,7 @@ async def run(
         (keys / f"{DOMAIN}.{SELECTOR}.key").write_bytes(pem)
         record = public_record(pem)
 
-        relay = Relay(count, max(1, count // 20))
+        relay = Relay(count, max(1, count // 20), pipelining)
         relay_port = testing.free_port()
         ctx = server_context(ROOT / "var/certs/server.pem", ROOT / "var/certs/server.key")
         server = await asyncio.get_running_loop().create_server(
@@ -311,6 +331,7 @@ async def run(
             "postgres_cpu_ms_per_msg": round(pg_cpu * 1000 / count, 3),
             "relay_cpu_ms_per_msg": round(own_cpu * 1000 / count, 3),
             "replicas": replicas,
+            "relay_pipelining": pipelining,
             "render_workers": int(extra_env.get("CHATFLOW_SENDER_RENDER_WORKERS", "0")),
             "cpus": os.cpu_count(),
         }
@@ -352,6 +373,11 @@ def main(argv: list[str] | None = None) -> None:
         "--rsa", choices=["openssl", "dkimpy"], default="openssl", help="DKIM RSA backend"
     )
     p.add_argument(
+        "--no-pipelining",
+        action="store_true",
+        help="the relay does not offer PIPELINING (RFC 2920): one command per round trip",
+    )
+    p.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="extra sender settings"
     )
     a = p.parse_args(argv)
@@ -359,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--count must be at least 1")
     extra = {"CHATFLOW_SENDER_RENDER_WORKERS": str(a.render_workers)}
     extra.update(item.split("=", 1) for item in a.env)
-    result = asyncio.run(run(a.count, a.size, a.replicas, a.rsa, extra))
+    result = asyncio.run(run(a.count, a.size, a.replicas, a.rsa, extra, not a.no_pipelining))
     print(json.dumps(result), flush=True)
     sys.exit(0 if result["dkim"] and not result["failed"] else 1)
 

@@ -9,6 +9,8 @@ Stages (one row of ``sends`` each, state in brackets):
    mailbox) has not reached us waits up to ``unknown_conversation_wait_s`` without blocking the
    stream (its events wake it).
 3. *claim*: attempt ``n`` is recorded and committed [sending, attempts = n] before any SMTP.
+   A send composed while attempt slots are free is claimed by the prepare transaction itself
+   (the same state and lock, taken before that transaction commits).
 4. The SMTP transaction runs on a pooled relay connection. Just before the terminating ``.`` of
    the message we commit ``smtp_dot_at`` (end of data is being sent).
 5. The outcome is committed with its ``mail.status`` event (outbox, same transaction):
@@ -17,9 +19,12 @@ Stages (one row of ``sends`` each, state in brackets):
    [failed]. A partly refused recipient list is sent to the accepted ones; the refusals go into
    the ``sent`` detail (``mail.status`` has one status per send, not per recipient).
 
-The writes of steps 4 and 5 (and the unlock after 5) are group-committed with those of the other
-attempts in flight (``groupcommit.py``): each attempt still waits for its own commit before it
-writes the ``.`` or lets its lock go, so nothing below changes.
+The writes of steps 4 and 5 are group-committed with those of the other attempts in flight
+(``groupcommit.py``): each attempt still waits for its own commit before it writes the ``.``, so
+nothing below changes. Step 5 is one statement on the lock session (``storage.finish_many``):
+the row, the attempt, the outbox row, and the unlock of each send once its row is updated (the
+row stays locked until that statement commits, so a replica that takes the freed lock waits for
+the commit and then finds the row no longer 'sending').
 
 Ownership without timeouts: a process holds a PostgreSQL *session* advisory lock on every send
 it has in [sending], taken by the claim statement itself on one dedicated connection. When the
@@ -163,7 +168,7 @@ class Delivery:
         # Group commit of the per-attempt writes (see groupcommit.py); the order each attempt
         # sees is unchanged: its mark commits before its '.', its outcome before its unlock.
         self._dots: GroupCommit[tuple[uuid.UUID, int], bool] = GroupCommit("dots", self._write_dots)
-        self._outcomes: GroupCommit[storage.Outcome, Any] = GroupCommit(
+        self._outcomes: GroupCommit[tuple[storage.Outcome, Any], Any] = GroupCommit(
             "outcomes", self._write_outcomes
         )
         self._unlocks: GroupCommit[uuid.UUID, None] = GroupCommit("unlocks", self._write_unlocks)
@@ -224,6 +229,14 @@ class Delivery:
     # ---- prepare ---------------------------------------------------------------------------
     async def prepare_once(self) -> int:
         """Compose and sign a batch of new commands; returns how many left the prepare stage."""
+        locked: set[uuid.UUID] = set()
+        try:
+            return await self._prepare(locked)
+        except BaseException:
+            await self._unlock_many(locked)  # their transaction did not commit: not ours to send
+            raise
+
+    async def _prepare(self, locked: set[uuid.UUID]) -> int:
         s = self.svc.settings
         wait = timedelta(seconds=s.unknown_conversation_wait_s)
         async with self.svc.pool.acquire() as conn, conn.transaction():
@@ -262,9 +275,33 @@ class Delivery:
                     )
                 else:
                     ready.append((row["send_id"], result))
-            await storage.mark_ready(conn, ready)
+            # As many as there are free attempt slots begin their first attempt now, in this
+            # transaction (no second UPDATE and claim round trip for them, and their bytes need
+            # not come back from the database); the others wait for claim_once as before.
+            free = 0 if self._stopping else s.delivery_concurrency - len(self._inflight)
+            now_ready = ready[: max(0, free)]
+            if now_ready:
+                locked |= await self.locks.run(storage.try_locks, [sid for sid, _ in now_ready])
+            started = await storage.mark_sending(
+                conn, [(sid, r) for sid, r in now_ready if sid in locked]
+            )
+            await storage.mark_ready(conn, [(sid, r) for sid, r in ready if sid not in locked])
+        # Committed: the rows are 'sending' under our locks and their attempts give them back;
+        # no await before their tasks exist (recover() skips only the sends in _inflight).
+        missed = locked - {r["send_id"] for r in started}
+        locked.clear()
+        mimes = {sid: r.mime for sid, r in now_ready}
+        for record in started:
+            row = dict(record)
+            row["mime"] = mimes[row["send_id"]]
+            self._start(row)
+        await self._unlock_many(missed)
         self.svc.relay.wake()
         return len(jobs)
+
+    async def _unlock_many(self, send_ids: set[uuid.UUID]) -> None:
+        if send_ids:
+            await asyncio.gather(*(self._unlock(sid) for sid in send_ids))
 
     async def _render(self, job: Job, now: datetime) -> Rendered | Refusal:
         s = self.svc.settings
@@ -297,10 +334,14 @@ class Delivery:
             return 0
         rows = await self.locks.run(storage.claim, free)
         for row in rows:
-            task = asyncio.create_task(self.attempt(row), name=f"send-{row['send_id']}")
-            self._inflight[row["send_id"]] = task
-            task.add_done_callback(functools.partial(self._done, row["send_id"]))
+            self._start(row)
         return len(rows)
+
+    def _start(self, row: Any) -> None:
+        """Run the attempt the row was claimed for (its send locked by this process)."""
+        task = asyncio.create_task(self.attempt(row), name=f"send-{row['send_id']}")
+        self._inflight[row["send_id"]] = task
+        task.add_done_callback(functools.partial(self._done, row["send_id"]))
 
     def _done(self, send_id: uuid.UUID, _task: object = None) -> None:
         self._inflight.pop(send_id, None)
@@ -343,10 +384,12 @@ class Delivery:
         except Exception as exc:
             log.exception("unexpected delivery error", extra={"send_id": str(send_id)})
             detail = f"internal error: {type(exc).__name__}"
+        unlocked = False
         try:
-            await self.finish(row, state, detail, outcome)
+            unlocked = await self.finish(row, state, detail, outcome)
         finally:
-            await self._unlock(send_id)
+            if not unlocked:
+                await self._unlock(send_id)
 
     async def _unlock(self, send_id: uuid.UUID) -> None:
         try:
@@ -358,17 +401,25 @@ class Delivery:
         marked = await storage.mark_dots(self.svc.pool, items)
         return [item in marked for item in items]
 
-    async def _write_outcomes(self, items: list[storage.Outcome]) -> list[Any]:
-        async with self.svc.pool.acquire() as conn, conn.transaction():
-            done = await storage.finish_many(conn, items)
+    async def _write_outcomes(self, items: list[tuple[storage.Outcome, Any]]) -> list[Any]:
+        """The outcomes, their events and the unlocks of their sends: one statement, on the lock
+        session (``finish_many`` unlocks each send only once its row is updated)."""
+        outcomes, events = [o for o, _ in items], [e for _, e in items]
+
+        async def write(conn: Any) -> Any:
+            return await storage.finish_many(conn, outcomes, events, unlock=True)
+
+        done = await self.locks.run(write)
         self.svc.relay.wake()
-        return [done.get((item[0], item[1])) for item in items]
+        return [done.get((o[0], o[1])) for o in outcomes]
 
     async def _write_unlocks(self, send_ids: list[uuid.UUID]) -> list[None]:
         await self.locks.run(storage.unlock, send_ids)
         return [None] * len(send_ids)
 
-    async def finish(self, row: Any, state: str, detail: str, outcome: str) -> None:
+    async def finish(self, row: Any, state: str, detail: str, outcome: str) -> bool:
+        """Record the outcome and its event, and give the send's lock back; False when the
+        attempt was no longer current (nothing written, the lock not given back)."""
         s = self.svc.settings
         next_at = None
         if state == "deferred":
@@ -384,19 +435,21 @@ class Delivery:
             else:
                 wait = backoff(row["attempts"], s.retry_base_s, s.retry_max_s)
                 next_at = min(now + timedelta(seconds=wait), deadline)
+        event = storage.outcome_event(row, state, detail, next_at)
         done = await self._outcomes.submit(
-            (row["send_id"], row["attempts"], state, detail, outcome, next_at)
+            ((row["send_id"], row["attempts"], state, detail, outcome, next_at), event)
         )
         if done is None:
             log.warning(
                 "outcome not recorded: attempt no longer current",
                 extra={"send_id": str(row["send_id"])},
             )
-            return
+            return False
         log.info(
             "delivery attempt",
             extra={"send_id": str(row["send_id"]), "attempt": row["attempts"], "state": state},
         )
+        return True
 
     # ---- crash recovery --------------------------------------------------------------------
     async def recover(self) -> int:

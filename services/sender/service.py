@@ -32,7 +32,7 @@ class SenderService(Service):
         self.delivery = Delivery(self, tls.client_context(settings.tls_ca))
 
     async def on_start(self) -> None:
-        on_mailbox, on_added, on_send = handlers(self)
+        on_mailbox, on_added, on_send, on_sends = handlers(self)
         self.consumer(["mailbox.changed"], on_mailbox, group="sender-mailboxes")
         self.consumer(
             ["conversation.message_added"],
@@ -41,7 +41,7 @@ class SenderService(Service):
             batch_handler=thread_batch(self),
         )
         for _ in range(self.settings.send_consumers):
-            self.consumer(["mail.send"], on_send, group="sender")
+            self.consumer(["mail.send"], on_send, group="sender", batch_handler=on_sends)
         self.consumer(["mail.bounced"], bounces.handler(self), group=bounces.CONSUMER)
         self.consumer(["membership.changed"], roster.handler(self.pool), group="sender-members")
         self.background.append(self.delivery.run)

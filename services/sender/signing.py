@@ -41,6 +41,73 @@ MIN_BITS = 1024
 if not hasattr(dkim.parse_pem_private_key, "cache_info"):
     dkim.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkim.parse_pem_private_key)
 
+# dkimpy's relaxed canonicalization and its message parser are regular expressions over the whole
+# message: ~20 ``re.sub`` calls a message (two per header, three over the body) and a split of
+# every body line, most of a signature's CPU after the RSA operation, though a message we composed
+# has no whitespace for them to change and only CRLF line ends. The replacements below give the
+# same result for *any* input (a test checks them against the originals): they only skip the
+# regular expression when the bytes it would match are not there at all.
+_canon = dkim.canonicalization
+# The originals (kept on our functions, so a second import does not wrap them twice); the test
+# compares against these.
+ORIGINALS: dict[str, Any] = {
+    name: getattr(getattr(mod, name), "chatflow_original", getattr(mod, name))
+    for mod, name in (
+        (_canon, "strip_trailing_whitespace"),
+        (_canon, "compress_whitespace"),
+        (_canon, "unfold_header_value"),
+        (dkim, "rfc822_parse"),
+    )
+}
+_TRAILING_WSP = re.compile(b"[\t ]+\r\n")
+_WSP_RUN = re.compile(b"[\t ]+")
+
+
+def strip_trailing_whitespace(content: bytes) -> bytes:
+    """``re.sub(b"[\\t ]+\\r\\n", b"\\r\\n", content)``, without the regex when nothing matches."""
+    if b" \r\n" not in content and b"\t\r\n" not in content:
+        return content
+    return _TRAILING_WSP.sub(b"\r\n", content)
+
+
+def compress_whitespace(content: bytes) -> bytes:
+    """``re.sub(b"[\\t ]+", b" ", content)``: only runs of blanks or a tab change anything."""
+    if b"  " not in content and b"\t" not in content:
+        return content
+    return _WSP_RUN.sub(b" ", content)
+
+
+def unfold_header_value(content: bytes) -> bytes:
+    """``re.sub(b"\\r?\\n", b"", content)``: every LF goes, and the CR just before one."""
+    if b"\n" not in content:
+        return content
+    return content.replace(b"\r\n", b"\n").replace(b"\n", b"")
+
+
+def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's ``rfc822_parse``, splitting only the header block into lines.
+
+    The original splits the whole message on ``\\r?\\n`` and joins the body's lines again with
+    CRLF: when every LF follows a CR, that body is the message after its first blank line, byte
+    for byte. Anything else (bare LFs, no header block) goes to the original as a whole.
+    """
+    end = message.find(b"\r\n\r\n")
+    if end <= 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
+        return ORIGINALS["rfc822_parse"](message)
+    headers, _ = ORIGINALS["rfc822_parse"](message[: end + 2])
+    return headers, message[end + 4 :]
+
+
+_fast: Any
+for _mod, _fast in (
+    (_canon, strip_trailing_whitespace),
+    (_canon, compress_whitespace),
+    (_canon, unfold_header_value),
+    (dkim, rfc822_parse),
+):
+    _fast.chatflow_original = ORIGINALS[_fast.__name__]
+    setattr(_mod, _fast.__name__, _fast)
+
 
 class DkimKeyError(ValueError):
     """A configured key cannot be used (unreadable, not RSA, too short, bad name)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -202,13 +203,55 @@ async def attachments(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str,
     }
 
 
+_READY = """UPDATE sends s SET mime = v.mime, message_id = v.message_id, mail_from = v.mail_from,
+                          recipients = ARRAY(SELECT jsonb_array_elements_text(v.recipients::jsonb)),
+                          sent_message = v.sent, next_attempt_at = now(), updated_at = now() {}
+       FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
+            AS v(send_id, mime, message_id, mail_from, recipients, sent)
+       WHERE s.send_id = v.send_id {}"""
+
+
+def _ready_args(items: list[tuple[uuid.UUID, Rendered]]) -> list[Any]:
+    return [
+        [sid for sid, _ in items],
+        [r.mime for _, r in items],
+        [r.message_id for _, r in items],
+        [r.mail_from for _, r in items],
+        [json.dumps(list(r.recipients)) for _, r in items],  # one text[] each: a jsonb here
+        [r.sent for _, r in items],
+    ]
+
+
 async def mark_ready(conn: asyncpg.Connection, items: list[tuple[uuid.UUID, Rendered]]) -> None:
-    await conn.executemany(
-        """UPDATE sends SET mime = $2, message_id = $3, mail_from = $4, recipients = $5,
-                            sent_message = $6, next_attempt_at = now(), updated_at = now()
-           WHERE send_id = $1""",
-        [(sid, r.mime, r.message_id, r.mail_from, r.recipients, r.sent) for sid, r in items],
+    """Store the composed messages, in one statement."""
+    if items:
+        await conn.execute(_READY.format("", ""), *_ready_args(items))
+
+
+async def mark_sending(
+    conn: asyncpg.Connection, items: list[tuple[uuid.UUID, Rendered]]
+) -> list[asyncpg.Record]:
+    """Store the composed messages and claim them at once: attempt 1 of each begins, as
+    :func:`claim` would begin it (in the prepare transaction, which holds the rows; the caller
+    took their advisory locks on its lock session first). The rows, without the mime."""
+    if not items:
+        return []
+    cols = ", ".join("s." + c.strip() for c in SEND_COLUMNS.split(","))
+    sql = _READY.format(
+        """, state = 'sending', attempts = s.attempts + 1, attempt_started_at = now(),
+             smtp_dot_at = NULL""",
+        f"AND s.state = 'queued' AND s.mime IS NULL RETURNING {cols}",
     )
+    return list(await conn.fetch(sql, *_ready_args(items)))
+
+
+async def try_locks(conn: asyncpg.Connection, send_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """This session's advisory lock of each send that nobody else holds; the ones it got."""
+    rows = await conn.fetch(
+        """SELECT id FROM unnest($1::uuid[]) AS id WHERE pg_try_advisory_lock(send_lock_key(id))""",
+        send_ids,
+    )
+    return {r["id"] for r in rows}
 
 
 async def postpone(conn: asyncpg.Connection, send_id: uuid.UUID, until: datetime) -> None:
@@ -433,50 +476,66 @@ async def mark_dots(conn: Any, attempts: list[tuple[uuid.UUID, int]]) -> set[tup
 Outcome = tuple[uuid.UUID, int, str, str, str, datetime | None]
 
 
+def outcome_event(row: Any, state: str, detail: str, next_at: datetime | None) -> Envelope:
+    """The status event of an attempt's outcome, from the row its claim returned.
+
+    What :func:`finish` reads back after its update is known before it: the claim's row has the
+    send's ids, attempt and sent message, and a deferred outcome always brings ``next_at``.
+    """
+    extra: dict[str, Any] = {}
+    if state == "deferred":
+        extra["next_attempt_at"] = next_at
+    if state == "sent":
+        extra["message"] = sent_message(row)
+    return status_event(row, state, detail, **extra)
+
+
 async def finish_many(
-    conn: asyncpg.Connection, outcomes: list[Outcome]
+    conn: Any, outcomes: list[Outcome], events: list[Envelope], *, unlock: bool = False
 ) -> dict[tuple[uuid.UUID, int], asyncpg.Record]:
-    """:func:`finish` for many attempts ``(send_id, attempt, state, detail, outcome, next_at)``
-    in the caller's transaction; the rows whose attempt was still current, by (id, attempt)."""
-    cols = ", ".join("s." + c.strip() for c in SEND_COLUMNS.split(","))
+    """:func:`finish` for many attempts ``(send_id, attempt, state, detail, outcome, next_at)``,
+    each with its status event (:func:`outcome_event`), in one statement (atomic on its own):
+    the row, its attempt and its outbox row, for the attempts still current; those by
+    (id, attempt).
+
+    ``unlock``: the statement also gives back this session's advisory lock of every send it
+    updated, each once its row is updated (and so row-locked until the statement commits: a
+    replica that takes the lock over waits for that commit in :func:`orphan` and then finds the
+    row no longer 'sending'). Sends whose attempt was no longer current are not unlocked here.
+    """
+    unlock_sql = ", pg_advisory_unlock(send_lock_key(u.send_id)) AS unlocked" if unlock else ""
     rows = await conn.fetch(
-        f"""UPDATE sends s SET state = v.state, detail = v.detail, updated_at = now(),
-                next_attempt_at = COALESCE(v.next_at, s.next_attempt_at),
-                sent_at = CASE WHEN v.state = 'sent' THEN now() ELSE s.sent_at END
-            FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
-                 AS v(send_id, attempt, state, detail, next_at)
-            WHERE s.send_id = v.send_id AND s.state = 'sending' AND s.attempts = v.attempt
-            RETURNING {cols}""",
+        f"""WITH v AS (
+                SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[],
+                                     $5::timestamptz[], $6::text[], $7::text[], $8::text[])
+                     WITH ORDINALITY AS v(send_id, attempt, state, detail, next_at, outcome,
+                                          stream_type, envelope, n)),
+            u AS (
+                UPDATE sends s SET state = v.state, detail = v.detail, updated_at = now(),
+                    next_attempt_at = COALESCE(v.next_at, s.next_attempt_at),
+                    sent_at = CASE WHEN v.state = 'sent' THEN now() ELSE s.sent_at END
+                FROM v
+                WHERE s.send_id = v.send_id AND s.state = 'sending' AND s.attempts = v.attempt
+                RETURNING s.send_id, s.attempts, s.attempt_started_at, s.smtp_dot_at),
+            a AS (
+                INSERT INTO attempts (send_id, attempt, started_at, dot_at, outcome, detail)
+                SELECT u.send_id, u.attempts, u.attempt_started_at, u.smtp_dot_at, v.outcome,
+                       v.detail
+                FROM u JOIN v ON v.send_id = u.send_id AND v.attempt = u.attempts
+                ON CONFLICT DO NOTHING),
+            o AS (
+                INSERT INTO outbox (stream_type, envelope)
+                SELECT v.stream_type, v.envelope
+                FROM u JOIN v ON v.send_id = u.send_id AND v.attempt = u.attempts
+                ORDER BY v.n)
+            SELECT u.send_id, u.attempts{unlock_sql} FROM u""",
         [o[0] for o in outcomes],
         [o[1] for o in outcomes],
         [o[2] for o in outcomes],
         [o[3] for o in outcomes],
         [o[5] for o in outcomes],
+        [o[4] for o in outcomes],
+        [e.type for e in events],
+        [e.to_json() for e in events],
     )
-    done = {(r["send_id"], r["attempts"]): r for r in rows}
-    mine = [o for o in outcomes if (o[0], o[1]) in done]
-    if not mine:
-        return done
-    await conn.execute(
-        """INSERT INTO attempts (send_id, attempt, started_at, dot_at, outcome, detail)
-           SELECT v.send_id, v.attempt, s.attempt_started_at, s.smtp_dot_at, v.outcome, v.detail
-           FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[])
-                AS v(send_id, attempt, outcome, detail)
-           JOIN sends s ON s.send_id = v.send_id
-           ON CONFLICT DO NOTHING""",
-        [o[0] for o in mine],
-        [o[1] for o in mine],
-        [o[4] for o in mine],
-        [o[3] for o in mine],
-    )
-    events = []
-    for o in mine:
-        row = done[(o[0], o[1])]
-        extra: dict[str, Any] = {}
-        if o[2] == "deferred":
-            extra["next_attempt_at"] = row["next_attempt_at"]
-        if o[2] == "sent":
-            extra["message"] = sent_message(row)
-        events.append(status_event(row, o[2], o[3], **extra))
-    await outbox.add(conn, *events)
-    return done
+    return {(r["send_id"], r["attempts"]): r for r in rows}

@@ -7,6 +7,7 @@ queue's prepare stage, and one slow or early command never holds up the ones beh
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -80,7 +81,7 @@ def _thread_row(ev: ConversationMessageAdded) -> tuple[Any, ...]:
     )
 
 
-def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
+def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler, BatchHandler]:
     on_messages_added = thread_batch(svc)
 
     async def on_mailbox(env: Envelope, entry_id: str) -> None:
@@ -155,4 +156,11 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler]:
     async def on_send(env: Envelope, entry_id: str) -> None:
         await accept.submit((env, env.payload_as(MailSend)))
 
-    return on_mailbox, on_message_added, on_send
+    async def on_sends(items: list[tuple[Envelope, str]]) -> None:
+        """The commands one read returned, in the same group commit; the consumer then acks
+        them with one XACK (not one per command). A command that does not validate fails the
+        batch before anything is stored, and the consumer handles each entry alone."""
+        commands = [(env, env.payload_as(MailSend)) for env, _ in items]
+        await asyncio.gather(*(accept.submit(c) for c in commands))
+
+    return on_mailbox, on_message_added, on_send, on_sends

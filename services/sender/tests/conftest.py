@@ -71,10 +71,24 @@ class SinkHandler:
     on_mail: Hook | None = None
     before_reply: Hook | None = None  # runs after the message is stored, before the reply
     delay_s: float = 0.0
+    pipelining: bool = True  # advertise PIPELINING (RFC 2920), as Postfix does
     received: list[Received] = field(default_factory=list)
     data_calls: int = 0
     active: int = 0
     max_active: int = 0
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -131,15 +145,22 @@ class _CountingSMTP(SMTP):
             self._sink.transports.append(transport)
         super().connection_made(transport)
 
+    def data_received(self, data: bytes) -> None:
+        self._sink.reads.append(data)  # what each read brought (after STARTTLS: decrypted)
+        super().data_received(data)
+
 
 class Sink:
     """aiosmtpd with STARTTLS required and the dev certificate, like tools/smtp_sink.py."""
 
-    def __init__(self, port: int | None = None, data_size_limit: int = 33554432) -> None:
+    def __init__(
+        self, port: int | None = None, data_size_limit: int = 33554432, pipelining: bool = True
+    ) -> None:
         self.port = port or testing.free_port()
         self.data_size_limit = data_size_limit
-        self.handler = SinkHandler()
+        self.handler = SinkHandler(pipelining=pipelining)
         self.connections = 0
+        self.reads: list[bytes] = []
         self.transports: list[asyncio.BaseTransport] = []
         self._server: asyncio.AbstractServer | None = None
 
@@ -183,8 +204,9 @@ class Sink:
 
 
 @pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    s = await Sink().start()
+async def sink(request: pytest.FixtureRequest) -> AsyncIterator[Sink]:
+    """The relay; ``parametrize("sink", [False], indirect=True)`` for one without PIPELINING."""
+    s = await Sink(pipelining=getattr(request, "param", True)).start()
     yield s
     await s.stop()
 

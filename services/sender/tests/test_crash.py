@@ -218,6 +218,15 @@ async def test_killed_after_the_250_before_recording_it_is_not_resent(
                 timeout=15,
             )
             proc.kill()
+            # The outcome is one statement (no COMMIT of ours to wait for): a backend whose
+            # client died still finishes the statement it was given, and commits it, once the
+            # row is free. A process killed *before* its outcome reached the database is this
+            # backend gone too.
+            await sender_pool.execute(
+                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                   WHERE $1 = ANY(pg_blocking_pids(pid))""",
+                locker_pid,
+            )
             await holding.rollback()
             assert (await row(sender_pool, send_id))["state"] == "sending"
             await proc.start()

@@ -8,9 +8,11 @@ import time
 import uuid
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from unittest import mock
 
 import asyncpg
 import dkim
+import pytest
 
 from libs.common import testing
 from libs.common.bus import Bus
@@ -78,9 +80,11 @@ async def test_unsigned_without_a_key_for_the_domain(
     assert "DKIM-Signature" not in parsed(sink.received[0].raw)
 
 
+@pytest.mark.parametrize("sink", [True, False], ids=["pipelining", "one-by-one"], indirect=True)
 async def test_451_twice_then_250_delivers_once(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
+    pipelined = sink.handler.pipelining
     sink.handler.data_replies = ["451 4.3.0 Try again later", "451 4.7.1 Greylisted, come back"]
     async with running(settings_for(sender_db, bus, sink)):
         conv = await conversation(bus, sender_pool)
@@ -98,6 +102,12 @@ async def test_451_twice_then_250_delivers_once(
     assert all(p["next_attempt_at"] for p in seq[1:3])
     assert len(sink.received) == 1 and sink.handler.data_calls == 3
     assert sink.connections == 1  # one pooled connection for all three attempts
+    # A relay that offers PIPELINING gets MAIL, RCPT and DATA in one write (RFC 2920).
+    grouped = [r for r in sink.reads if r.startswith(b"MAIL FROM:")]
+    assert len(grouped) == 3
+    assert all(
+        (b"\r\nRCPT TO:<" in r and r.endswith(b"\r\nDATA\r\n")) == pipelined for r in grouped
+    )
     outcomes = await sender_pool.fetch(
         "SELECT attempt, outcome FROM attempts WHERE send_id = $1 ORDER BY attempt",
         uuid.UUID(send_id),
@@ -109,6 +119,7 @@ async def test_451_twice_then_250_delivers_once(
     ]
 
 
+@pytest.mark.parametrize("sink", [True, False], ids=["pipelining", "one-by-one"], indirect=True)
 async def test_5xx_fails_at_once_with_the_reply_text(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
@@ -191,6 +202,7 @@ async def test_connections_are_pooled_and_bounded_per_relay(
     assert sink.connections == 2  # and the same two connections carried all eight
 
 
+@pytest.mark.parametrize("sink", [True, False], ids=["pipelining", "one-by-one"], indirect=True)
 async def test_a_connection_the_relay_closed_is_replaced_without_a_deferral(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
@@ -336,3 +348,66 @@ async def test_an_attachment_by_id_is_sent(
         ] == "sent"
     (part,) = list(parsed(sink.received[0].raw).iter_attachments())
     assert part.get_filename() == "fatura março.pdf" and part.get_content() == data
+
+
+async def test_a_send_composed_with_a_free_slot_begins_in_its_prepare_transaction(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """No separate claim for it; with every slot taken the others wait for the claim, and each
+    is sent once either way."""
+    from services.sender import storage
+
+    claimed: list[uuid.UUID] = []
+    real_claim = storage.claim
+
+    async def counting_claim(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+        rows = await real_claim(conn, limit)
+        claimed.extend(r["send_id"] for r in rows)
+        return rows
+
+    with mock.patch.object(storage, "claim", counting_claim):
+        async with running(settings_for(sender_db, bus, sink)):
+            conv = await conversation(bus, sender_pool)
+            first = await send(bus, conv)
+            assert (await final_status(bus, first))["status"] == "sent"
+        assert claimed == []
+        sink.handler.delay_s = 0.1
+        settings = settings_for(sender_db, bus, sink, delivery_concurrency=1)
+        async with running(settings):
+            ids = [await send(bus, conv) for _ in range(4)]
+            done = [await final_status(bus, i) for i in ids]
+    assert [d["status"] for d in done] == ["sent"] * 4
+    assert claimed and set(claimed) <= {uuid.UUID(i) for i in ids}
+    assert sink.handler.max_active == 1
+    assert list(sink.count_by_message_id().values()) == [1] * 5
+    attempts = await sender_pool.fetch("SELECT send_id, attempt, outcome FROM attempts")
+    assert sorted(r["attempt"] for r in attempts) == [1] * 5
+    locks = await sender_pool.fetchval(
+        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+    )
+    assert locks == 0
+
+
+async def test_commands_read_together_are_stored_and_acked_together(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    from redis.asyncio import Redis
+
+    acks: list[tuple[str, int]] = []
+    real_xack = Redis.xack
+
+    async def counting_xack(self: Redis, name: str, groupname: str, *ids: str) -> int:
+        if name.endswith("mail.send"):
+            acks.append((groupname, len(ids)))
+        return await real_xack(self, name, groupname, *ids)
+
+    await publish_mailbox(bus)
+    conv = await publish_conversation(bus)
+    ids = [await send(bus, conv) for _ in range(12)]  # waiting in the stream before we start
+    with mock.patch.object(Redis, "xack", counting_xack):
+        async with running(settings_for(sender_db, bus, sink)):
+            done = [await final_status(bus, i) for i in ids]
+    assert [d["status"] for d in done] == ["sent"] * 12
+    mine = [n for group, n in acks if group == "sender"]
+    assert sum(mine) == 12 and len(mine) < 12

@@ -73,40 +73,88 @@ async def test_a_lone_failure_reaches_its_caller() -> None:
 
 async def test_grouped_writes_touch_only_current_attempts(sender_pool: Any) -> None:
     """mark_dots and finish_many, like their one-row forms, leave an attempt that is no longer
-    the row's current one alone (and publish nothing for it)."""
+    the row's current one alone (and publish nothing for it); finish_many's one statement gives
+    back the lock of each send it finished, and of no other."""
+    import json
     import uuid
+    from datetime import UTC, datetime, timedelta
 
     from services.sender import storage
 
-    ids = [uuid.uuid4() for _ in range(3)]
+    ids = [uuid.uuid4() for _ in range(4)]
     for n, sid in enumerate(ids):
         await sender_pool.execute(
             """INSERT INTO sends (send_id, id_conversa, mailbox_id, state, attempts, command,
-                                  correlation_id, mime)
-               VALUES ($1, 'c', 'mb', 'sending', $2, '{}', 'corr', 'x')""",
+                                  correlation_id, mime, sent_message)
+               VALUES ($1, 'c', 'mb', 'sending', $2, '{}', 'corr', 'x', $3)""",
             sid,
             n + 1,
+            {
+                "message_id": "<m@x.test>",
+                "from": {"address": "a@x.test"},
+                "date": "2026-01-01T00:00:00Z",
+            }
+            if n == 0
+            else None,
         )
-    current = [(ids[0], 1), (ids[1], 2)]
+    rows = {r["send_id"]: r for r in await sender_pool.fetch("SELECT * FROM sends")}
+    current = [(ids[0], 1), (ids[1], 2), (ids[3], 4)]
     stale = (ids[2], 1)  # the row is at attempt 3
+    later = datetime.now(UTC) + timedelta(seconds=60)
+    outcomes: list[storage.Outcome] = [
+        (ids[0], 1, "sent", "250 ok", "sent", None),
+        (ids[1], 2, "failed", "550 no", "failed", None),
+        (ids[2], 1, "sent", "250 ok", "sent", None),
+        (ids[3], 4, "deferred", "451 later", "deferred", later),
+    ]
+    events = [storage.outcome_event(rows[o[0]], o[2], o[3], o[5]) for o in outcomes]
     async with sender_pool.acquire() as conn:
         assert await storage.mark_dots(conn, [*current, stale]) == set(current)
-        async with conn.transaction():
-            done = await storage.finish_many(
-                conn,
-                [
-                    (ids[0], 1, "sent", "250 ok", "sent", None),
-                    (ids[1], 2, "failed", "550 no", "failed", None),
-                    (ids[2], 1, "sent", "250 ok", "sent", None),
-                ],
-            )
-    assert set(done) == set(current)
+        assert await conn.fetchval(
+            "SELECT bool_and(pg_try_advisory_lock(send_lock_key(id))) FROM unnest($1::uuid[]) id",
+            ids,
+        )
+        done = await storage.finish_many(conn, outcomes, events, unlock=True)
+        assert set(done) == set(current)
+        held = await conn.fetch(
+            """SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"""
+        )
+        assert len(held) == 1  # the stale attempt's send: not ours to finish
+        await conn.execute("SELECT pg_advisory_unlock_all()")
     states = {r["send_id"]: r["state"] for r in await sender_pool.fetch("SELECT * FROM sends")}
-    assert states == {ids[0]: "sent", ids[1]: "failed", ids[2]: "sending"}
+    assert states == {ids[0]: "sent", ids[1]: "failed", ids[2]: "sending", ids[3]: "deferred"}
     attempts = await sender_pool.fetch("SELECT send_id, outcome, dot_at FROM attempts")
     assert {(r["send_id"], r["outcome"]) for r in attempts} == {
         (ids[0], "sent"),
         (ids[1], "failed"),
+        (ids[3], "deferred"),
     }
     assert all(r["dot_at"] is not None for r in attempts)
-    assert await sender_pool.fetchval("SELECT count(*) FROM outbox") == 2
+    published = [
+        json.loads(r["envelope"])
+        for r in await sender_pool.fetch("SELECT envelope FROM outbox ORDER BY id")
+    ]
+    assert [(e["type"], e["payload"]["send_id"], e["payload"]["status"]) for e in published] == [
+        ("mail.status", str(ids[0]), "sent"),
+        ("mail.status", str(ids[1]), "failed"),
+        ("mail.status", str(ids[3]), "deferred"),
+    ]
+    assert published[0]["payload"]["message"]["message_id"] == "<m@x.test>"
+    assert published[0]["payload"]["attempt"] == 1
+    assert published[2]["payload"]["detail"] == "451 later"
+    assert datetime.fromisoformat(published[2]["payload"]["next_attempt_at"]) == later
+    next_at = await sender_pool.fetchval(
+        "SELECT next_attempt_at FROM sends WHERE send_id = $1", ids[3]
+    )
+    assert next_at == later
+
+
+async def test_the_large_values_are_compressed_with_lz4(sender_pool: Any) -> None:
+    rows = await sender_pool.fetch(
+        """SELECT c.relname, a.attname, a.attcompression::text AS attcompression FROM pg_attribute a
+           JOIN pg_class c ON c.oid = a.attrelid
+           WHERE c.relnamespace = 'sender'::regnamespace
+             AND (c.relname, a.attname) IN (('sends', 'command'), ('sends', 'mime'),
+                                            ('sends', 'sent_message'), ('outbox', 'envelope'))"""
+    )
+    assert len(rows) == 4 and {r["attcompression"] for r in rows} == {"l"}

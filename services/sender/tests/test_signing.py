@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
 from unittest import mock
 
@@ -10,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from services.sender import signing
 from services.sender.settings import DkimKeySetting
 from services.sender.signing import DkimKeyError, Signer, load_keys
 from services.sender.tests.conftest import DkimKey
@@ -82,3 +85,48 @@ def test_unusable_keys_stop_the_service(
     (tmp_path / name).write_bytes(data)
     with pytest.raises(DkimKeyError, match=error):
         load_keys(tmp_path, {})
+
+
+_PIECES = [b"a", b"Subject", b":", b" ", b"  ", b"\t", b"\r", b"\n", b"\r\n", b"\r\n ", b"From x"]
+
+
+def _random_inputs(n: int) -> list[bytes]:
+    rng = random.Random(6)
+    out = [b"", b"\r\n", b"\r\n\r\n", b"A: b\r\n\r\n", b"\r\nA: b\r\n\r\nbody", MESSAGE]
+    out += [b"".join(rng.choices(_PIECES, k=rng.randint(1, 40))) for _ in range(n)]
+    # well-formed messages, the fast path's usual case
+    out += [b"A: b\r\n c\r\nB:\td \r\n\r\n" + x for x in out[6:]]
+    return out
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["strip_trailing_whitespace", "compress_whitespace", "unfold_header_value", "rfc822_parse"],
+)
+def test_the_fast_canonicalization_gives_what_dkimpy_gives_for_any_input(name: str) -> None:
+    fast, original = getattr(signing, name), signing.ORIGINALS[name]
+    assert fast is not original
+    for data in _random_inputs(3000):
+        try:
+            expected: object = original(data)
+        except Exception as exc:  # a malformed input must fail the same way
+            expected = (type(exc), exc.args)
+        try:
+            got: object = fast(data)
+        except Exception as exc:
+            got = (type(exc), exc.args)
+        assert got == expected, data
+
+
+def test_signatures_are_the_same_as_with_dkimpy_s_own_canonicalization(dkim_key: DkimKey) -> None:
+    keys = load_keys(dkim_key.folder, {})
+    message = MESSAGE.replace(b"It ships", b"It\tships  today\r\n\r\nand  more \t\r\n")
+    with mock.patch("time.time", return_value=1_715_949_000):
+        fast = [Signer(keys).sign(m, "chatflow.test")[0] for m in (MESSAGE, message)]
+        with contextlib.ExitStack() as stack:
+            for name, original in signing.ORIGINALS.items():
+                where = dkim if name == "rfc822_parse" else dkim.canonicalization
+                stack.enter_context(mock.patch.object(where, name, original))
+            slow = [Signer(keys).sign(m, "chatflow.test")[0] for m in (MESSAGE, message)]
+    assert fast == slow
+    assert all(dkim.verify(m, dnsfunc=dkim_key.dns) for m in fast)
