@@ -77,11 +77,7 @@ class Relay:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        """Offers PIPELINING (RFC 2920) as the relays we stand in for do (Postfix, Exim)."""
-        session.host_name = hostname
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return responses
+        return testing.ehlo_pipelining(session, hostname, responses, self.pipelining)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""

@@ -195,3 +195,12 @@ def stop(procs: Iterator[subprocess.Popen[bytes]] | list[subprocess.Popen[bytes]
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def ehlo_pipelining(session: Any, hostname: str, responses: list[str], on: bool) -> list[str]:
+    """An aiosmtpd ``handle_EHLO`` body for test sinks: PIPELINING (RFC 2920) offered, when
+    ``on``, as the relays they stand in for do (Postfix, Exim)."""
+    session.host_name = hostname
+    if on:
+        responses.insert(-1, "250-PIPELINING")
+    return responses

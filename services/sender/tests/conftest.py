@@ -85,10 +85,7 @@ class SinkHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        session.host_name = hostname
-        if self.pipelining:
-            responses.insert(-1, "250-PIPELINING")
-        return responses
+        return testing.ehlo_pipelining(session, hostname, responses, self.pipelining)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
