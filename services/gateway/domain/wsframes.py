@@ -1,11 +1,10 @@
-"""RFC 6455 framing, only as much as the ``/ws`` splice needs (pure: no I/O).
+"""RFC 6455 framing, only as much as the gateway's own WebSocket code needs (pure: no I/O).
 
-After the upgrade the gateway copies bytes between the client and the notifier without decoding
-frames. It still has to know where frames begin and end: a close frame of its own (account
-disabled, restart, frame too big) may only go between two frames, and the client's frames are
-held to the size cap. ``FrameCursor`` follows the boundaries of a byte stream chunk by chunk
-from the headers alone; ``parse_frame`` reads one whole frame (the first-frame ``auth``, the
-client's answer to a close) when the payload itself matters.
+The agents' sockets are parsed by websockets' sans-I/O protocol (``services.gateway.wsedge``);
+this module reads the first-frame ``auth`` before that, and the trunk's frames from the notifier
+(``services.gateway.trunk``): ``parse_frame`` reads one whole frame at a position of a buffer
+that grows as bytes arrive; the builders make the frames the gateway writes (masked on a trunk,
+where it is the client).
 """
 
 from __future__ import annotations
@@ -71,8 +70,7 @@ def parse_close(payload: bytes) -> tuple[int | None, str]:
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    """One frame's header; ``start`` is where the frame began in the chunk fed (negative when
-    its header began in an earlier chunk)."""
+    """One frame's header; ``start`` is where the frame begins in the buffer."""
 
     start: int
     fin: bool
@@ -104,73 +102,6 @@ def _parse_header(buf: bytes | bytearray, pos: int) -> tuple[Header, int] | None
             return None
     header = Header(pos, bool(b0 & 0x80), (b0 >> 4) & 0x7, b0 & 0x0F, masked, n)
     return header, size
-
-
-class FrameCursor:
-    """Follows frame boundaries of one direction of a connection across chunks.
-
-    ``feed`` returns the header of every frame that starts (completes its header) in the chunk;
-    ``at_boundary`` says whether the bytes fed so far end exactly between two frames.
-    """
-
-    __slots__ = ("_left", "_partial")
-
-    def __init__(self) -> None:
-        self._left = 0  # payload bytes of the current frame not seen yet
-        self._partial = b""  # an incomplete header carried over from the previous chunk
-
-    @property
-    def at_boundary(self) -> bool:
-        return self._left == 0 and not self._partial
-
-    def feed(self, data: bytes) -> list[Header]:
-        out: list[Header] = []
-        n = len(data)
-        pos = 0
-        if self._left:
-            if self._left >= n:
-                self._left -= n
-                return out
-            pos = self._left
-            self._left = 0
-        if self._partial:
-            carried = len(self._partial)
-            buf = self._partial + data[pos : pos + 14]
-            found = _parse_header(buf, 0)
-            if found is None:
-                self._partial = buf  # still short, so all of ``data`` is in it
-                return out
-            header, size = found
-            self._partial = b""
-            out.append(
-                Header(
-                    pos - carried,
-                    header.fin,
-                    header.rsv,
-                    header.opcode,
-                    header.masked,
-                    header.length,
-                )
-            )
-            pos += size - carried
-            end = pos + header.length
-            if end > n:
-                self._left = end - n
-                return out
-            pos = end
-        while pos < n:
-            found = _parse_header(data, pos)
-            if found is None:
-                self._partial = bytes(data[pos:])
-                return out
-            header, size = found
-            out.append(header)
-            end = pos + size + header.length
-            if end > n:
-                self._left = end - n
-                return out
-            pos = end
-        return out
 
 
 @dataclass(frozen=True, slots=True)

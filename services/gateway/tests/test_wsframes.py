@@ -64,40 +64,37 @@ def test_close_payload_cuts_the_reason_on_a_character() -> None:
     assert wf.parse_close(b"") == (None, "")
 
 
-def _stream(rng: random.Random, masked: bool) -> tuple[bytes, list[tuple[int, int, bool, int]]]:
-    """Random frames (sizes around every length-encoding edge) and their (start, opcode, fin,
-    length)."""
+def _stream(rng: random.Random, masked: bool) -> tuple[bytes, list[tuple[int, bool, bytes]]]:
+    """Random frames (sizes around every length-encoding edge) and their (opcode, fin, payload)."""
     data = bytearray()
-    expected: list[tuple[int, int, bool, int]] = []
+    expected: list[tuple[int, bool, bytes]] = []
     for _ in range(rng.randint(1, 30)):
         n = rng.choice([0, 1, 2, 124, 125, 126, 127, 300, 65535, 65536, 70000, rng.randint(0, 999)])
         op = rng.choice([wf.OP_TEXT, wf.OP_BINARY, wf.OP_PING, wf.OP_CLOSE, wf.OP_CONT])
         if op in wf.CONTROL:
             n = min(n, 125)
         frame = WsFrame(Opcode(op), rng.randbytes(n), fin=rng.random() < 0.8 or op in wf.CONTROL)
-        expected.append((len(data), op, frame.fin, n))
+        expected.append((op, frame.fin, bytes(frame.data)))
         data += frame.serialize(mask=masked)
     return bytes(data), expected
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_cursor_finds_every_frame_however_the_stream_is_cut(seed: int) -> None:
+def test_parse_frame_finds_every_frame_however_the_stream_is_cut(seed: int) -> None:
+    """As the trunk reads: bytes appended as they come, frames parsed from a moving position."""
     rng = random.Random(seed)
     masked = seed % 2 == 0
     data, expected = _stream(rng, masked)
-    boundaries = {start for start, *_ in expected} | {len(data)}
-    cursor = wf.FrameCursor()
-    seen: list[tuple[int, int, bool, int]] = []
-    pos = 0
+    buf, seen, at, pos = bytearray(), [], 0, 0
     while pos < len(data):
         step = rng.choice([1, 2, 3, 7, 13, 100, 1400, 16384, 70000])
-        chunk = data[pos : pos + step]
-        for h in cursor.feed(chunk):
-            assert h.masked == masked and h.rsv == 0
-            seen.append((pos + h.start, h.opcode, h.fin, h.length))
-        pos += len(chunk)
-        assert cursor.at_boundary == (pos in boundaries)
-    assert seen == expected
+        buf += data[pos : pos + step]
+        pos += step
+        while (frame := wf.parse_frame(buf, 1 << 20, at)) is not None:
+            assert frame.masked == masked and frame.rsv == 0
+            seen.append((frame.opcode, frame.fin, frame.payload))
+            at += frame.size
+    assert seen == expected and at == len(data)
 
 
 def test_parse_frame_waits_for_the_whole_frame_and_caps_it() -> None:
