@@ -415,7 +415,10 @@ class Session:
 
     # ---- before the session is live: the first-frame auth --------------------------------------
     async def _first_frame_token(self) -> str | None:
-        """``{"type": "auth", "token": ...}`` as the first frame; None when the client left."""
+        """``{"type": "auth", "token": ...}`` as the first message (text or binary, fragmented
+        or not, as the notifier's own socket takes it); None when the client left."""
+        parts: list[bytes] = []
+        size = 0
         try:
             async with asyncio.timeout(self.bridge.auth_timeout_s):
                 while True:
@@ -431,7 +434,17 @@ class Session:
                         if frame.opcode == wf.OP_CLOSE:
                             self._answer_close(frame.payload)
                             return None
-                        break
+                        if frame.opcode not in (wf.OP_TEXT, wf.OP_BINARY, wf.OP_CONT):
+                            continue  # a pong
+                        if (frame.opcode == wf.OP_CONT) != bool(parts):
+                            raise Refused(UNAUTHORIZED, 401, "authentication required")
+                        parts.append(frame.payload)
+                        size += len(frame.payload)
+                        if size > PRE_SPLICE_BYTES:
+                            raise Refused(UNAUTHORIZED, 401, "authentication required")
+                        if frame.fin:
+                            break
+                        continue
                     if self.client_gone:
                         return None
                     if len(self.inbuf) > PRE_SPLICE_BYTES:
@@ -441,8 +454,8 @@ class Session:
         except TimeoutError as exc:
             raise Refused(UNAUTHORIZED, 401, "authentication timed out") from exc
         try:
-            data = json.loads(frame.payload) if frame.opcode == wf.OP_TEXT and frame.fin else None
-        except ValueError:
+            data = json.loads(b"".join(parts))
+        except ValueError:  # UnicodeDecodeError included
             data = None
         if (
             not isinstance(data, dict)

@@ -126,3 +126,15 @@ async def test_shutdown_closes_bridged_sessions(
         assert await ws.recv() == "echo:x"
         await stop_gateway(gw)
         assert await closed_with(ws) == 1012  # "service restart": the SPA reconnects
+
+
+async def test_first_frame_auth_fragmented_or_binary(
+    gateway: Gateway, rig: Rig, good_token: str
+) -> None:
+    """As the notifier's own socket takes it (found by a trial: the gateway refused both)."""
+    auth = json.dumps({"type": "auth", "token": good_token})
+    for message in ([auth[:10], auth[10:]], auth.encode()):
+        async with dial(gateway, rig, ["chatflow.v1"]) as ws:
+            await ws.send(message)
+            await ws.send("after auth")
+            assert await ws.recv() == "echo:after auth"
