@@ -165,7 +165,7 @@ class Badges:
                 if op is not None:
                     frame = NotifierFrame(mailbox_id=mailbox_id, user_id=sub, frame=op)
                     envs.append(Envelope.of(frame, producer="notifier"))
-                await outbox.add(conn, *envs)
+                staged = await outbox.stage(conn, *envs)
                 await push_store.drop(conn, id_conversa, sub)
-        self.relay.wake()
+        await self.relay.publish(staged)
         return True

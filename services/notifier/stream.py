@@ -56,15 +56,12 @@ class StreamHandlers:
 
     async def handle_batch(self, items: list[tuple[Envelope, str]]) -> None:
         """Events in stream order, one transaction: a burst costs one commit, not one each."""
-        wrote = False
+        out: list[Envelope] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for env, _ in items:
-                out = await self._one(conn, env)
-                if out:
-                    await outbox.add(conn, *out)
-                    wrote = True
-        if wrote:
-            self.relay.wake()
+                out += await self._one(conn, env)
+            staged = await outbox.stage(conn, *out)
+        await self.relay.publish(staged)
 
     async def _one(self, conn: asyncpg.Connection, env: Envelope) -> list[Envelope]:
         if not await inbox.first_time(conn, CONSUMER, env.id):

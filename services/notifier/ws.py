@@ -427,8 +427,8 @@ class LiveServer:
                     html=f.html,
                     attachments=f.attachments,
                 )
-                await outbox.add(conn, Envelope.of(cmd, producer="notifier"))
-        self.relay.wake()
+                staged = await outbox.stage(conn, Envelope.of(cmd, producer="notifier"))
+        await self.relay.publish(staged)
         return send_id, None
 
     # ---- resume --------------------------------------------------------------------------------

@@ -143,9 +143,8 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler, BatchHandle
                     continue
                 await storage.mark_used(conn, list(cmd.attachments), cmd.mailbox_id)
                 events.append(storage.status_event(row, "queued", "queued"))
-            if events:
-                await outbox.add(conn, *events)
-        svc.relay.wake()
+            staged = await outbox.stage(conn, *events)
+        await svc.relay.publish(staged)
         svc.delivery.wake()
         return [None] * len(items)
 

@@ -107,9 +107,8 @@ def received_batch(svc: ThreaderService) -> BatchHandler:
             events: list[Envelope] = []
             for env, mail in todo:
                 events += await _place_received(svc, conn, env, mail)
-            if events:
-                await outbox.add(conn, *events)
-        svc.relay.wake()
+            staged = await outbox.stage(conn, *events)
+        await svc.relay.publish(staged)
 
     return on_batch
 
@@ -121,10 +120,8 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 return
             mail = env.payload_as(MailReceived)
             await storage.lock_mailboxes(conn, [mail.mailbox_id])
-            events = await _place_received(svc, conn, env, mail)
-            if events:
-                await outbox.add(conn, *events)
-        svc.relay.wake()
+            staged = await outbox.stage(conn, *await _place_received(svc, conn, env, mail))
+        await svc.relay.publish(staged)
 
     async def on_mail_status(env: Envelope, entry_id: str) -> None:
         st = env.payload_as(MailStatus)
@@ -168,9 +165,10 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
                 own_address=m.from_.address,
                 rules=svc.rules,
             )
-            if placed is not None:
-                await outbox.add(conn, *_announcement(env, placed, svc.token_secret))
-        svc.relay.wake()
+            if placed is None:
+                return
+            staged = await outbox.stage(conn, *_announcement(env, placed, svc.token_secret))
+        await svc.relay.publish(staged)
 
     return on_mail_received, on_mail_status
 

@@ -25,6 +25,7 @@ async def test_changed_migration_is_refused(database_url: str, tmp_path: Path) -
     assert await db.migrate(database_url, url, "chatflow_migtest", "migtest", folder) == [
         "common_0001_outbox_inbox",
         "common_0002_mailbox_agents",
+        "common_0003_outbox_direct",
         "0001_t",
     ]
     (folder / "0001_t.sql").write_text("CREATE TABLE t (a int, b int);")

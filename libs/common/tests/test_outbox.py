@@ -110,3 +110,72 @@ async def test_the_relay_drains_a_backlog_in_batches_and_publishes_each_wake(
 
 async def _length_is(bus: Bus, stream: str, n: int) -> bool:
     return bool(await bus.redis.xlen(stream) == n)
+
+
+async def test_staged_rows_go_out_directly_once_and_are_deleted_in_bulk(
+    bus: Bus, database_url: str
+) -> None:
+    pool = await setup_schema(database_url)
+    relay = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=50)
+    stream = bus.stream("mailbox.changed")
+    task = asyncio.create_task(relay.run())
+    try:
+        await pool.execute("DELETE FROM outbox")
+        async with pool.acquire() as conn, conn.transaction():
+            staged = await outbox.stage(conn, sample(1), sample(2))
+        assert len(staged.ids) == 2
+        # Passes run every 50 ms meanwhile; none may take rows their writer publishes.
+        await asyncio.sleep(0.3)
+        assert await bus.redis.xlen(stream) == 0
+        await relay.publish(staged)
+        entries = await bus.redis.xrange(stream)
+        assert [e[1][b"e"].decode() for e in entries] == [e for _, e in staged.entries]
+        await testing.eventually(lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox"))
+        await asyncio.sleep(0.3)
+        assert await bus.redis.xlen(stream) == 2  # not again
+        # Rolled back: nothing staged survives, nothing to publish.
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await outbox.stage(conn, sample(3))
+                raise RuntimeError("rolled back")
+        except RuntimeError:
+            pass
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+        await pool.close()
+
+
+async def test_staged_rows_left_unpublished_go_out_after_the_grace(
+    bus: Bus, database_url: str
+) -> None:
+    """The writer died after its commit, or Redis refused its XADD: a pass publishes them."""
+    pool = await setup_schema(database_url)
+    relay = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=50, direct_grace_s=0.5)
+    stream = bus.stream("mailbox.changed")
+    task = asyncio.create_task(relay.run())
+    try:
+        await pool.execute("DELETE FROM outbox")
+        async with pool.acquire() as conn, conn.transaction():
+            lost = await outbox.stage(conn, sample(1))  # its writer "crashed": never published
+        async with pool.acquire() as conn, conn.transaction():
+            refused = await outbox.stage(conn, sample(2))
+
+        async def down(entries: object) -> list[str]:
+            raise ConnectionError("redis is away")
+
+        publish_raw = bus.publish_raw
+        bus.publish_raw = down  # type: ignore[method-assign,assignment]
+        await relay.publish(refused)  # logs, never raises: the rows stay
+        bus.publish_raw = publish_raw  # type: ignore[method-assign]
+        started = asyncio.get_running_loop().time()
+        await testing.eventually(lambda: _length_is(bus, stream, 2), timeout=5)
+        assert asyncio.get_running_loop().time() - started >= 0.3
+        bodies = [e[1][b"e"].decode() for e in await bus.redis.xrange(stream)]
+        assert bodies == [lost.entries[0][1], refused.entries[0][1]]
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+        await pool.close()
