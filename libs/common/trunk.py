@@ -323,6 +323,16 @@ class TrunkEnd:
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_soon(self.flush)
 
+    def queue_many(self, cids: list[int], data: bytes) -> None:
+        """``queue`` for several links at once (a fan-out): the list is the batch's, not copied."""
+        batches = self._batches
+        if batches and batches[-1][0] is data:
+            batches[-1][1].extend(cids)
+        else:
+            batches.append((data, cids))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
         self._flush = None
         batches, self._batches = self._batches, []

@@ -28,7 +28,7 @@ from libs.common import outbox
 from libs.common.events import ConversationRead, Envelope, now
 from libs.common.outbox import OutboxRelay
 from services.notifier import badge_store, push_store, storage
-from services.notifier.domain.badges import BadgeOp, BadgeView
+from services.notifier.domain.badges import BadgeOp, BadgeView, inbound_groups
 from services.notifier.frames import NotifierFrame
 from services.notifier.hub import Client, Hub
 
@@ -123,6 +123,7 @@ class Badges:
             return 0
         groups: dict[tuple[int, int], list[Client]] = {}
         agents, mailbox = self.agents, op.mailbox
+        loaded: list[tuple[Client, BadgeView]] = []
         for c in self.hub.audience(mailbox_id, to_user):  # a list already: safe to kick in it
             agent = agents.get(c)
             if c.closing or agent is None:
@@ -133,6 +134,10 @@ class Badges:
                 if len(agent.pending) > self.hub.max_held:
                     self.hub.kick(c)  # its snapshot is far behind: it reconnects and reloads
                 continue
+            loaded.append((c, view))
+        if op.op == "in":  # the common case, a new mail for everyone: one loop for all
+            groups = inbound_groups(loaded, op)
+        for c, view in loaded if op.op != "in" else ():
             n = view.apply(op, to_user)
             if n is None:
                 continue

@@ -21,6 +21,7 @@ from services.notifier.domain.badges import (
     Snapshot,
     close,
     inbound,
+    inbound_groups,
     merge,
     merged_read,
     relevant,
@@ -148,6 +149,7 @@ def test_counters_and_views_match_the_reference(
     ref, led = Reference(), Ledger()
     alias: dict[str, str] = {}  # merged ids answer with their survivor, as the threader does
     views: dict[str, BadgeView] = {}
+    bulk: dict[str, BadgeView] = {}  # the same agents, fed "in" ops by inbound_groups
     loads = {u: snap_at[i] % (len(events) + 1) for i, u in enumerate(USERS)}
 
     def live(c: str) -> str:
@@ -159,8 +161,11 @@ def test_counters_and_views_match_the_reference(
         for u in USERS:
             if loads[u] == step:  # this agent connects now: one snapshot of everything so far
                 total, marks = led.load(u)
-                views[u] = BadgeView(u)
-                views[u].load(Snapshot(len(led.ops) + 1, len(led.ops) + 1), {MAILBOX: total}, marks)
+                for vs in (views, bulk):
+                    vs[u] = BadgeView(u)
+                    vs[u].load(
+                        Snapshot(len(led.ops) + 1, len(led.ops) + 1), {MAILBOX: total}, marks
+                    )
         kind, c = ev[0], live(ev[1]) if ev[1] else ""
         seen = len(led.ops)
         if kind == "in":
@@ -184,11 +189,22 @@ def test_counters_and_views_match_the_reference(
                 n = view.apply(op, to_user)
                 if n is not None:
                     assert n == ref.unread.get((u, op.id_conversa), 0), (u, op)
+            if op.op == "in":
+                grouped = inbound_groups(list(bulk.items()), op)
+                got = {u: key for key, us in grouped.items() for u in us}
+                assert sum(len(us) for us in grouped.values()) == len(got)
+                for u, (n, total) in got.items():
+                    assert n == ref.unread.get((u, op.id_conversa), 0), (u, op)
+                    assert total == bulk[u].totals[MAILBOX]
+            else:
+                for view in bulk.values():
+                    view.apply(op, to_user)
         for u in USERS:
             for conv in {k[1] for k in ref.unread} | set(led.counters):
                 assert led.unread(u, conv) == ref.unread.get((u, conv), 0), (u, conv)
             if u in views:
                 assert views[u].totals[MAILBOX] == ref.total(u), (u, step)
+                assert bulk[u] == views[u], (u, step)
 
 
 def test_snapshot_visibility() -> None:

@@ -633,3 +633,40 @@ async def test_a_bounce_marks_our_sent_message_failed(env: Env) -> None:
     (ours,) = [m for m in detail.json()["messages"] if m["direction"] == "out"]
     assert ours["status"] == "failed"
     assert [(a["id"], a["filename"]) for a in ours["attachments"]] == [("up_1", "a.pdf")]
+
+
+@pytest.mark.skipif(not testing.CORPORA.is_dir(), reason="corpora not found")
+async def test_search_document_keeps_the_lexemes_of_the_whole_text(env: Env) -> None:
+    """Each word once gives the lexemes of the whole folded text, over the corpora's bodies: the
+    same set, or more where brackets made a tag of words (or of an address) in the text."""
+    from email import message_from_bytes, policy
+
+    texts: list[str] = []
+    for path in sorted(testing.CORPORA.rglob("*.eml"))[:400]:
+        try:
+            msg = message_from_bytes(path.read_bytes(), policy=policy.default)
+            part = msg.get_body(preferencelist=("plain", "html"))
+            body = part.get_content() if part is not None else ""
+        except Exception:  # noqa: S112 (a corpus of broken mail: what won't read is not text)
+            continue
+        if isinstance(body, str) and body.strip() and "\x00" not in body:
+            texts.append(body)
+    texts.append("ação-rápida foo.bar@x.example http://a.example/b?c=d 1.5e3 <a href='x y'> z")
+    assert len(texts) > 100
+    # Texts within the cap (past it, the whole text is cut mid-word; the words once reach further).
+    texts = [t for t in texts if len(storage.fold(f"s  {t}")) <= storage._DOC_LIMIT]
+    whole = [storage.fold(f"s  {t}") for t in texts]
+    deduped = [storage.search_document("s", [], t) for t in texts]
+    rows = await env.svc.pool.fetch(
+        f"""SELECT array_to_string(tsvector_to_array({storage._TSV.format("w")}), ' ') AS w,
+                   array_to_string(tsvector_to_array({storage._TSV.format("d")}), ' ') AS d
+            FROM unnest($1::text[], $2::text[]) AS u (w, d)""",
+        whole,
+        deduped,
+    )
+    same = 0
+    for text, r in zip(texts, rows, strict=True):
+        w, d = set(r["w"].split()), set(r["d"].split())
+        assert w <= d, (sorted(w - d)[:10], text[:200])
+        same += w == d
+    assert same >= 0.8 * len(texts), (same, len(texts))
