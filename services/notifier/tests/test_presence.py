@@ -6,7 +6,10 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from libs.common import testing
+from services.notifier import presence as presence_module
 from services.notifier.frames import FRAME_TYPE
 
 from .conftest import Env, Starter, assert_silent, mbx, message_added, recv_json, user, ws_connect
@@ -146,3 +149,32 @@ async def test_opening_a_conversation_gives_the_viewer_one_presence_frame(
         f = await presence(wa, cid, [ana], [])
         assert "event_id" not in f
         await assert_silent(wa, 0.6, skip=("badge",))
+
+
+async def test_the_heartbeat_keeps_connections_and_views_past_their_ttl(
+    env: Env, start: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online marks and views live one TTL unless refreshed: the heartbeat's script refreshes
+    every connection of the replica, a chunk of keys per call (one key each here)."""
+    monkeypatch.setattr(presence_module, "REFRESH_CHUNK", 1)
+    svc = await start(presence_view_ttl_s=1.0, presence_heartbeat_s=0.25)
+    box = mbx()
+    cid = await known(env, svc, box)
+    ana, bia = user(), user()
+    async with (
+        ws_connect(svc, env.token(ana, [box])) as wa,
+        ws_connect(svc, env.token(bia, [box])) as wb,
+    ):
+        await wa.send(json.dumps({"type": "viewing", "id_conversa": cid}))
+        await presence(wb, cid, [ana], [])
+        await testing.eventually(lambda: svc.presence.online(bia))
+        await asyncio.sleep(2.5)  # 2.5 TTLs
+        assert await svc.presence.online(ana) and await svc.presence.online(bia)
+        members = await env.bus.redis.zrange(
+            f"{env.bus.prefix}notifier:presence:{cid}", 0, -1, withscores=True
+        )
+        assert [m for m, _ in members if m.startswith(b"v|")], members
+        # No "nobody views it" was announced meanwhile.
+        await assert_silent(wb, 0.3, skip=("badge",))
+    # Gone: the marks expire once nobody refreshes them.
+    await testing.eventually(lambda: _not(svc.presence.online(ana)), timeout=5)
