@@ -72,6 +72,7 @@ class OutboxRelay:
         poll_ms: int = 500,
         batch: int = 500,
         direct_grace_s: float = 5.0,
+        direct_timeout_s: float = 2.0,
     ) -> None:
         self.pool = pool
         self.bus = bus
@@ -79,6 +80,7 @@ class OutboxRelay:
         self.poll_s = poll_ms / 1000
         self.batch = batch
         self.direct_grace_s = direct_grace_s
+        self.direct_timeout_s = direct_timeout_s
         self._wake = asyncio.Event()
         self._pass_due = True  # the first pass takes what an earlier process left
         self._published: list[int] = []  # staged rows published directly, to delete
@@ -93,13 +95,14 @@ class OutboxRelay:
     async def publish(self, staged: Staged) -> None:
         """XADD committed staged rows now; the relay deletes them afterwards, in bulk.
 
-        Never raises for Redis: the rows stay in the outbox, and a pass publishes them once
-        they are older than the grace.
+        Never raises for Redis, nor waits long for it (ingest's 250s wait behind this): the rows
+        stay in the outbox, and a pass publishes them once they are older than the grace.
         """
         if not staged.ids:
             return
+        entries = [(self.bus.stream(t), e) for t, e in staged.entries]
         try:
-            await self.bus.publish_raw([(self.bus.stream(t), e) for t, e in staged.entries])
+            await asyncio.wait_for(self.bus.publish_raw(entries), self.direct_timeout_s)
         except Exception as exc:
             log.warning(
                 "direct publish failed; the relay will publish the rows",

@@ -599,7 +599,7 @@ _WRITERS: weakref.WeakKeyDictionary[IngestService, Writer] = weakref.WeakKeyDict
 def writer_for(service: IngestService) -> Writer:
     writer = _WRITERS.get(service)
     if writer is None:
-        writer = _WRITERS[service] = Writer(service.pool, service.relay.wake)
+        writer = _WRITERS[service] = Writer(service.pool, service.relay.publish)
     return writer
 
 

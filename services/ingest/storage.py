@@ -9,6 +9,8 @@ from datetime import datetime
 
 import asyncpg
 
+from libs.common import outbox
+
 
 @dataclass(frozen=True)
 class Mailbox:
@@ -99,13 +101,14 @@ async def write_batch(
     rows: list[MessageRow],
     attachments: dict[uuid.UUID, list[AttachmentRow]],
     events: dict[uuid.UUID, tuple[str, str]],
-) -> dict[tuple[str, str], tuple[uuid.UUID, bool]]:
+) -> tuple[dict[tuple[str, str], tuple[uuid.UUID, bool]], outbox.Staged]:
     """A group commit's rows in one statement, so in one round trip and its own transaction.
 
     Blobs, messages (distinct keys), and for the messages that are new, their attachments and
     their outbox row (``events``: message id -> (stream type, envelope JSON)). Returns
-    ``(mailbox_id, raw_sha256)`` -> (id, new): a key already stored (a retry) keeps its first id,
-    is not new, and gets neither attachments nor an event; a concurrent identical delivery waits
+    ``(mailbox_id, raw_sha256)`` -> (id, new), and the outbox rows staged for the caller to
+    publish once committed (``libs.common.outbox``): a key already stored (a retry) keeps its
+    first id, is not new, and gets neither attachments nor an event; a concurrent identical delivery waits
     on the unique index. Why one statement: BEGIN, four statements and COMMIT were six round
     trips per batch, each a write and a read syscall, a wake of a backend and a turn of the loop
     on a two-core machine. The constraints hold as before: they are checked at the end of the
@@ -139,14 +142,16 @@ async def write_batch(
                             content_id, inline)
                WHERE x.message_id IN (SELECT id FROM m)
            ), o AS (
-               INSERT INTO outbox (stream_type, envelope)
-               SELECT x.stream_type, x.envelope
+               INSERT INTO outbox (stream_type, envelope, direct)
+               SELECT x.stream_type, x.envelope, true
                FROM unnest($23::uuid[], $24::text[], $25::text[]) WITH ORDINALITY
                     AS x (message_id, stream_type, envelope, n)
                WHERE x.message_id IN (SELECT id FROM m)
                ORDER BY x.n
+               RETURNING id
            )
-           SELECT id, mailbox_id, raw_sha256 FROM m""",
+           SELECT id, mailbox_id, raw_sha256, NULL::bigint AS outbox_id FROM m
+           UNION ALL SELECT NULL, NULL, NULL, id FROM o""",
         keys,
         [len(blobs[k]) for k in keys],
         [blobs[k] for k in keys],
@@ -173,13 +178,18 @@ async def write_batch(
         [e[1] for e in evs],
         [e[2] for e in evs],
     )
-    out = {(r["mailbox_id"], r["raw_sha256"]): (r["id"], True) for r in inserted}
+    out = {(r["mailbox_id"], r["raw_sha256"]): (r["id"], True) for r in inserted if r["id"]}
+    new = {v[0] for v in out.values()}
+    staged = outbox.Staged(
+        tuple(r["outbox_id"] for r in inserted if r["outbox_id"] is not None),
+        tuple((stream_type, envelope) for mid, stream_type, envelope in evs if mid in new),
+    )
     old = [r for r in rows if (r.mailbox_id, r.raw_sha256) not in out]
     if old:
         out.update(await _first_copies(conn, old))
         if len(out) < len(rows):  # a first copy vanished since: the client retries later
             raise RuntimeError("duplicate message disappeared while checking it")
-    return out
+    return out, staged
 
 
 async def _first_copies(

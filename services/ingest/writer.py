@@ -10,7 +10,9 @@ advance) to :meth:`Writer.write` and waits. A writer task takes every job waitin
 ``max_jobs`` and ``max_bytes``), inserts all blobs, messages, attachments and outbox rows in one
 statement (``storage.write_batch``: one round trip, its own transaction), and only once that has
 committed resolves each job; the session answers 250 after that. Nothing about the promise changes: a job is answered only from a committed
-transaction that holds its raw bytes and its ``mail.received`` row.
+transaction that holds its raw bytes and its ``mail.received`` row. The rows are staged
+(``libs.common.outbox.stage``): the writer publishes them itself right after the commit, and the
+relay publishes them only if that did not happen.
 
 - **Isolation.** If the batch fails (a bad row, a refused COMMIT, a lost connection), the
   transaction keeps nothing and each job is committed again alone, so one bad delivery costs only
@@ -26,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
 
+from libs.common.outbox import Staged
 from services.ingest import storage
 
 log = logging.getLogger("chatflow.ingest.writer")
@@ -72,14 +75,14 @@ class Writer:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        committed: Callable[[], None],
+        committed: Callable[[Staged], Awaitable[None]],
         *,
         tasks: int = 2,
         max_jobs: int = 200,
         max_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.pool = pool
-        self.committed = committed  # e.g. the outbox relay's wake()
+        self.committed = committed  # the outbox relay's publish
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
         self._n_tasks = tasks
@@ -122,7 +125,7 @@ class Writer:
         self.batches += 1
         self.jobs += len(batch)
         try:
-            results = await self._write(batch)
+            results, staged = await self._write(batch)
         except Exception as exc:
             if len(batch) == 1:
                 _fail(batch[0], exc)
@@ -132,21 +135,23 @@ class Writer:
                 "group commit failed; committing its deliveries one by one",
                 extra={"jobs": len(batch), "error": f"{type(exc).__name__}: {exc}"},
             )
+            staged = Staged()
             for job in batch:
                 try:
-                    (result,) = await self._write([job])
+                    (result,), one_staged = await self._write([job])
                 except Exception as one:
                     _fail(job, one)
                 else:
                     _done(job, result)
-            self.committed()
+                    staged += one_staged
+            await self.committed(staged)
             return
         for job, result in zip(batch, results, strict=True):
             _done(job, result)
-        self.committed()
+        await self.committed(staged)
 
-    async def _write(self, batch: list[Job]) -> list[list[tuple[str, bool]]]:
-        """One transaction for ``batch``; per job, per copy: ``(id, new)``."""
+    async def _write(self, batch: list[Job]) -> tuple[list[list[tuple[str, bool]]], Staged]:
+        """One transaction for ``batch``; per job, per copy: ``(id, new)``; its staged events."""
         blobs: dict[str, bytes] = {}
         firsts: dict[Key, Copy] = {}
         for job in batch:
@@ -155,7 +160,7 @@ class Writer:
                 firsts.setdefault(copy.key, copy)
         copies = list(firsts.values())
         async with self.pool.acquire() as conn:
-            ids = await storage.write_batch(
+            ids, staged = await storage.write_batch(
                 conn,
                 blobs,
                 [c.row for c in copies],
@@ -165,7 +170,7 @@ class Writer:
         return [
             [(str(ids[c.key][0]), ids[c.key][1] and firsts[c.key] is c) for c in job.copies]
             for job in batch
-        ]
+        ], staged
 
 
 def _done(job: Job, result: list[tuple[str, bool]]) -> None:

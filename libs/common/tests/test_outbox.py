@@ -152,7 +152,9 @@ async def test_staged_rows_left_unpublished_go_out_after_the_grace(
 ) -> None:
     """The writer died after its commit, or Redis refused its XADD: a pass publishes them."""
     pool = await setup_schema(database_url)
-    relay = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=50, direct_grace_s=0.5)
+    relay = outbox.OutboxRelay(
+        pool, bus, SCHEMA, poll_ms=50, direct_grace_s=0.5, direct_timeout_s=0.2
+    )
     stream = bus.stream("mailbox.changed")
     task = asyncio.create_task(relay.run())
     try:
@@ -161,19 +163,29 @@ async def test_staged_rows_left_unpublished_go_out_after_the_grace(
             lost = await outbox.stage(conn, sample(1))  # its writer "crashed": never published
         async with pool.acquire() as conn, conn.transaction():
             refused = await outbox.stage(conn, sample(2))
+        async with pool.acquire() as conn, conn.transaction():
+            hung = await outbox.stage(conn, sample(3))
 
         async def down(entries: object) -> list[str]:
             raise ConnectionError("redis is away")
 
+        async def stuck(entries: object) -> list[str]:
+            await asyncio.sleep(30)
+            return []
+
         publish_raw = bus.publish_raw
         bus.publish_raw = down  # type: ignore[method-assign,assignment]
         await relay.publish(refused)  # logs, never raises: the rows stay
+        bus.publish_raw = stuck  # type: ignore[method-assign,assignment]
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        await relay.publish(hung)  # gives up after its timeout: ingest's 250s wait on it
+        assert clock() - started < 1.0
         bus.publish_raw = publish_raw  # type: ignore[method-assign]
-        started = asyncio.get_running_loop().time()
-        await testing.eventually(lambda: _length_is(bus, stream, 2), timeout=5)
-        assert asyncio.get_running_loop().time() - started >= 0.3
+        await testing.eventually(lambda: _length_is(bus, stream, 3), timeout=5)
+        assert clock() - started >= 0.3
         bodies = [e[1][b"e"].decode() for e in await bus.redis.xrange(stream)]
-        assert bodies == [lost.entries[0][1], refused.entries[0][1]]
+        assert bodies == [lost.entries[0][1], refused.entries[0][1], hung.entries[0][1]]
         assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
     finally:
         relay.stop()
