@@ -20,7 +20,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from libs.common import db, logs, web
+from libs.common import db, gcpause, logs, web
 from libs.common.bus import BatchHandler, BroadcastReader, Bus, Consumer, Handler, connect
 from libs.common.outbox import OutboxRelay
 from libs.common.settings import ServiceSettings
@@ -127,6 +127,7 @@ class Service:
         ]
         tasks += [asyncio.create_task(fn(), name=f"bg-{i}") for i, fn in enumerate(self.background)]
         http_task = asyncio.create_task(self._http.serve(), name="http")
+        gcpause.freeze()  # modules, settings, pools: never walked again by a collection
         log.info("started", extra={"http_port": s.http_port})
         stopper = asyncio.create_task(self.stop_event.wait())
         done, _ = await asyncio.wait(
@@ -192,6 +193,7 @@ def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
     if cmd == "run":
         import uvloop
 
+        gcpause.install()
         uvloop.run(service_cls(settings).run())
         return
     rc: int | None = asyncio.run(extra[cmd](args, settings))
