@@ -336,8 +336,19 @@ class TrunkEnd:
     def flush(self) -> None:
         self._flush = None
         batches, self._batches = self._batches, []
-        if batches:
-            self._put(b"".join(_binary(frames_msg(cids, data)) for data, cids in batches))
+        if not batches:
+            return
+        # Frames in a row for the same links go as one body (a mail's message.added and the
+        # badge that counts it, for a whole mailbox): one id list on the trunk, and one chunk
+        # the gateway writes to each socket as it came, with no joining per agent.
+        merged: list[tuple[bytes, list[int]]] = [batches[0]]
+        for data, cids in batches[1:]:
+            last_data, last_cids = merged[-1]
+            if cids == last_cids:
+                merged[-1] = (last_data + data, cids)
+            else:
+                merged.append((data, cids))
+        self._put(b"".join(_binary(frames_msg(cids, data)) for data, cids in merged))
 
     def write(self, message: bytes) -> None:
         """A message now, after what this turn queued (so a link's frames keep their order)."""

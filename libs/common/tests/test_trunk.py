@@ -112,6 +112,21 @@ async def test_frames_of_a_turn_are_batched_in_call_order() -> None:
     assert len(conn.transport.written) == 1  # one write for the whole turn
 
 
+async def test_frames_in_a_row_for_the_same_links_share_one_body() -> None:
+    """A mail's frame and its badge for the same agents: one id list, their frames in order."""
+    conn: Any = _Conn()
+    end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=4, max_message=None)
+    x, y, z = (tk.server_frame(t) for t in "xyz")
+    end.queue_many([1, 2, 3], x)
+    end.queue_many([1, 2, 3], y)  # another list, the same links
+    end.queue_many([1, 3], z)
+    end.queue_many([1, 3], x)
+    end.queue_many([1, 2, 3], y)  # not in a row with the first two: its own message
+    await asyncio.sleep(0)
+    got = _messages(conn.transport.written)
+    assert [(m.cids, m.body) for m in got] == [((1, 2, 3), x + y), ((1, 3), z + x), ((1, 2, 3), y)]
+
+
 async def test_a_direct_message_goes_after_what_was_queued() -> None:
     conn: Any = _Conn()
     end = tk.TrunkEnd(conn, max_buffer=1 << 20, max_queued=4, max_message=None)
