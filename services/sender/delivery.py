@@ -291,57 +291,63 @@ class Delivery:
     async def _prepare(self, locked: set[uuid.UUID], slots: list[int]) -> int:
         s = self.svc.settings
         wait = timedelta(seconds=s.unknown_conversation_wait_s)
-        async with self.svc.pool.acquire() as conn, conn.transaction():
-            rows = await storage.due_for_prepare(conn, s.prepare_batch)
-            if not rows:
+        async with self.svc.pool.acquire() as conn:
+            candidates = await storage.prepare_candidates(conn, s.prepare_batch)
+            if not candidates:
                 return 0
-            cmds = {r["send_id"]: MailSend.model_validate(r["command"]) for r in rows}
-            boxes, threads = await storage.views_for(
-                conn, (c.mailbox_id for c in cmds.values()), (c.id_conversa for c in cmds.values())
-            )
-            files = await storage.attachments(
-                conn, (a for c in cmds.values() for a in c.attachments)
-            )
-            jobs: list[tuple[Any, Job, bool]] = []
-            now = datetime.now(UTC)
-            for row in rows:
-                cmd = cmds[row["send_id"]]
-                box, thread = boxes.get(cmd.mailbox_id), threads.get(cmd.id_conversa, [])
-                missing = box is None or (not thread and cmd.conversation is None)
-                if missing and now < row["created_at"] + wait:
-                    await storage.postpone(conn, row["send_id"], row["created_at"] + wait)
-                    continue
-                mine = {a: files[a] for a in cmd.attachments if a in files}
-                job = Job(cmd, dict(box) if box else None, [dict(m) for m in thread], mine)
-                jobs.append((row, job, missing))
-            results = await asyncio.gather(*(self._render(job, now) for _, job, _ in jobs))
-            ready = []
-            for (row, _, missing), result in zip(jobs, results, strict=True):
-                if isinstance(result, Refusal):
-                    detail = result.detail
-                    if missing:
-                        detail += f" (not seen within {s.unknown_conversation_wait_s:g} s)"
-                    await storage.refuse(conn, row, detail)
-                    log.info(
-                        "send refused", extra={"send_id": str(row["send_id"]), "detail": detail}
-                    )
-                else:
-                    ready.append((row["send_id"], result))
-            # As many as there are free attempt slots begin their first attempt now, in this
-            # transaction (no second UPDATE and claim round trip for them, and their bytes need
-            # not come back from the database); the others wait for claim_once as before.
-            now_ready = ready[: max(0, self._free_slots())]
-            # Other prepare passes and the claim loop count these slots as taken from here on.
-            slots[0] = len(now_ready)
-            self._reserved += slots[0]
-            if now_ready:
-                got = await self.locks.run(storage.try_locks, [sid for sid, _ in now_ready])
-                locked |= got
-                self._starting |= got  # recover() leaves these alone (see below)
-            started = await storage.mark_sending(
-                conn, [(sid, r) for sid, r in now_ready if sid in locked]
-            )
-            await storage.mark_ready(conn, [(sid, r) for sid, r in ready if sid not in locked])
+            async with conn.transaction():
+                rows = await storage.lock_for_prepare(conn, candidates)
+                if not rows:
+                    return 0
+                cmds = {r["send_id"]: MailSend.model_validate(r["command"]) for r in rows}
+                boxes, threads = await storage.views_for(
+                    conn,
+                    (c.mailbox_id for c in cmds.values()),
+                    (c.id_conversa for c in cmds.values()),
+                )
+                files = await storage.attachments(
+                    conn, (a for c in cmds.values() for a in c.attachments)
+                )
+                jobs: list[tuple[Any, Job, bool]] = []
+                now = datetime.now(UTC)
+                for row in rows:
+                    cmd = cmds[row["send_id"]]
+                    box, thread = boxes.get(cmd.mailbox_id), threads.get(cmd.id_conversa, [])
+                    missing = box is None or (not thread and cmd.conversation is None)
+                    if missing and now < row["created_at"] + wait:
+                        await storage.postpone(conn, row["send_id"], row["created_at"] + wait)
+                        continue
+                    mine = {a: files[a] for a in cmd.attachments if a in files}
+                    job = Job(cmd, dict(box) if box else None, [dict(m) for m in thread], mine)
+                    jobs.append((row, job, missing))
+                results = await asyncio.gather(*(self._render(job, now) for _, job, _ in jobs))
+                ready = []
+                for (row, _, missing), result in zip(jobs, results, strict=True):
+                    if isinstance(result, Refusal):
+                        detail = result.detail
+                        if missing:
+                            detail += f" (not seen within {s.unknown_conversation_wait_s:g} s)"
+                        await storage.refuse(conn, row, detail)
+                        log.info(
+                            "send refused", extra={"send_id": str(row["send_id"]), "detail": detail}
+                        )
+                    else:
+                        ready.append((row["send_id"], result))
+                # As many as there are free attempt slots begin their first attempt now, in this
+                # transaction (no second UPDATE and claim round trip for them, and their bytes need
+                # not come back from the database); the others wait for claim_once as before.
+                now_ready = ready[: max(0, self._free_slots())]
+                # Other prepare passes and the claim loop count these slots as taken from here on.
+                slots[0] = len(now_ready)
+                self._reserved += slots[0]
+                if now_ready:
+                    got = await self.locks.run(storage.try_locks, [sid for sid, _ in now_ready])
+                    locked |= got
+                    self._starting |= got  # recover() leaves these alone (see below)
+                started = await storage.mark_sending(
+                    conn, [(sid, r) for sid, r in now_ready if sid in locked]
+                )
+                await storage.mark_ready(conn, [(sid, r) for sid, r in ready if sid not in locked])
         # Committed: the rows are 'sending' under our locks and their attempts give them back;
         # no await before their tasks exist. Until then (the commit and the connection's
         # release are awaits) recover() skips them through _starting, as it skips _inflight.
