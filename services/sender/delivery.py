@@ -201,8 +201,9 @@ class Delivery:
     async def run(self) -> None:
         """Claim loop (and crash recovery) here; ``prepare_workers`` prepare loops beside it.
 
-        Several prepare passes at once (``FOR UPDATE SKIP LOCKED`` gives each its own rows)
-        keep the CPU composing and signing while another pass waits for the database.
+        Several prepare passes at once (``storage.prepare_candidates`` and ``lock_for_prepare``
+        give each its own rows) keep the CPU composing and signing while another pass waits for
+        the database.
         """
         s = self.svc.settings
         poll = s.delivery_poll_ms / 1000
