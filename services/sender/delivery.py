@@ -172,13 +172,26 @@ class Delivery:
             "outcomes", self._write_outcomes
         )
         self._unlocks: GroupCommit[uuid.UUID, None] = GroupCommit("unlocks", self._write_unlocks)
+        # The claim loop waits on _wake (set when an attempt ends and by wake()); it asks the
+        # database only when _claim_due says a composed send may be waiting for a slot (see
+        # run). Each prepare worker waits on its own event, set by wake() only: an attempt that
+        # ends makes no new command to compose.
         self._wake = asyncio.Event()
+        self._prepare_wakes: list[asyncio.Event] = []
+        self._claim_due = True
         self._stopping = False
         self._inflight: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # Attempt slots promised to a prepare pass between its free-slot count and its tasks'
+        # start, and the sends it holds the advisory lock of meanwhile (recover() skips them).
+        self._reserved = 0
+        self._starting: set[uuid.UUID] = set()
         self._workers: ProcessPoolExecutor | None = None
 
     def wake(self) -> None:
+        self._claim_due = True
         self._wake.set()
+        for event in self._prepare_wakes:
+            event.set()
 
     def relay_for(self, row: Any) -> RelayPool:
         """Every message goes through the configured smarthost (one pool per relay)."""
@@ -186,33 +199,69 @@ class Delivery:
 
     # ---- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
+        """Claim loop (and crash recovery) here; ``prepare_workers`` prepare loops beside it.
+
+        Several prepare passes at once (``storage.prepare_candidates`` and ``lock_for_prepare``
+        give each its own rows) keep the CPU composing and signing while another pass waits for
+        the database.
+        """
         s = self.svc.settings
         poll = s.delivery_poll_ms / 1000
         next_recover = 0.0
-        while not (self.svc.stop_event.is_set() or self._stopping):
-            self._wake.clear()
-            busy = False
-            try:
-                if time.monotonic() >= next_recover:
-                    await self.recover()
-                    next_recover = time.monotonic() + s.recover_interval_s
-                busy = await self.prepare_once() > 0
-                busy = await self.claim_once() > 0 or busy
-            except Exception:
-                log.exception("delivery pass failed; retrying")
-                await asyncio.sleep(min(1.0, poll))
-            if busy:
-                continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), poll)
-            except TimeoutError:
-                pass
+        self._prepare_wakes = [asyncio.Event() for _ in range(max(1, s.prepare_workers))]
+        preparers = [
+            asyncio.create_task(self._prepare_loop(event), name=f"prepare-{i}")
+            for i, event in enumerate(self._prepare_wakes)
+        ]
+        try:
+            while not (self.svc.stop_event.is_set() or self._stopping):
+                self._wake.clear()
+                busy = False
+                try:
+                    if time.monotonic() >= next_recover:
+                        await self.recover()
+                        next_recover = time.monotonic() + s.recover_interval_s
+                    if self._claim_due:
+                        busy = await self.claim_once() > 0
+                except Exception:
+                    log.exception("delivery pass failed; retrying")
+                    await asyncio.sleep(min(1.0, poll))
+                if busy:
+                    continue
+                try:
+                    await asyncio.wait_for(self._wake.wait(), poll)
+                except TimeoutError:
+                    self._claim_due = True  # deferred sends come due with time
+            self._stopping = True
+            for event in self._prepare_wakes:
+                event.set()
+            await asyncio.gather(*preparers, return_exceptions=True)
+        finally:
+            for task in preparers:
+                task.cancel()
         await self.drain(s.shutdown_grace_s)
+
+    async def _prepare_loop(self, event: asyncio.Event) -> None:
+        poll = self.svc.settings.delivery_poll_ms / 1000
+        while not (self.svc.stop_event.is_set() or self._stopping):
+            event.clear()
+            try:
+                if await self.prepare_once() > 0:
+                    continue
+            except Exception:
+                log.exception("prepare pass failed; retrying")
+                await asyncio.sleep(min(1.0, poll))
+            try:
+                await asyncio.wait_for(event.wait(), poll)
+            except TimeoutError:
+                pass  # sends that waited for their conversation come due with time
 
     async def drain(self, grace: float) -> None:
         """Stop claiming; let attempts in flight finish and record their outcome."""
         self._stopping = True
         self._wake.set()
+        for event in self._prepare_wakes:
+            event.set()
         if self._inflight:
             await asyncio.wait(list(self._inflight.values()), timeout=grace)
 
@@ -230,74 +279,100 @@ class Delivery:
     async def prepare_once(self) -> int:
         """Compose and sign a batch of new commands; returns how many left the prepare stage."""
         locked: set[uuid.UUID] = set()
+        slots = [0]  # attempt slots this pass holds until its tasks start (see _free_slots)
         try:
-            return await self._prepare(locked)
+            return await self._prepare(locked, slots)
         except BaseException:
+            self._starting -= locked
             await self._unlock_many(locked)  # their transaction did not commit: not ours to send
             raise
+        finally:
+            self._reserved -= slots[0]
 
-    async def _prepare(self, locked: set[uuid.UUID]) -> int:
+    async def _prepare(self, locked: set[uuid.UUID], slots: list[int]) -> int:
         s = self.svc.settings
         wait = timedelta(seconds=s.unknown_conversation_wait_s)
-        async with self.svc.pool.acquire() as conn, conn.transaction():
-            rows = await storage.due_for_prepare(conn, s.prepare_batch)
-            if not rows:
+        async with self.svc.pool.acquire() as conn:
+            candidates = await storage.prepare_candidates(conn, s.prepare_batch)
+            if not candidates:
                 return 0
-            cmds = {r["send_id"]: MailSend.model_validate(r["command"]) for r in rows}
-            boxes, threads = await storage.views_for(
-                conn, (c.mailbox_id for c in cmds.values()), (c.id_conversa for c in cmds.values())
-            )
-            files = await storage.attachments(
-                conn, (a for c in cmds.values() for a in c.attachments)
-            )
-            jobs: list[tuple[Any, Job, bool]] = []
-            now = datetime.now(UTC)
-            for row in rows:
-                cmd = cmds[row["send_id"]]
-                box, thread = boxes.get(cmd.mailbox_id), threads.get(cmd.id_conversa, [])
-                missing = box is None or (not thread and cmd.conversation is None)
-                if missing and now < row["created_at"] + wait:
-                    await storage.postpone(conn, row["send_id"], row["created_at"] + wait)
-                    continue
-                mine = {a: files[a] for a in cmd.attachments if a in files}
-                job = Job(cmd, dict(box) if box else None, [dict(m) for m in thread], mine)
-                jobs.append((row, job, missing))
-            results = await asyncio.gather(*(self._render(job, now) for _, job, _ in jobs))
-            ready = []
-            for (row, _, missing), result in zip(jobs, results, strict=True):
-                if isinstance(result, Refusal):
-                    detail = result.detail
-                    if missing:
-                        detail += f" (not seen within {s.unknown_conversation_wait_s:g} s)"
-                    await storage.refuse(conn, row, detail)
-                    log.info(
-                        "send refused", extra={"send_id": str(row["send_id"]), "detail": detail}
-                    )
-                else:
-                    ready.append((row["send_id"], result))
-            # As many as there are free attempt slots begin their first attempt now, in this
-            # transaction (no second UPDATE and claim round trip for them, and their bytes need
-            # not come back from the database); the others wait for claim_once as before.
-            free = 0 if self._stopping else s.delivery_concurrency - len(self._inflight)
-            now_ready = ready[: max(0, free)]
-            if now_ready:
-                locked |= await self.locks.run(storage.try_locks, [sid for sid, _ in now_ready])
-            started = await storage.mark_sending(
-                conn, [(sid, r) for sid, r in now_ready if sid in locked]
-            )
-            await storage.mark_ready(conn, [(sid, r) for sid, r in ready if sid not in locked])
+            async with conn.transaction():
+                rows = await storage.lock_for_prepare(conn, candidates)
+                if not rows:
+                    return 0
+                cmds = {r["send_id"]: MailSend.model_validate(r["command"]) for r in rows}
+                boxes, threads = await storage.views_for(
+                    conn,
+                    (c.mailbox_id for c in cmds.values()),
+                    (c.id_conversa for c in cmds.values()),
+                )
+                files = await storage.attachments(
+                    conn, (a for c in cmds.values() for a in c.attachments)
+                )
+                jobs: list[tuple[Any, Job, bool]] = []
+                now = datetime.now(UTC)
+                for row in rows:
+                    cmd = cmds[row["send_id"]]
+                    box, thread = boxes.get(cmd.mailbox_id), threads.get(cmd.id_conversa, [])
+                    missing = box is None or (not thread and cmd.conversation is None)
+                    if missing and now < row["created_at"] + wait:
+                        await storage.postpone(conn, row["send_id"], row["created_at"] + wait)
+                        continue
+                    mine = {a: files[a] for a in cmd.attachments if a in files}
+                    job = Job(cmd, dict(box) if box else None, [dict(m) for m in thread], mine)
+                    jobs.append((row, job, missing))
+                results = await asyncio.gather(*(self._render(job, now) for _, job, _ in jobs))
+                ready = []
+                for (row, _, missing), result in zip(jobs, results, strict=True):
+                    if isinstance(result, Refusal):
+                        detail = result.detail
+                        if missing:
+                            detail += f" (not seen within {s.unknown_conversation_wait_s:g} s)"
+                        await storage.refuse(conn, row, detail)
+                        log.info(
+                            "send refused", extra={"send_id": str(row["send_id"]), "detail": detail}
+                        )
+                    else:
+                        ready.append((row["send_id"], result))
+                # As many as there are free attempt slots begin their first attempt now, in this
+                # transaction (no second UPDATE and claim round trip for them, and their bytes need
+                # not come back from the database); the others wait for claim_once as before.
+                now_ready = ready[: max(0, self._free_slots())]
+                # Other prepare passes and the claim loop count these slots as taken from here on.
+                slots[0] = len(now_ready)
+                self._reserved += slots[0]
+                if now_ready:
+                    got = await self.locks.run(storage.try_locks, [sid for sid, _ in now_ready])
+                    locked |= got
+                    self._starting |= got  # recover() leaves these alone (see below)
+                started = await storage.mark_sending(
+                    conn, [(sid, r) for sid, r in now_ready if sid in locked]
+                )
+                await storage.mark_ready(conn, [(sid, r) for sid, r in ready if sid not in locked])
         # Committed: the rows are 'sending' under our locks and their attempts give them back;
-        # no await before their tasks exist (recover() skips only the sends in _inflight).
+        # no await before their tasks exist. Until then (the commit and the connection's
+        # release are awaits) recover() skips them through _starting, as it skips _inflight.
+        self._reserved -= slots[0]
+        slots[0] = 0
         missed = locked - {r["send_id"] for r in started}
+        self._starting -= locked
         locked.clear()
         mimes = {sid: r.mime for sid, r in now_ready}
         for record in started:
             row = dict(record)
             row["mime"] = mimes[row["send_id"]]
             self._start(row)
+        if len(ready) > len(started):
+            self._claim_due = True  # composed without a slot: claim_once takes them
+            self._wake.set()
         await self._unlock_many(missed)
         self.svc.relay.wake()
         return len(jobs)
+
+    def _free_slots(self) -> int:
+        if self._stopping:
+            return 0
+        return self.svc.settings.delivery_concurrency - len(self._inflight) - self._reserved
 
     async def _unlock_many(self, send_ids: set[uuid.UUID]) -> None:
         if send_ids:
@@ -329,12 +404,16 @@ class Delivery:
 
     # ---- claim and attempt -----------------------------------------------------------------
     async def claim_once(self) -> int:
-        free = self.svc.settings.delivery_concurrency - len(self._inflight)
-        if free <= 0 or self._stopping:
+        free = self._free_slots()
+        if free <= 0:
             return 0
+        # Cleared before the query: a send composed after it sets the flag again.
+        self._claim_due = False
         rows = await self.locks.run(storage.claim, free)
         for row in rows:
             self._start(row)
+        if len(rows) >= free:
+            self._claim_due = True  # the limit, not the queue, ended it: there may be more
         return len(rows)
 
     def _start(self, row: Any) -> None:
@@ -454,7 +533,9 @@ class Delivery:
     # ---- crash recovery --------------------------------------------------------------------
     async def recover(self) -> int:
         """Apply the policy (module docstring) to rows left in 'sending' by dead processes."""
-        orphans = await self.locks.run(storage.lock_orphans, list(self._inflight))
+        orphans = await self.locks.run(
+            storage.lock_orphans, list(self._inflight.keys() | self._starting)
+        )
         for send_id in orphans:
             try:
                 async with self.svc.pool.acquire() as conn, conn.transaction():

@@ -54,6 +54,9 @@ class SenderSettings(ServiceSettings):
     )
     delivery_concurrency: int = field(32, "sends in flight per process, over all relays")
     prepare_batch: int = field(20, "commands composed (and signed) per transaction")
+    prepare_workers: int = field(
+        2, "prepare passes at once: one composes and signs while another waits for the database"
+    )
     render_workers: int = field(
         0, "processes that compose and sign (the CPU of a send); 0 = in the service's own loop"
     )

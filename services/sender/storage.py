@@ -148,13 +148,37 @@ async def client_id_owners(
 # ---- the prepare stage -------------------------------------------------------------------------
 
 
-async def due_for_prepare(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def prepare_candidates(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
+    """Sends due for composing that no prepare pass holds now; run *outside* a transaction.
+
+    Its row locks end with the statement. A ``FOR UPDATE`` that meets a row another
+    transaction updated after this statement's snapshot locks the row's newest version and only
+    then finds it no longer matches: the row is not returned but stays locked. Here that newest
+    version is a send another pass (of this or another replica) has just made 'sending', and a
+    prepare transaction that kept such a lock while it composed would hold up that attempt's
+    outcome, and with it the lock session every pass waits for (a deadlock seen with two passes
+    at once). :func:`lock_for_prepare` then locks these rows by key, in the transaction.
+    """
+    rows = await conn.fetch(
+        """SELECT send_id FROM sends
+           WHERE state = 'queued' AND mime IS NULL AND next_attempt_at <= now()
+           ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
+        limit,
+    )
+    return [r["send_id"] for r in rows]
+
+
+async def lock_for_prepare(
+    conn: asyncpg.Connection, send_ids: list[uuid.UUID]
+) -> list[asyncpg.Record]:
+    """The rows of :func:`prepare_candidates` still due and not taken meanwhile, locked until
+    the prepare transaction ends (a row another pass took between the two is skipped)."""
     return list(
         await conn.fetch(
             f"""SELECT {SEND_COLUMNS}, command FROM sends
-                WHERE state = 'queued' AND mime IS NULL AND next_attempt_at <= now()
-                ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
-            limit,
+                WHERE send_id = ANY($1::uuid[]) AND state = 'queued' AND mime IS NULL
+                ORDER BY next_attempt_at FOR UPDATE SKIP LOCKED""",
+            send_ids,
         )
     )
 
