@@ -502,6 +502,27 @@ def bench_ingest(a: argparse.Namespace) -> None:
     print(f"report written to {a.out}")
 
 
+def bench_sender(out: str) -> None:
+    """``bench.sender`` with one and two sender processes, each in a process of its own."""
+    report: dict[str, Any] = {"machine": machine(), "calibration_before": calibrate.measure()}
+    for replicas in (1, 2):
+        run = subprocess.run(
+            [sys.executable, "-m", "bench.sender", "--count", "4000", "--replicas", f"{replicas}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        line = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else "{}"
+        report[f"sender_{replicas}"] = json.loads(line)
+        print(line, flush=True)
+        if run.returncode:
+            raise SystemExit(f"bench.sender --replicas {replicas} failed: {run.stderr[-2000:]}")
+    report["calibration_after"] = calibrate.measure()
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(f"report written to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="make bench")
     p.add_argument("--agents", default="100,1000", help="comma-separated agent counts")
@@ -523,9 +544,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--only",
-        choices=["ingest", "threader"],
+        choices=["ingest", "threader", "sender"],
         help="ingest: ingest alone, SMTP throughput (5 KB, 500 KB) without the WebSocket agents;"
-        " threader: threading with a million messages stored (python -m bench.threader --help)",
+        " threader: threading with a million messages stored (python -m bench.threader --help);"
+        " sender: 4,000 DKIM-signed 5 KB replies to a local relay, with one sender process"
+        " and with two (python -m bench.sender --help)",
     )
     a = p.parse_args(argv)
     VIA["via"] = a.via
@@ -536,6 +559,9 @@ def main(argv: list[str] | None = None) -> None:
         from bench import threader
 
         threader.main(["--out", a.out])
+        return
+    if a.only == "sender":
+        bench_sender(a.out)
         return
     cases = [(int(n), a.rate) for n in a.agents.split(",") if n]
     if a.full:
