@@ -244,3 +244,36 @@ async def test_frames_committed_before_the_snapshot_are_not_counted_twice(
             total = f["mailbox_total"]
             assert total <= n
         await assert_silent(ws, 0.5, skip=("message.added",))
+
+
+async def test_a_snapshot_counts_every_conversation_and_lists_the_newest(
+    env: Env, start: Starter
+) -> None:
+    """Totals over every unread conversation of each mailbox, the list capped at
+    ``badge_snapshot_max``, newest first; a read one is neither counted nor listed."""
+    svc = await start(badge_snapshot_max=2)
+    box, other, ana = mbx(), mbx(), user()
+    events = [message_added(box) for _ in range(4)]
+    for ev in events:
+        await env.publish(ev)
+        await testing.eventually(
+            lambda ev=ev: svc.pool.fetchval(
+                "SELECT 1 FROM badge_conversations WHERE id_conversa = $1", ev.id_conversa
+            )
+        )
+    elsewhere = message_added(other)
+    await env.publish(elsewhere)
+    twice = message_added(box, events[0].id_conversa, n=2)
+    await env.publish(twice)  # the oldest conversation is now the newest, with 2 unread
+    read = ConversationRead(
+        id_conversa=events[3].id_conversa, mailbox_id=box, user_id=ana, read_at=datetime.now(UTC)
+    )
+    await env.publish(read, producer="threader")
+    await testing.eventually(
+        lambda: svc.pool.fetchval("SELECT count(*) = 1 FROM badge_reads WHERE user_id = $1", ana)
+    )
+    await asyncio.sleep(0.2)
+    snap = await snapshot(svc, env, ana, [box, other])
+    assert snap["totals"] == {box: 4, other: 1}  # 2 + 1 + 1 (+ 0 for the read one), 1
+    listed = [(c["id_conversa"], c["unread"]) for c in snap["conversations"]]
+    assert listed == [(events[0].id_conversa, 2), (elsewhere.id_conversa, 1)]
