@@ -137,16 +137,11 @@ class Badges:
             loaded.append((c, view))
         if op.op == "in":  # the common case, a new mail for everyone: one loop for all
             groups = inbound_groups(loaded, op)
-        for c, view in loaded if op.op != "in" else ():
-            n = view.apply(op, to_user)
-            if n is None:
-                continue
-            key = (n, view.totals.get(mailbox, 0))
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [c]
-            else:
-                group.append(c)
+        else:
+            for c, view in loaded:
+                n = view.apply(op, to_user)
+                if n is not None:
+                    groups.setdefault((n, view.totals.get(mailbox, 0)), []).append(c)
         # Queued with this turn's other frames (after the message.added it counts); the hub's
         # flush closes a connection that cannot keep up.
         return sum(

@@ -199,7 +199,7 @@ def inbound_groups(views: list[tuple[K, BadgeView]], op: BadgeOp) -> dict[tuple[
     groups: dict[tuple[int, int], list[K]] = {}
     xid, conv, mailbox = op.xid, op.id_conversa, op.mailbox
     in_seq, cleared = op.counters.in_seq, op.counters.cleared
-    for key, view in views:
+    for item, view in views:
         snap = view.snapshot
         if snap is None or xid < snap.xmin or (xid < snap.xmax and xid not in snap.xip):
             continue
@@ -208,9 +208,10 @@ def inbound_groups(views: list[tuple[K, BadgeView]], op: BadgeOp) -> dict[tuple[
         totals[mailbox] = total
         r = view.reads.get(conv, 0) if view.reads else 0
         n = in_seq - (cleared if cleared > r else r)
-        group = groups.get((n if n > 0 else 0, total))
+        key = (n if n > 0 else 0, total)
+        group = groups.get(key)
         if group is None:
-            groups[(n if n > 0 else 0, total)] = [key]
+            groups[key] = [item]
         else:
-            group.append(key)
+            group.append(item)
     return groups
