@@ -357,10 +357,11 @@ class Delivery:
         missed = locked - {r["send_id"] for r in started}
         self._starting -= locked
         locked.clear()
-        mimes = {sid: r.mime for sid, r in now_ready}
+        rendered = dict(now_ready)
         for record in started:
             row = dict(record)
-            row["mime"] = mimes[row["send_id"]]
+            r = rendered[row["send_id"]]
+            row["mime"], row["sent_message"] = r.mime, r.sent  # not read back: we have them
             self._start(row)
         if len(ready) > len(started):
             self._claim_due = True  # composed without a slot: claim_once takes them
