@@ -192,6 +192,7 @@ def server_frame(message: str | bytes) -> bytes:
 
 
 # ---- the notifier's end -------------------------------------------------------------------------
+MERGE_MAX = 256 * 1024  # a merged body stays far below any gateway's message cap
 HOLD_AT = 32  # an agent's frames waiting to be handled when its socket stops being read
 RELEASE_AT = 8  # and when it is read again
 
@@ -344,7 +345,7 @@ class TrunkEnd:
         merged: list[tuple[bytes, list[int]]] = [batches[0]]
         for data, cids in batches[1:]:
             last_data, last_cids = merged[-1]
-            if cids == last_cids:
+            if cids == last_cids and len(last_data) + len(data) <= MERGE_MAX:
                 merged[-1] = (last_data + data, cids)
             else:
                 merged.append((data, cids))

@@ -410,7 +410,11 @@ class Delivery:
             return 0
         # Cleared before the query: a send composed after it sets the flag again.
         self._claim_due = False
-        rows = await self.locks.run(storage.claim, free)
+        self._reserved += free  # prepare passes meanwhile must not promise these slots again
+        try:
+            rows = await self.locks.run(storage.claim, free)
+        finally:
+            self._reserved -= free
         for row in rows:
             self._start(row)
         if len(rows) >= free:

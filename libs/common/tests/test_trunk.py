@@ -83,12 +83,14 @@ class _Conn:
 
 
 def _messages(written: list[bytes]) -> list[tk.Message]:
-    """Decode the binary WebSocket frames the end wrote (unmasked, short or 16-bit lengths)."""
+    """Decode the binary WebSocket frames the end wrote (unmasked, any length)."""
     data, out, pos = b"".join(written), [], 0
     while pos < len(data):
         n, head = data[pos + 1] & 0x7F, 2
         if n == 126:
             n, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
         out.append(tk.decode(data[pos + head : pos + head + n]))
         pos += head + n
     return out
@@ -199,3 +201,19 @@ async def test_a_send_waits_while_the_agents_socket_is_full() -> None:
     link.lost(1001)  # the agent left meanwhile: the send ends
     with pytest.raises(Exception):  # noqa: B017 (websockets' ConnectionClosed)
         await asyncio.wait_for(blocked, 1)
+
+
+async def test_a_merged_body_stays_far_below_a_gateways_message_cap() -> None:
+    """A burst for one mailbox (500 frames of 9 KiB: a mail with a long Cc list) merged into one
+    body would pass the gateway's 4 MiB cap and cost every agent on it the trunk (found by a
+    trial); merging stops at MERGE_MAX, order kept."""
+    conn: Any = _Conn()
+    end = tk.TrunkEnd(conn, max_buffer=64 << 20, max_queued=4, max_message=None)
+    frames = [tk.server_frame(f'{{"n":{i},"x":"{"a" * 9000}"}}') for i in range(500)]
+    for f in frames:
+        end.queue_many([1, 2, 3], f)
+    await asyncio.sleep(0)
+    got = _messages(conn.transport.written)
+    assert all(len(m.body) <= tk.MERGE_MAX for m in got) and len(got) > 1
+    assert all(m.cids == (1, 2, 3) for m in got)
+    assert b"".join(m.body for m in got) == b"".join(frames)
