@@ -78,7 +78,10 @@ def search_document(subject: str, addrs: list[Address], text: str, html: str = "
     people = " ".join(f"{a.name} {a.address} {_PARTS.sub(' ', a.address)}" for a in addrs)
     body = text or _TAGS.sub(" ", html)
     folded = fold(f"{subject} {people} {body}").translate(_BRACKETS)
-    return " ".join(dict.fromkeys(_BLANKS.split(folded))).strip()[:_DOC_LIMIT]
+    # Every word after a blank, the first too: at the very start "~zeca" is read as a path and
+    # "zeca" would not match (found by a trial).
+    words = (w for w in dict.fromkeys(_BLANKS.split(folded)) if w)
+    return (" " + " ".join(words))[:_DOC_LIMIT]
 
 
 @dataclass

@@ -657,6 +657,10 @@ async def test_search_document_keeps_the_lexemes_of_the_whole_text(env: Env) -> 
     texts = [t for t in texts if len(storage.fold(f"s  {t}")) <= storage._DOC_LIMIT]
     whole = [storage.fold(f"s  {t}") for t in texts]
     deduped = [storage.search_document("s", [], t) for t in texts]
+    # No subject: the body's first word starts the document ("~zeca" there was a path).
+    texts.append("~zeca foo")
+    whole.append(storage.fold("  ~zeca foo"))
+    deduped.append(storage.search_document("", [], "~zeca foo"))
     rows = await env.svc.pool.fetch(
         f"""SELECT array_to_string(tsvector_to_array({storage._TSV.format("w")}), ' ') AS w,
                    array_to_string(tsvector_to_array({storage._TSV.format("d")}), ' ') AS d
