@@ -7,11 +7,17 @@ consumers' idempotency absorbs; a crash before XADD loses nothing.
 
 ``stage`` is the direct path for events somebody waits for (a frame an agent sees): its caller
 XADDs the rows itself once its transaction committed (``OutboxRelay.publish``), and the relay only
-deletes them, later and in bulk. Waiting for a relay pass cost each hop four more round trips
+deletes them, right after and in bulk. Waiting for a relay pass cost each hop four more round trips
 (BEGIN, DELETE, COMMIT and a turn of the loop), 2-3 ms on a two-core machine, and a pass. The
 rows are still written in the transaction, so nothing is lost: a staged row its caller did not
-publish (a crash, Redis away) is published by a pass once it is ``direct_grace_s`` old. A row
-published directly and again by such a pass is absorbed by the consumers' idempotency.
+publish (a crash) is published by a pass once it is ``direct_grace_s`` old. A row published
+directly and again by such a pass is absorbed by the consumers' idempotency.
+
+A direct publish that fails (Redis refused it or did not answer in ``direct_timeout_s``) hands
+its rows to the relay at once, and so does every publish after it until a pass has caught up:
+the relay publishes them in id order, so one conversation's events never overtake each other
+(a later event went out directly while the failed one waited out the grace; found by a trial),
+and writers stop waiting on a Redis that hangs.
 """
 
 from __future__ import annotations
@@ -84,6 +90,11 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._pass_due = True  # the first pass takes what an earlier process left
         self._published: list[int] = []  # staged rows published directly, to delete
+        # Staged rows their writer could not publish: the relay's now, in id order. While any
+        # wait (``_handoff``, or the pass that takes them has not caught up), publish hands
+        # its rows over too.
+        self._handoff: list[int] = []
+        self._degraded = False
         self._stopping = asyncio.Event()
         self.last_loop_at = 0.0
 
@@ -100,19 +111,27 @@ class OutboxRelay:
         """
         if not staged.ids:
             return
+        if self._degraded:
+            self._hand_over(staged.ids)
+            return
         entries = [(self.bus.stream(t), e) for t, e in staged.entries]
         try:
             await asyncio.wait_for(self.bus.publish_raw(entries), self.direct_timeout_s)
         except Exception as exc:
             log.warning(
-                "direct publish failed; the relay will publish the rows",
+                "direct publish failed; the relay publishes the rows, and those after them",
                 extra={"rows": len(staged.ids), "error": f"{type(exc).__name__}: {exc}"},
             )
+            self._degraded = True
+            self._hand_over(staged.ids)
             return
         metrics.OUTBOX_PUBLISHED.labels(schema=self.schema).inc(len(staged.ids))
         self._published.extend(staged.ids)
-        if len(self._published) >= self.batch:
-            self._wake.set()  # else they go at the next poll: one DELETE for many publishes
+        # Deleted at the relay's next turn: until then a crash leaves them to be published
+        # again after the grace, so the window stays a round trip, not a poll (found by a trial:
+        # notifier.frame's broadcast readers have no processed_events to absorb a second copy).
+        # Publishes while a DELETE is under way share the next one.
+        self._wake.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -129,9 +148,12 @@ class OutboxRelay:
             n = 0
             try:
                 await self._forget_published()
+                await self._take_over()
                 if self._pass_due or self._stopping.is_set():
                     self._pass_due = False
                     n = await self.publish_once(self.batch)
+                    if n < self.batch and not self._handoff:
+                        self._degraded = False  # caught up: writers publish directly again
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -151,6 +173,24 @@ class OutboxRelay:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             except TimeoutError:
                 self._pass_due = True  # the poll: stale staged rows, rows of other processes
+
+    def _hand_over(self, ids: tuple[int, ...]) -> None:
+        self._handoff.extend(ids)
+        self.wake()
+
+    async def _take_over(self) -> None:
+        """Rows handed over become the relay's at once (no grace): the pass after this takes
+        them with the rest, in id order."""
+        ids, self._handoff = self._handoff, []
+        if not ids:
+            return
+        try:
+            await self.pool.execute(
+                "UPDATE outbox SET direct = false WHERE id = ANY($1::bigint[])", ids
+            )
+        except BaseException:
+            self._handoff[:0] = ids
+            raise
 
     async def _forget_published(self) -> None:
         """Delete the rows ``publish`` sent, in one autocommit statement."""

@@ -55,6 +55,9 @@ from services.notifier.live_state import LiveState
 from services.notifier.settings import NotifierSettings
 
 log = logging.getLogger("chatflow.notifier.ws")
+# Frames remembered by envelope id against a second copy: minutes of traffic at a busy mailbox,
+# far past the outbox's grace (5 s) after which a second copy can come.
+RECENT_FRAMES = 20_000
 
 PROTOCOL: Final = Subprotocol("chatflow.v1")
 UNAUTHORIZED: Final = 4401
@@ -124,6 +127,10 @@ class LiveServer:
             ),
         )
         self.stream = bus.stream(FRAME_TYPE)
+        # Envelope ids of the frames delivered lately: an outbox row published twice (its
+        # writer died between its XADD and its DELETE; libs.common.outbox) arrives again under
+        # a new entry id, and a broadcast reader has no processed_events to absorb it.
+        self._recent: dict[str, None] = {}
         self.server: Server | None = None
         self._pending: weakref.WeakKeyDictionary[ServerConnection, object] = (
             weakref.WeakKeyDictionary()
@@ -493,9 +500,15 @@ class LiveServer:
     # ---- broadcast -----------------------------------------------------------------------------
     async def on_frame(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
         """BroadcastReader handler: every replica delivers each frame to its own connections."""
-        nf = _parse(fields)
-        if nf is None:
+        parsed = _parse_envelope(fields)
+        if parsed is None:
             return
+        envelope_id, nf = parsed
+        if envelope_id in self._recent:
+            return  # a second copy of one outbox row
+        self._recent[envelope_id] = None
+        if len(self._recent) > RECENT_FRAMES:
+            del self._recent[next(iter(self._recent))]
         if nf.access is not None:
             self.on_access(nf.access)
             return
@@ -529,11 +542,17 @@ class LiveServer:
 
 
 def _parse(fields: dict[bytes, bytes]) -> NotifierFrame | None:
+    parsed = _parse_envelope(fields)
+    return None if parsed is None else parsed[1]
+
+
+def _parse_envelope(fields: dict[bytes, bytes]) -> tuple[str, NotifierFrame] | None:
     data = fields.get(b"e")
     if data is None:
         return None
     try:
-        return Envelope.from_json(data).payload_as(NotifierFrame)
+        env = Envelope.from_json(data)
+        return env.id, env.payload_as(NotifierFrame)
     except EventError:
         log.warning("skipping invalid frame entry")
         return None

@@ -95,6 +95,21 @@ async def test_redelivered_event_gives_one_frame(env: Env, start: Starter) -> No
     assert await env.bus.redis.xlen(env.bus.stream(FRAME_TYPE)) == 1
 
 
+async def test_a_frame_published_twice_is_delivered_once(env: Env, start: Starter) -> None:
+    """An outbox row published directly and again after the grace (its writer died before
+    deleting it) is a second entry with the same envelope: the broadcast readers skip it."""
+    svc = await start()
+    box = mbx()
+    async with ws_connect(svc, env.token(user(), [box])) as ws:
+        await env.bus.publish(Envelope.of(message_added(box), producer="threader"))
+        await recv_type(ws, "message.added")
+        [(_, fields)] = await env.bus.redis.xrange(env.bus.stream(FRAME_TYPE))
+        await env.bus.redis.xadd(env.bus.stream(FRAME_TYPE), fields)  # the second copy
+        await assert_silent(ws, 0.8)
+        await env.bus.publish(Envelope.of(message_added(box), producer="threader"))
+        await recv_type(ws, "message.added")  # the next frame still comes
+
+
 async def test_conversation_updated_frame(env: Env, start: Starter) -> None:
     svc = await start()
     box = mbx()
