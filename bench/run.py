@@ -452,9 +452,9 @@ def throughput(stack: Stack, tokens: Path | None, count: int, size: int) -> dict
     }
 
 
-def ingest_only(url: str, prefix: str, var: Path, a: argparse.Namespace) -> dict[str, Any]:
-    """``--only ingest``: ingest alone (its schema, one mailbox), SMTP throughput only."""
-    stack = Stack(
+def bench_stack(url: str, prefix: str, var: Path, **env: str) -> Stack:
+    """A stack of the bench's own: its database and prefix, free ports, quiet logs in ``var``."""
+    return Stack(
         database_url=url,
         stream_prefix=prefix,
         ports=Ports.free(),
@@ -462,8 +462,13 @@ def ingest_only(url: str, prefix: str, var: Path, a: argparse.Namespace) -> dict
         log_file=var / "stack.log",
         echo=False,
         inherit_env=False,
-        extra_env={"CHATFLOW_LOG_LEVEL": "WARNING"},
+        extra_env={"CHATFLOW_LOG_LEVEL": "WARNING", **env},
     )
+
+
+def ingest_only(url: str, prefix: str, var: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """``--only ingest``: ingest alone (its schema, one mailbox), SMTP throughput only."""
+    stack = bench_stack(url, prefix, var)
     out: dict[str, Any] = {}
     try:
         var.mkdir(parents=True, exist_ok=True)
@@ -599,20 +604,13 @@ def main(argv: list[str] | None = None) -> None:
     db = f"chatflow_bench_{run_id}"
     url = asyncio.run(testing.create_database(db))
     var = ROOT / "var" / f"bench-{run_id}"
-    stack = Stack(
-        database_url=url,
-        stream_prefix=f"bench{run_id}:",
-        ports=Ports.free(),
-        var=var,
-        log_file=var / "stack.log",
-        echo=False,
-        inherit_env=False,
-        extra_env={
-            "CHATFLOW_LOG_LEVEL": "WARNING",
-            # The latency probe sends thousands of requests as one agent.
-            "CHATFLOW_GATEWAY_RATE_LIMIT_PER_USER": "1000000",
-            "CHATFLOW_GATEWAY_RATE_LIMIT_PER_IP": "1000000",
-        },
+    # The latency probe sends thousands of requests as one agent.
+    stack = bench_stack(
+        url,
+        f"bench{run_id}:",
+        var,
+        CHATFLOW_GATEWAY_RATE_LIMIT_PER_USER="1000000",
+        CHATFLOW_GATEWAY_RATE_LIMIT_PER_IP="1000000",
     )
     report: dict[str, Any] = {
         "machine": machine(),

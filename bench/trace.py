@@ -24,11 +24,11 @@ import aiosmtplib
 import asyncpg
 
 from bench.clients import _mail, _open
-from bench.run import cpu_seconds, pct
+from bench.run import bench_stack, cpu_seconds, pct
 from libs.common import testing
 from libs.common.bus import connect
 from libs.common.settings import ROOT
-from tools.devstack import Ports, Stack
+from tools.devstack import Stack
 
 WARMUP = 5
 
@@ -43,16 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     url = asyncio.run(testing.create_database(db))
     var = ROOT / "var" / f"trace-{run_id}"
     prefix = f"trace{run_id}:"
-    stack = Stack(
-        database_url=url,
-        stream_prefix=prefix,
-        ports=Ports.free(),
-        var=var,
-        log_file=var / "stack.log",
-        echo=False,
-        inherit_env=False,
-        extra_env={"CHATFLOW_LOG_LEVEL": "WARNING"},
-    )
+    stack = bench_stack(url, prefix, var)
     try:
         var.mkdir(parents=True, exist_ok=True)
         stack.migrate()

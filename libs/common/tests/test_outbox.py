@@ -7,6 +7,8 @@ import os
 import signal
 from pathlib import Path
 
+import asyncpg
+
 from libs.common import outbox, testing
 from libs.common.bus import Bus
 from libs.common.tests.helpers import SCHEMA, sample, setup_schema
@@ -108,6 +110,16 @@ async def test_the_relay_drains_a_backlog_in_batches_and_publishes_each_wake(
         await pool.close()
 
 
+async def _staged_apart(pool: asyncpg.Pool, n: int) -> list[outbox.Staged]:
+    """An empty outbox, then ``n`` events staged by ``n`` transactions, in commit order."""
+    await pool.execute("DELETE FROM outbox")
+    staged = []
+    for i in range(n):
+        async with pool.acquire() as conn, conn.transaction():
+            staged.append(await outbox.stage(conn, sample(i)))
+    return staged
+
+
 async def _length_is(bus: Bus, stream: str, n: int) -> bool:
     return bool(await bus.redis.xlen(stream) == n)
 
@@ -183,11 +195,7 @@ async def test_a_failed_publish_hands_its_rows_and_the_next_ones_to_the_relay_in
     relay = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=60_000, direct_grace_s=30)
     stream = bus.stream("mailbox.changed")
     try:
-        await pool.execute("DELETE FROM outbox")
-        staged = []
-        for i in range(3):
-            async with pool.acquire() as conn, conn.transaction():
-                staged.append(await outbox.stage(conn, sample(i)))
+        staged = await _staged_apart(pool, 3)
 
         async def down(entries: object) -> list[str]:
             raise ConnectionError("redis is away")
@@ -219,11 +227,7 @@ async def test_a_publish_that_hangs_gives_up_after_its_timeout(bus: Bus, databas
     relay = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=60_000, direct_timeout_s=0.2)
     stream = bus.stream("mailbox.changed")
     try:
-        await pool.execute("DELETE FROM outbox")
-        staged = []
-        for i in range(2):
-            async with pool.acquire() as conn, conn.transaction():
-                staged.append(await outbox.stage(conn, sample(i)))
+        staged = await _staged_apart(pool, 2)
 
         async def stuck(entries: object) -> list[str]:
             await asyncio.sleep(30)
