@@ -106,8 +106,9 @@ class OutboxRelay:
     async def publish(self, staged: Staged) -> None:
         """XADD committed staged rows now; the relay deletes them afterwards, in bulk.
 
-        Never raises for Redis, nor waits long for it (ingest's 250s wait behind this): the rows
-        stay in the outbox, and a pass publishes them once they are older than the grace.
+        Never raises for Redis, and waits on it at most once (``direct_timeout_s``; ingest's
+        writer waits behind this): a failed publish hands its rows, and the next publishes',
+        to the relay, which publishes them in id order.
         """
         if not staged.ids:
             return

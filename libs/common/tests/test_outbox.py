@@ -169,9 +169,7 @@ async def test_staged_rows_left_unpublished_go_out_after_the_grace(
     stream = bus.stream("mailbox.changed")
     task = asyncio.create_task(relay.run())
     try:
-        await pool.execute("DELETE FROM outbox")
-        async with pool.acquire() as conn, conn.transaction():
-            lost = await outbox.stage(conn, sample(1))  # never published by its writer
+        [lost] = await _staged_apart(pool, 1)  # never published by its writer
         clock = asyncio.get_running_loop().time
         started = clock()
         await testing.eventually(lambda: _length_is(bus, stream, 1), timeout=5)
