@@ -556,6 +556,20 @@ def bench_sender(out: str) -> None:
     print(f"report written to {out}")
 
 
+def bench_floor(out: str) -> None:
+    """The real-time cases' two sizes with nothing but the TLS fan-out (``bench.floor``)."""
+    from bench import floor
+
+    report: dict[str, Any] = {"machine": machine(), "calibration_before": calibrate.measure()}
+    report["floor"] = [
+        floor.run(floor.options(["--agents", "1000", "--rate", "50", "--size", "1500"])),
+        floor.run(floor.options(["--agents", "5000", "--rate", "20", "--size", "1500"])),
+    ]
+    report["calibration_after"] = calibrate.measure()
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="make bench")
     p.add_argument("--agents", default="100,1000", help="comma-separated agent counts")
@@ -577,11 +591,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--only",
-        choices=["ingest", "threader", "sender"],
+        choices=["ingest", "threader", "sender", "floor"],
         help="ingest: ingest alone, SMTP throughput (5 KB, 500 KB) without the WebSocket agents;"
         " threader: threading with a million messages stored (python -m bench.threader --help);"
         " sender: 4,000 DKIM-signed 5 KB replies to a local relay, with one sender process"
-        " and with two (python -m bench.sender --help)",
+        " and with two (python -m bench.sender --help);"
+        " floor: the bare TLS fan-out without ChatFLOW, 1,000 sockets at 50 frames/s and 5,000"
+        " at 20 (python -m bench.floor --help)",
     )
     a = p.parse_args(argv)
     VIA["via"] = a.via
@@ -595,6 +611,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.only == "sender":
         bench_sender(a.out)
+        return
+    if a.only == "floor":
+        bench_floor(a.out)
         return
     cases = [(int(n), a.rate) for n in a.agents.split(",") if n]
     if a.full:
