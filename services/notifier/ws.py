@@ -129,8 +129,9 @@ class LiveServer:
         self.stream = bus.stream(FRAME_TYPE)
         # Envelope ids of the frames delivered lately: an outbox row published twice (its
         # writer died between its XADD and its DELETE; libs.common.outbox) arrives again under
-        # a new entry id, and a broadcast reader has no processed_events to absorb it.
-        self._recent: dict[str, None] = {}
+        # a new entry id, and a broadcast reader has no processed_events to absorb it. Each id
+        # maps to the entry of its first copy, which is the one a resume replays.
+        self._recent: dict[str, str] = {}
         self.server: Server | None = None
         self._pending: weakref.WeakKeyDictionary[ServerConnection, object] = (
             weakref.WeakKeyDictionary()
@@ -456,6 +457,7 @@ class LiveServer:
                 last = after
                 scanned = 0
                 reached = False
+                replayed: set[str] = set()  # envelope ids, against a second copy in the range
                 while not reached:
                     page: Any = await redis.xrange(self.stream, f"({last}", "+", count=_PAGE)
                     for entry_id_b, fields in page:
@@ -464,7 +466,7 @@ class LiveServer:
                             reached = True  # from here on it got everything live
                             break
                         last = entry_id
-                        text = self._text_for(client, last, fields)
+                        text = self._text_for(client, last, fields, replayed)
                         if text is not None:
                             await client.conn.send(text)
                     scanned += len(page)
@@ -484,13 +486,25 @@ class LiveServer:
         finally:
             client.resuming = False
 
-    def _text_for(self, client: Client, entry_id: str, fields: dict[bytes, bytes]) -> str | None:
+    def _text_for(
+        self, client: Client, entry_id: str, fields: dict[bytes, bytes], replayed: set[str]
+    ) -> str | None:
+        """The replayed frame of one entry, or None: not the client's, or a second copy of an
+        outbox row. A copy is second when this replay sent its envelope already, or when the
+        broadcast reader saw a first copy at another entry (before ``after`` too: the client
+        had that one before it went away)."""
         if client.closing:
             return None
-        nf = _parse(fields)
+        parsed = _parse_envelope(fields)
+        if parsed is None:
+            return None
+        envelope_id, nf = parsed
+        first = self._recent.get(envelope_id)
+        if envelope_id in replayed or (first is not None and first != entry_id):
+            return None
+        replayed.add(envelope_id)
         if (
-            nf is None
-            or nf.access is not None
+            nf.access is not None
             or nf.frame.get("type") in frames.EPHEMERAL
             or not in_audience(client.mailboxes, client.identity.sub, nf.mailbox_id, nf.user_id)
         ):
@@ -506,7 +520,7 @@ class LiveServer:
         envelope_id, nf = parsed
         if envelope_id in self._recent:
             return  # a second copy of one outbox row
-        self._recent[envelope_id] = None
+        self._recent[envelope_id] = entry_id
         if len(self._recent) > RECENT_FRAMES:
             del self._recent[next(iter(self._recent))]
         if nf.access is not None:
@@ -539,11 +553,6 @@ class LiveServer:
                 "membership removed",
                 extra={"user_id": user, "mailbox_id": change.mailbox_id, "connections": n},
             )
-
-
-def _parse(fields: dict[bytes, bytes]) -> NotifierFrame | None:
-    parsed = _parse_envelope(fields)
-    return None if parsed is None else parsed[1]
 
 
 def _parse_envelope(fields: dict[bytes, bytes]) -> tuple[str, NotifierFrame] | None:

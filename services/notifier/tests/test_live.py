@@ -400,6 +400,39 @@ async def test_resume_replays_what_was_missed(env: Env, start: Starter) -> None:
         assert live["message"]["subject"] == "fourth"
 
 
+async def test_a_resume_replays_a_frame_published_twice_once(env: Env, start: Starter) -> None:
+    """An outbox row published twice is two entries with one envelope: a replay gives it once,
+    and not at all when the client had its first copy before it went away."""
+    svc = await start()
+    box, sub = mbx(), user()
+    frames_stream = env.bus.stream(FRAME_TYPE)
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        cid = await known_conversation(env, ws, box)
+        last_seen = (await env.bus.redis.xrange(frames_stream))[-1][0].decode()
+        await env.publish(message_added(box, cid, n=2, subject="got it live"))
+        live = await recv_type(ws, "message.added")
+    [*_, (_, had)] = await env.bus.redis.xrange(frames_stream)
+    await env.bus.redis.xadd(frames_stream, had)  # its second copy, while the client is away
+    await env.publish(message_added(box, cid, n=3, subject="missed"))
+    await _frames_at_least(env, 4)
+    [*_, (_, missed)] = await env.bus.redis.xrange(frames_stream)
+    await env.bus.redis.xadd(frames_stream, missed)  # and the missed frame's
+    await _frames_at_least(env, 5)
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        await ws.send(json.dumps({"type": "resume", "after": live["event_id"]}))
+        replayed = await recv_type(ws, "message.added")
+        assert replayed["message"]["subject"] == "missed"
+        await assert_silent(ws, 0.8)
+    # From before both: each frame once, the first copy of each.
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        await ws.send(json.dumps({"type": "resume", "after": last_seen}))
+        a = await recv_type(ws, "message.added")
+        b = await recv_type(ws, "message.added")
+        assert [a["message"]["subject"], b["message"]["subject"]] == ["got it live", "missed"]
+        assert a["event_id"] == live["event_id"]
+        await assert_silent(ws, 0.8)
+
+
 async def test_frames_delivered_before_the_resume_frame_are_not_replayed(
     env: Env, start: Starter
 ) -> None:
