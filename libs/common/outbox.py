@@ -95,6 +95,7 @@ class OutboxRelay:
         # its rows over too.
         self._handoff: list[int] = []
         self._degraded = False
+        self._in_flight = 0  # direct publishes under way: a stopping relay waits for them
         self._stopping = asyncio.Event()
         self.last_loop_at = 0.0
 
@@ -116,6 +117,7 @@ class OutboxRelay:
             self._hand_over(staged.ids)
             return
         entries = [(self.bus.stream(t), e) for t, e in staged.entries]
+        self._in_flight += 1
         try:
             await asyncio.wait_for(self.bus.publish_raw(entries), self.direct_timeout_s)
         except Exception as exc:
@@ -126,6 +128,9 @@ class OutboxRelay:
             self._degraded = True
             self._hand_over(staged.ids)
             return
+        finally:
+            self._in_flight -= 1
+            self._wake.set()
         metrics.OUTBOX_PUBLISHED.labels(schema=self.schema).inc(len(staged.ids))
         self._published.extend(staged.ids)
         # Deleted at the relay's next turn: until then a crash leaves them to be published
@@ -162,7 +167,15 @@ class OutboxRelay:
                 self._pass_due = True
                 n = 0
                 await asyncio.sleep(min(1.0, self.poll_s))
-            if self._stopping.is_set() and n == 0 and not self._published:
+            # Stopping: not before the publishes under way have ended (``direct_timeout_s`` at
+            # most) and their rows are deleted; left, they went out again after the grace.
+            if (
+                self._stopping.is_set()
+                and n == 0
+                and not self._published
+                and not self._handoff
+                and not self._in_flight
+            ):
                 return
             if n >= self.batch:
                 self._pass_due = True

@@ -249,3 +249,40 @@ async def test_a_publish_that_hangs_gives_up_after_its_timeout(bus: Bus, databas
         await asyncio.wait_for(task, 5)
     finally:
         await pool.close()
+
+
+async def test_a_stopping_relay_waits_for_a_publish_under_way_and_deletes_its_rows(
+    bus: Bus, database_url: str
+) -> None:
+    """A writer's XADD still out when the service stops: the relay's last turn deletes its rows,
+    so nothing goes out a second time after the grace, from this process or another."""
+    pool = await setup_schema(database_url)
+    relay = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=50, direct_grace_s=0.3)
+    stream = bus.stream("mailbox.changed")
+    task = asyncio.create_task(relay.run())
+    try:
+        [staged] = await _staged_apart(pool, 1)
+        publish_raw = bus.publish_raw
+
+        async def slow(entries: list[tuple[str, str]]) -> list[str]:
+            await asyncio.sleep(0.3)
+            return await publish_raw(entries)
+
+        bus.publish_raw = slow  # type: ignore[method-assign,assignment]
+        publishing = asyncio.create_task(relay.publish(staged))
+        await asyncio.sleep(0.05)
+        relay.stop()
+        await asyncio.sleep(0.1)
+        assert not task.done()  # it waits for the publish under way
+        await publishing
+        await asyncio.wait_for(task, 5)
+        bus.publish_raw = publish_raw  # type: ignore[method-assign]
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+        # A relay of the next process finds nothing to publish again.
+        again = outbox.OutboxRelay(pool, bus, SCHEMA, poll_ms=50, direct_grace_s=0.0)
+        assert await again.publish_once() == 0
+        assert await bus.redis.xlen(stream) == 1
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+        await pool.close()
