@@ -141,6 +141,12 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--timed", default="")
+    p.add_argument(
+        "--timed-at",
+        choices=["spread", "first"],
+        default="spread",
+        help="which sockets time the frames: ten spread over the write order, or its first ten",
+    )
     certs = ROOT / "var" / "certs"
     p.add_argument("--cert", default=str(certs / "server.pem"))
     p.add_argument("--key", default=str(certs / "server.key"))
@@ -176,7 +182,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     assert server.stdout is not None and server.stdin is not None
     port = server.stdout.readline().strip()
     step = max(1, a.agents // OBSERVERS)
-    timed = set(range(0, a.agents, step))  # spread over the fan-out order
+    # Spread over the fan-out order (what an agent chosen at random sees), or its first ten.
+    timed = set(range(0, a.agents, step)) if a.timed_at == "spread" else set(range(OBSERVERS))
     kids: list[subprocess.Popen[str]] = []
     for start in range(0, a.agents, PER_PROCESS):
         n = min(PER_PROCESS, a.agents - start)
@@ -220,6 +227,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "agents": a.agents,
         "rate": a.rate,
         "frame_bytes": a.size,
+        "timed_at": a.timed_at,
         "frames_due": due,
         "frames_received": got,
         "latency_ms": {
