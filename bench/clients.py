@@ -92,8 +92,10 @@ async def agents(a: argparse.Namespace) -> dict[str, Any]:
     marker = f"<bench-{run}-".encode()
     for c in conns:
         c.marker = marker
+        c.batch_reads(a.low_bytes)  # the load is about to start (bench.wsraw)
     closed_early = 0
     done = False
+    draining = False
 
     async def keep(i: int) -> None:
         """As an agent's app does: a connection cut off (a slow consumer, 4008) reconnects and
@@ -109,6 +111,7 @@ async def agents(a: argparse.Namespace) -> dict[str, Any]:
             fresh = await one(tokens[i])
             fresh.marker, fresh.count, fresh.last_id = marker, c.count, c.last_id
             fresh.frames, fresh.errors, fresh.resyncs = c.frames, c.errors, c.resyncs
+            fresh.batch_reads(1 if draining else a.low_bytes)
             if c.last_id:
                 fresh.send_text(
                     json.dumps({"type": "resume", "after": c.last_id.decode()}).encode()
@@ -118,6 +121,9 @@ async def agents(a: argparse.Namespace) -> dict[str, Any]:
     keepers = [asyncio.create_task(keep(i)) for i in range(len(conns))]
     print("ARMED", flush=True)
     _, _, need = (await _stdin_line()).split()
+    draining = True  # the load is over: wake on any byte, so the last frames are counted
+    for c in conns:
+        c.batch_reads(1)
     deadline = time.monotonic() + a.drain
     while time.monotonic() < deadline:
         if min((c.count for c in conns), default=int(need)) >= int(need):
@@ -323,6 +329,13 @@ def main() -> None:
     p.add_argument("--size", type=int, default=5000)
     p.add_argument("--run", default="x")
     p.add_argument("--first", type=int, default=0, help="smtp: number of the first message")
+    p.add_argument(
+        "--low-bytes",
+        type=int,
+        default=1,
+        help="agents: while the load runs, wake for a socket once this many bytes wait"
+        " (SO_RCVLOWAT; 1: on any byte)",
+    )
     p.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the last frames")
     a = p.parse_args()
     fn = {"agents": agents, "observers": observers, "smtp": smtp}[a.role]

@@ -118,8 +118,15 @@ def ws_url(stack: Stack) -> str:
 
 
 def scenario(
-    stack: Stack, tokens: Path, agents: int, rate: float, seconds: float, sends: int
+    stack: Stack,
+    tokens: Path,
+    agents: int,
+    rate: float,
+    seconds: float,
+    sends: int,
+    holder_low_bytes: int = 1,
 ) -> dict[str, Any]:
+    """``holder_low_bytes``: the holders' ``SO_RCVLOWAT`` while the load runs (``bench.wsraw``)."""
     url = ws_url(stack)
     ca = str(stack.certs / "ca.pem")
     common = ["--url", url, "--origin", stack.origin, "--tokens", str(tokens), "--ca", ca]
@@ -129,7 +136,14 @@ def scenario(
     t0 = time.monotonic()
     while rest > 0:
         n = min(PER_PROCESS, rest)
-        holders.append(Child(["agents", *common, "--start", str(start), "--count", str(n)]))
+        holders.append(
+            Child(
+                [
+                    *("agents", *common, "--start", str(start), "--count", str(n)),
+                    *("--low-bytes", str(holder_low_bytes)),
+                ]
+            )
+        )
         start += n
         rest -= n
     for h in holders:
@@ -201,6 +215,7 @@ def scenario(
     return {
         "agents": agents,
         "rate_msg_s": rate,
+        "holder_low_bytes": holder_low_bytes,
         "messages": count,
         "accepted": len(accepted),
         "smtp_failed": sent["failed"],
@@ -578,6 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full", action="store_true", help="also the 5,000 agents at 20 msg/s case")
     p.add_argument("--throughput", type=int, default=2000, help="messages for the throughput run")
     p.add_argument("--out", default=str(ROOT / "bench/report.json"))
+    p.add_argument(
+        "--holder-low-bytes",
+        type=int,
+        default=6000,
+        help="while a case runs, each holder's socket wakes it once this many bytes wait"
+        " (SO_RCVLOWAT; 1: on any byte); the observers, which time the frames, read at once",
+    )
     p.add_argument("--via", choices=["gateway", "notifier"], default="gateway")
     p.add_argument("--gateway-requests", type=int, default=2000)
     p.add_argument(
@@ -668,7 +690,9 @@ def main(argv: list[str] | None = None) -> None:
         report["latency"] = []
         for n, rate in cases:
             wait_drained(stack)  # the case before may still be delivering
-            res = scenario(stack, tokens, n, rate, a.seconds, sends=50)
+            res = scenario(
+                stack, tokens, n, rate, a.seconds, sends=50, holder_low_bytes=a.holder_low_bytes
+            )
             print(json.dumps(res), flush=True)
             report["latency"].append(res)
         report["throughput_5kb"] = throughput(stack, tokens, a.throughput, 5000)

@@ -7,6 +7,14 @@ asyncio protocol (uvloop does the TLS in C) that does the opening handshake itse
 frame headers over the received bytes: a text frame that starts with ``{"type":"message.added"``
 and contains the run's marker is counted, a ping is answered, a close is answered and recorded.
 Nothing is skipped: every byte is framed, so every frame is seen and the count stays exact.
+
+While a case runs, a holder may also ask the kernel to wake it only once some kilobytes wait
+(``batch_reads``, ``SO_RCVLOWAT``): the agents' browsers are on machines of their own in
+production, while here they share two cores with every service, and a wake-up, a recv and a
+Python call per frame per connection were most of the holders' CPU. The server's side does not
+change (it writes each frame to each socket as it comes, and the kernel takes it); the
+observers, which do the timing, read every frame at once; at the end each holder wakes on any
+byte again, so the last frames are counted.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import socket
 import ssl
 from typing import cast
 from urllib.parse import urlsplit
@@ -159,6 +168,12 @@ class FrameCounter(asyncio.Protocol):
             pos = end
         if pos:
             del buf[:pos]
+
+    def batch_reads(self, low_bytes: int) -> None:
+        """Wake on ``low_bytes`` waiting (1: on any byte, the default; see the module's text)."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None and not self.transport.is_closing():  # type: ignore[union-attr]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, low_bytes))
 
     def _send(self, opcode: int, payload: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
