@@ -13,7 +13,7 @@ import asyncpg
 
 from libs.common.events import Address, ConversationState, MessageSummary
 from services.threader.domain import tokens
-from services.threader.domain.customers import is_broadcast
+from services.threader.domain.customers import belongs, is_broadcast
 from services.threader.domain.fallback import (
     SubjectCandidate,
     continues,
@@ -326,16 +326,22 @@ async def place_message(
     target = id_conversa or (ranked[0] if ranked else None)
     linked_to: str | None = None
     if target is None and inbound and token_secret:
-        target = await _named_conversation(
-            conn, mailbox_id, sender, [*to, *cc], [*in_reply_to, *references], subject, token_secret
+        named = await _named_conversation(
+            conn,
+            mailbox_id,
+            sender,
+            [*to, *cc],
+            [*in_reply_to, *references],
+            subject,
+            token_secret,
+            our_domain,
         )
-        if target is not None and await conn.fetchval(
-            "SELECT broadcast FROM conversations WHERE id_conversa = $1::uuid", target
-        ):
-            target, linked_to = (
-                None,
-                target,
-            )  # an answer to a broadcast is a conversation of its own
+        if named is not None:
+            target, theirs, broadcast_named = named
+            if broadcast_named or not theirs:
+                # An answer to a broadcast, or from someone our mail was forwarded to: a
+                # conversation of its own, linked to the one named.
+                target, linked_to = None, target
     if target is None and ours:
         linked = sorted({found_owners[k] for k in ours if k in found_owners}, key=lambda o: o[1])
         if linked:
@@ -479,9 +485,14 @@ async def _named_conversation(
     ids: list[str],
     subject: str,
     secret: bytes,
-) -> str | None:
+    our_domain: str,
+) -> tuple[str, bool, bool] | None:
     """With no Message-ID link: our signed token in a Reply-To address or a Message-ID, else the
-    ``[#number]`` of the subject, but only from someone already in that conversation."""
+    ``[#number]`` of the subject, but only from someone already in that conversation.
+
+    Returns the conversation, whether the sender is one of its customers (``belongs``: the token
+    travels with every forwarded copy of our mail, the subject number is checked by address
+    already) and whether it is a broadcast."""
     numbers = tokens.numbers_named([a.address for a in recipients], ids, secret)
     for number in numbers:
         row = await conn.fetchrow(
@@ -490,7 +501,13 @@ async def _named_conversation(
             mailbox_id,
         )
         if row is not None:
-            return await _survivor(conn, row["id_conversa"])
+            named = await _survivor(conn, row["id_conversa"])
+            conv = await conn.fetchrow(
+                "SELECT participants, broadcast FROM conversations WHERE id_conversa = $1::uuid",
+                named,
+            )
+            people = [p.get("address", "") for p in conv["participants"] or []]
+            return named, belongs(sender.address, people, our_domain), bool(conv["broadcast"])
     in_subject = tokens.subject_number(subject)
     if in_subject is None or not sender.address:
         return None
@@ -513,7 +530,13 @@ async def _named_conversation(
             mailbox_id,
             sender.address,
         )
-    return await _survivor(conn, row["id_conversa"]) if row is not None else None
+    if row is None:
+        return None
+    named = await _survivor(conn, row["id_conversa"])
+    is_broadcast_conv = await conn.fetchval(
+        "SELECT broadcast FROM conversations WHERE id_conversa = $1::uuid", named
+    )
+    return named, True, bool(is_broadcast_conv)
 
 
 async def _survivor(conn: asyncpg.Connection, id_conversa: uuid.UUID) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["FREEMAIL", "is_broadcast", "is_ours", "org", "orgs", "scoped"]
+__all__ = ["FREEMAIL", "belongs", "is_broadcast", "is_ours", "org", "orgs", "scoped"]
 
 # Addresses at these providers belong to people, not organisations: two gmail.com customers are
 # two customers.  A short list of the big ones is enough: a missing provider only means that two
@@ -58,6 +58,13 @@ def orgs(addresses: Iterable[str], our_domain: str) -> list[str]:
         if a and "@" in a and _domain(a) != ours:
             seen.setdefault(org(a), None)
     return list(seen)
+
+
+def belongs(sender: str, participants: Iterable[str], our_domain: str) -> bool:
+    """Whether the sender speaks for a customer of the conversation: one of its people, or a
+    colleague at their organisation. A signed token names the conversation, but anyone our mail
+    was forwarded to holds it too; they get a conversation of their own, linked to it."""
+    return bool(sender) and org(sender) in orgs(participants, our_domain)
 
 
 def is_ours(msgid: str, our_domain: str) -> bool:

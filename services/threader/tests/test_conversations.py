@@ -575,6 +575,51 @@ async def test_an_answer_that_lost_its_references_finds_its_conversation_by_toke
     assert await env.conv_of(from_stranger) != cid
 
 
+async def test_a_stranger_naming_our_message_by_its_token_gets_a_linked_conversation(
+    env: Env,
+) -> None:
+    """Our Message-IDs carry the signed token, so a forwarded copy of our reply names the
+    customer's conversation: someone we never wrote to who answers it (by In-Reply-To, or by
+    References alone, or by the token's Reply-To address) must not join it, or our next reply
+    goes to them. They get a conversation linked to it; the customer's colleague joins."""
+    from services.threader.domain import tokens
+
+    cid = await env.conv_of(await env.mail("Broken tablet"))
+    number = await env.svc.pool.fetchval(
+        "SELECT number FROM conversations WHERE id_conversa = $1::uuid", cid
+    )
+    token = tokens.sign(number, env.svc.token_secret)
+    ours = f"<{uuid.uuid4().hex}.{token}@chatflow.test>"  # as the sender mints them
+
+    async def linked(conv: str) -> str | None:
+        value = await env.svc.pool.fetchval(
+            "SELECT linked_to FROM conversations WHERE id_conversa = $1::uuid", conv
+        )
+        return None if value is None else str(value)
+
+    mallory = Address(name="Mallory", address="mallory@evil.test")
+    by_reply = await env.conv_of(await env.mail("Re: Broken tablet", reply_to=ours, sender=mallory))
+    assert by_reply != cid
+    assert await linked(by_reply) == cid
+    trudy = Address(name="Trudy", address="trudy@other.test")
+    by_address = await env.conv_of(
+        await env.mail(
+            "Fwd: Broken tablet",
+            sender=trudy,
+            to=[Address(address=f"support+{token}@chatflow.test")],
+        )
+    )
+    assert by_address not in (cid, by_reply)
+    assert await linked(by_address) == cid
+    participants = await env.svc.pool.fetchval(
+        "SELECT participants FROM conversations WHERE id_conversa = $1::uuid", cid
+    )
+    assert [p["address"] for p in participants] == ["ana@customer.test"]
+    # Ana's colleague, same organisation, answering our message: the customer's conversation.
+    colleague = Address(name="Bea", address="bea@customer.test")
+    assert await env.conv_of(await env.mail("Re: tablet", reply_to=ours, sender=colleague)) == cid
+
+
 # ---- reads and bounces --------------------------------------------------------------------------
 
 

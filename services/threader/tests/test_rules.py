@@ -8,7 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.threader.domain.customers import is_broadcast, is_ours, org, orgs, scoped
+from services.threader.domain.customers import (
+    belongs,
+    is_broadcast,
+    is_ours,
+    org,
+    orgs,
+    scoped,
+)
 from services.threader.domain.fallback import (
     SubjectCandidate,
     continues,
@@ -321,3 +328,23 @@ def test_our_reply_never_names_our_earlier_ids_plain() -> None:
         scoped("<o2.9-abcdefghij@chatflow.test>", "one.test"),
         scoped(news, "one.test"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("sender", "participants", "expected"),
+    [
+        ("ana@acme.test", ["ana@acme.test"], True),
+        ("Bea@ACME.test", ["ana@acme.test"], True),  # a colleague, any case
+        ("mallory@evil.test", ["ana@acme.test"], False),  # our mail, forwarded to her
+        ("joe@gmail.com", ["ana@gmail.com"], False),  # free mail: people, not companies
+        ("ana@gmail.com", ["Ana@Gmail.com"], True),
+        ("x@evil.test", ["ana@acme.test", "cc@evil.test"], True),  # we copied evil.test
+        ("agent@chatflow.test", ["agent@chatflow.test"], False),  # ours are not customers
+        ("", ["ana@acme.test"], False),
+        ("ana@acme.test", [], False),
+    ],
+)
+def test_who_belongs_to_a_conversation_named_by_its_token(
+    sender: str, participants: list[str], expected: bool
+) -> None:
+    assert belongs(sender, participants, "chatflow.test") is expected
