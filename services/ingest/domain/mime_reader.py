@@ -760,6 +760,38 @@ def _simple_addresses(value: str) -> list[tuple[str, str, str]] | None:
     return out
 
 
+def _defanged_word(m: re.Match[str]) -> str:
+    """One encoded word as a quoted string of its text, controls as spaces."""
+    try:
+        text = decode_header_text(m.group(0))
+    except Exception:  # a word that does not decode stays as it was
+        return m.group(0)
+    text = (
+        _CONTROL_RE.sub(" ", _LINEBREAKS_RE.sub(" ", text))
+        .replace("\\", "\\\\")
+        .replace('"', '\\"')
+    )
+    return f'"{text}"'
+
+
+def _parse_defanged(value: str, notes: list[str]) -> list[tuple[str, str, str]] | None:
+    """headerregistry again, on the value with its encoded words turned into quoted text.
+
+    It refuses a name that decodes to CR or LF (the fix of CVE-2024-6923), and the legacy
+    parser, reading the encoded word as plain text, took an address written inside the name
+    for the sender's (found by a trial). Quoted, the name is a name and the angle address wins.
+    """
+    if not _EW_RE.search(value):
+        return None
+    try:
+        header = _POLICY.header_factory("to", _EW_RE.sub(_defanged_word, value))
+        parsed = [(a.display_name, a.username, a.domain) for a in header.addresses]
+    except Exception:  # still hostile: the legacy parser has its turn
+        return None
+    notes.append("address-encoded-words-defanged")
+    return parsed
+
+
 def parse_address_list(
     raw: str, hints: tuple[str, ...] = (), notes: list[str] | None = None
 ) -> list[Addr]:
@@ -787,6 +819,7 @@ def parse_address_list(
             parsed = [(a.display_name, a.username, a.domain) for a in header.addresses]
         except Exception:  # header parsing of hostile input can raise anything
             notes.append("address-parse-fallback")
+            parsed = _parse_defanged(decoded_value, notes)
     if parsed is None or (any(not d for _n, _l, d in parsed) and "@" in decoded_value):
         # headerregistry gave up or lost a domain (e.g. "a@example.com." with a trailing dot):
         # let the lenient legacy parser try, and keep whichever found more real addresses.

@@ -36,6 +36,7 @@ from services.ingest.domain.mime_reader import (
     decode_header_text,
     html_to_text,
     normalize_msgid_list,
+    parse_address_list,
     read_message,
     sanitize_html,
     unflow,
@@ -1525,3 +1526,22 @@ def test_ids_that_pythons_folder_encoded_are_decoded() -> None:
     read = read_message(raw)
     assert read.in_reply_to == [long_id]
     assert read.references == ["<root@x.test>", long_id]
+
+
+@pytest.mark.parametrize(
+    ("raw", "address"),
+    [
+        ("=?UTF-8?Q?Evil=0D=0ABcc:_victim2@evil.test?= <inj2@example.com>", "inj2@example.com"),
+        ("=?UTF-8?Q?Evil=0D=0A=3Cvictim@evil.test=3E?= <real@example.com>", "real@example.com"),
+        ("=?UTF-8?B?RXZpbA0KQmNjOiB2QGV2aWwudGVzdA==?= <b64@example.com>", "b64@example.com"),
+    ],
+)
+def test_a_name_that_decodes_to_a_line_break_keeps_the_real_address(raw: str, address: str) -> None:
+    """Python refuses a decoded CR/LF in a header value (CVE-2024-6923's fix), and the lenient
+    legacy parser then read the encoded word as text: the sender became an address inside the
+    name (found by a trial). The name's encoded words are defanged and parsed again instead."""
+    notes: list[str] = []
+    [got] = parse_address_list(raw, (), notes)
+    assert got.address == address
+    assert "\n" not in got.name and "\r" not in got.name
+    assert got.name.startswith("Evil")
