@@ -126,17 +126,15 @@ def render(job: Job, signer: Signer, now: datetime, max_bytes: int) -> Rendered 
     if not job.thread and cmd.conversation is None:
         return Refusal(f"unknown conversation {cmd.id_conversa!r}")
     if job.thread and cmd.mailbox_id != job.thread[-1]["mailbox_id"]:
-        return Refusal(f"conversation {cmd.id_conversa!r} belongs to another mailbox")
+        # The same words as an unknown one: the agent learns nothing of other mailboxes.
+        return Refusal(f"unknown conversation {cmd.id_conversa!r}")
     files: list[c.Attachment] = []
     for att_id in cmd.attachments:
         att = job.attachments.get(att_id)
-        if att is None:
+        if att is None or not att.usable_by(cmd.mailbox_id):
+            # Another mailbox's upload reads as a missing one (found by a trial: the detail
+            # said it existed, and for which mailbox).
             return Refusal(f"attachment {att_id!r} not found")
-        if not att.usable_by(cmd.mailbox_id):
-            return Refusal(
-                f"attachment {att_id!r} was uploaded for another mailbox and cannot be sent "
-                f"from {box['address']}"
-            )
         files.append(c.Attachment(att.filename, att.content_type, att.data, att.content_id))
     try:
         draft, ctx = plan(cmd, box, job.thread, now)

@@ -140,7 +140,7 @@ def test_automatic_defaults_to_false_for_old_commands() -> None:
             [],
             "invalid message",
         ),
-        (command(mailbox_id="mb-2"), thread(), "belongs to another mailbox"),
+        (command(mailbox_id="mb-2"), thread(), "unknown conversation"),
     ],
 )
 def test_refusals(cmd: MailSend, view: list[dict[str, Any]], reason: str) -> None:
@@ -180,13 +180,14 @@ def test_an_upload_of_the_mailbox_is_attached() -> None:
     ]
 
 
-def test_an_upload_of_another_mailbox_is_refused_with_the_reason() -> None:
+def test_an_upload_of_another_mailbox_is_refused_as_if_it_did_not_exist() -> None:
     att = upload(mailbox_id="mb-2", mailboxes=frozenset({"mb-2"}))
     out = render(
         Job(command(attachments=["up_1"]), BOX, thread(), {"up_1": att}), NoSigner(), NOW, 10**7
     )
-    assert isinstance(out, Refusal)
-    assert "uploaded for another mailbox" in out.detail and "support@chatflow.test" in out.detail
+    missing = render(Job(command(attachments=["up_1"]), BOX, thread(), {}), NoSigner(), NOW, 10**7)
+    assert isinstance(out, Refusal) and isinstance(missing, Refusal)
+    assert out.detail == missing.detail == "attachment 'up_1' not found"
 
 
 def test_a_missing_upload_is_refused() -> None:
