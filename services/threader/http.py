@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from libs.common import outbox, roster
+from libs.common.addresses import check_address
 from libs.common.events import (
     Address,
     ConversationRead,
@@ -453,10 +454,18 @@ async def update_conversation(
 
 
 class AddressIn(BaseModel):
-    """A recipient the agent typed: one line each, so nothing can smuggle in a header."""
+    """A recipient the agent typed: one line each, so nothing can smuggle in a header, and an
+    address the sender can send to (its composer's rule), so the error is a 422 here and not a
+    failed send later."""
 
     name: OneLine = Field("", max_length=200)
-    address: OneLine = Field(min_length=3, max_length=254, pattern=r"^[^\s<>@]+@[^\s<>@]+$")
+    address: OneLine = Field(min_length=3, max_length=254)
+
+    @field_validator("address")
+    @classmethod
+    def _sendable(cls, value: str) -> str:
+        check_address(value)  # AddressError is a ValueError: pydantic's 422 names the reason
+        return value.strip()
 
 
 class ReplyIn(BaseModel):

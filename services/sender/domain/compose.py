@@ -32,8 +32,9 @@ from email.utils import format_datetime
 from html.parser import HTMLParser
 from typing import NamedTuple
 
-import idna
 import nh3
+
+from libs.common.addresses import AddressError, check_address
 
 __all__ = [
     "Addr",
@@ -128,8 +129,6 @@ _MAX_LINE = 998
 _MAX_ID_LEN = 250  # keeps a lone msg-id well inside the 998-octet line limit
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
-_DOT_ATOM_RE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 # Lenient msg-id: printable ASCII without whitespace, angle brackets, quotes,
 # backslashes, parens, commas or semicolons.  Foreign MUAs produce odd ids; what
 # matters here is that the id is one unfoldable token that cannot change meaning.
@@ -210,37 +209,16 @@ def _check_msg_id(value: str, field: str, *, ours: bool = False) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=4096)
-def _ascii_domain(domain: str, field: str) -> str:
-    """IDNA-encode (UTS 46 / IDNA 2008) and check LDH syntax; SMTP needs A-labels."""
-    try:
-        ascii_domain = idna.encode(domain, uts46=True).decode("ascii")
-    except (idna.IDNAError, UnicodeError) as exc:
-        raise InvalidDraft(f"{field}: invalid domain {domain!r}: {exc}") from None
-    labels = ascii_domain.split(".")
-    if (
-        len(ascii_domain) > 253
-        or len(labels) < 2
-        or not all(_LABEL_RE.fullmatch(label) for label in labels)
-        or labels[-1].isdigit()
-    ):
-        raise InvalidDraft(f"{field}: invalid domain {domain!r}")
-    return ascii_domain
-
-
 def _address(addr: Addr, field: str) -> Address:
-    """Turn an :class:`Addr` into a validated stdlib ``Address`` (IDN domain → A-labels)."""
+    """Turn an :class:`Addr` into a validated stdlib ``Address`` (IDN domain → A-labels), by
+    the rule the REST API checked already (``libs.common.addresses``)."""
     _reject_raw(addr.address, f"{field} address")
-    spec = addr.address.strip()
-    local, at, domain = spec.rpartition("@")
-    if not at or not local or not domain:
-        raise InvalidDraft(f"{field}: {spec!r} is not an address (need local@domain)")
-    if not local.isascii():
-        raise InvalidDraft(f"{field}: non-ASCII local part needs SMTPUTF8, unsupported: {spec!r}")
-    if len(local) > 64 or not _DOT_ATOM_RE.fullmatch(local) or "=?" in local:
-        raise InvalidDraft(f"{field}: invalid local part in {spec!r}")
+    try:
+        local, domain = check_address(addr.address)
+    except AddressError as exc:
+        raise InvalidDraft(f"{field}: {exc}") from None
     name = _clean_text(addr.name, f"{field} name")
-    return Address(display_name=name, username=local, domain=_ascii_domain(domain, field))
+    return Address(display_name=name, username=local, domain=domain)
 
 
 def envelope_address(addr: Addr, field: str = "address") -> str:

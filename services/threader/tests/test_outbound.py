@@ -253,6 +253,31 @@ async def test_a_rest_reply_names_its_draft_in_the_command(env: Env) -> None:
     assert [s.draft for s in sends] == [None, "reply"]  # the start's command, then the reply
 
 
+async def test_a_rest_reply_to_an_address_the_sender_would_refuse_is_a_422(env: Env) -> None:
+    """The API checks recipients by the composer's rule (libs.common.addresses): a 202 followed
+    by a failed send.status was all an agent got for these before (found by a trial)."""
+    cid = (await env.start()).json()["id_conversa"]
+    url = f"/api/conversations/{cid}/replies"
+    before = len(mine(await env.events("mail.send"), cid))
+    for bad in (
+        "a,victim@evil.test",
+        "(c)x@example.com",
+        '"q"@example.com',
+        "x@[127.0.0.1]",
+        "x@-evil.test",
+        "x@localhost",
+        "jösé@exämple.test",
+        "x@example.123",
+    ):
+        for field in ("to", "cc"):
+            body = {"html": "<p>x</p>", field: [{"address": bad}]}
+            r = await env.client.post(url, json=body, headers=env.auth())
+            assert r.status_code == 422, (bad, field, r.text)
+    ok = {"html": "<p>x</p>", "to": [{"address": "zoe@exämple.test"}]}  # an IDN domain is fine
+    assert (await env.client.post(url, json=ok, headers=env.auth())).status_code == 202
+    assert len(mine(await env.events("mail.send"), cid)) == before + 1
+
+
 async def test_a_rest_replys_client_id_makes_a_retry_one_send_and_a_reuse_a_409(env: Env) -> None:
     """The same client_id again on the same conversation answers with the first send (one
     mail.send); on another conversation, or on a start, it is a 409 instead of a 202 that the
