@@ -82,9 +82,12 @@ class AuthFrame(_ClientFrame):
     token: str = Field(min_length=1, max_length=8192)
 
 
+MAX_CLIENT_ID = 128
+
+
 class SendFrame(_ClientFrame):
     type: Literal["send"]
-    client_id: str = Field(min_length=1, max_length=128, pattern=ONE_LINE)
+    client_id: str = Field(min_length=1, max_length=MAX_CLIENT_ID, pattern=ONE_LINE)
     id_conversa: str = Field(min_length=1, max_length=200, pattern=OBJECT_ID)
     html: str = Field(min_length=1, max_length=2_000_000, pattern=NO_NUL)  # as the REST reply's
     attachments: list[Annotated[str, Field(max_length=100, pattern=OBJECT_ID)]] = Field(

@@ -44,6 +44,7 @@ from services.notifier.drafts import DRAFT_FRAMES, Drafts
 from services.notifier.frames import (
     CLIENT_FRAMES,
     FRAME_TYPE,
+    MAX_CLIENT_ID,
     AccessChange,
     AuthFrame,
     NotifierFrame,
@@ -339,7 +340,9 @@ class LiveServer:
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             await self._reply(client, frames.error("bad_request", "a frame is a typed object"))
             return
-        client_id = data.get("client_id") if isinstance(data.get("client_id"), str) else None
+        client_id = data.get("client_id")
+        if not isinstance(client_id, str) or len(client_id) > MAX_CLIENT_ID:
+            client_id = None  # echoed to tie an error to its draft, not past its own limit
         if data["type"] in DRAFT_FRAMES:
             await self.drafts.on_frame(client, data)  # answers its own errors
             return

@@ -362,6 +362,15 @@ async def test_bad_frames_get_error_frames_and_connection_survives(
             err = await recv_json(ws)
             assert err["type"] == "error" and err["code"] == code, (raw, err)
             assert isinstance(err["message"], str)
+        # A client_id is echoed to tie the error to a draft, but not one past its own limit: a
+        # 100 KB one came back whole, and so did its repr in the message (found by a trial).
+        huge = {"type": "send", "client_id": "c" * 100_000, "id_conversa": "x", "html": "a"}
+        await ws.send(json.dumps(huge))
+        err = await recv_json(ws)
+        assert err["code"] == "bad_request" and "client_id" not in err
+        assert len(json.dumps(err)) < 1_000, len(json.dumps(err))
+        await ws.send(json.dumps({"type": "send", "client_id": "c7", "html": "a"}))
+        assert (await recv_json(ws))["client_id"] == "c7"
         await ws.send(json.dumps({"type": "ping"}))
         assert await recv_json(ws) == {"type": "pong"}
         await env.publish(message_added(box))
