@@ -133,6 +133,11 @@ class LiveServer:
         # a new entry id, and a broadcast reader has no processed_events to absorb it. Each id
         # maps to the entry of its first copy, which is the one a resume replays.
         self._recent: dict[str, str] = {}
+        # Entries a resume read lately, parsed and rendered once for every client that resumes
+        # over them (entry id -> envelope id, frame, text): after a replica restart all its
+        # agents resume over the same entries, and each parsed every one (found by a trial:
+        # 200 resumes over 1,200 entries held other agents' mail back 0.6 s).
+        self._replayable: dict[str, tuple[str, NotifierFrame, str] | None] = {}
         self.server: Server | None = None
         self._pending: weakref.WeakKeyDictionary[ServerConnection, object] = (
             weakref.WeakKeyDictionary()
@@ -498,10 +503,17 @@ class LiveServer:
         had that one before it went away)."""
         if client.closing:
             return None
-        parsed = _parse_envelope(fields)
-        if parsed is None:
+        if entry_id in self._replayable:
+            cached = self._replayable[entry_id]
+        else:
+            parsed = _parse_envelope(fields)
+            cached = None if parsed is None else (*parsed, render(entry_id, parsed[1].frame))
+            self._replayable[entry_id] = cached
+            if len(self._replayable) > RECENT_FRAMES:
+                del self._replayable[next(iter(self._replayable))]
+        if cached is None:
             return None
-        envelope_id, nf = parsed
+        envelope_id, nf, text = cached
         first = self._recent.get(envelope_id)
         if envelope_id in replayed or (first is not None and first != entry_id):
             return None
@@ -512,7 +524,7 @@ class LiveServer:
             or not in_audience(client.mailboxes, client.identity.sub, nf.mailbox_id, nf.user_id)
         ):
             return None
-        return render(entry_id, nf.frame)
+        return text
 
     # ---- broadcast -----------------------------------------------------------------------------
     async def on_frame(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:

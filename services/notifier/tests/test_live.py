@@ -442,6 +442,43 @@ async def test_a_resume_replays_a_frame_published_twice_once(env: Env, start: St
         await assert_silent(ws, 0.8)
 
 
+async def test_resumes_over_the_same_entries_parse_each_entry_once(
+    env: Env, start: Starter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica restart makes all its agents resume over the same entries: the second resume
+    replays the same frames without parsing them again (each had parsed every entry)."""
+    from services.notifier import ws as ws_module
+
+    svc = await start()
+    box, sub = mbx(), user()
+    async with ws_connect(svc, env.token(sub, [box])) as ws:
+        cid = await known_conversation(env, ws, box)
+        last_seen = (await env.bus.redis.xrange(env.bus.stream(FRAME_TYPE)))[-1][0].decode()
+    for n in range(2, 12):
+        await env.publish(message_added(box, cid, n=n, subject=f"missed {n}"))
+    await _frames_at_least(env, 11)
+    parsed = 0
+    real = ws_module._parse_envelope
+
+    def counting(fields: dict[bytes, bytes]) -> Any:
+        nonlocal parsed
+        parsed += 1
+        return real(fields)
+
+    monkeypatch.setattr(ws_module, "_parse_envelope", counting)
+    subjects, parses = [], []
+    for _ in range(2):
+        before = parsed
+        async with ws_connect(svc, env.token(sub, [box])) as ws:
+            await ws.send(json.dumps({"type": "resume", "after": last_seen}))
+            got = [await recv_type(ws, "message.added") for _ in range(10)]
+            await assert_silent(ws, 0.5)
+        subjects.append([f["message"]["subject"] for f in got])
+        parses.append(parsed - before)
+    assert subjects[0] == subjects[1] == [f"missed {n}" for n in range(2, 12)]
+    assert parses == [10, 0]  # the second resume parsed nothing
+
+
 async def test_frames_delivered_before_the_resume_frame_are_not_replayed(
     env: Env, start: Starter
 ) -> None:
