@@ -56,6 +56,7 @@ class AuthService(Service):
             s.login_max_failures,
             s.login_max_failures_ip,
             s.login_window_s,
+            s.login_max_failures_account,
         )
         self.oauth = AuthorizationServer(self.pool, s, self.keys, self.passwords, throttle)
         async with self.pool.acquire() as conn, conn.transaction():

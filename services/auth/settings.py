@@ -40,7 +40,12 @@ class AuthSettings(ServiceSettings):
     )
     web_scopes: str = field("chatflow", "scopes the agent SPA may request (seed-demo)")
 
-    login_max_failures: int = field(10, "failed logins per account per window before 429")
+    login_max_failures: int = field(
+        10, "failed logins per account from one client IP per window before 429"
+    )
+    login_max_failures_account: int = field(
+        100, "failed logins per account from every IP together per window before 429"
+    )
     login_max_failures_ip: int = field(100, "failed logins per client IP per window before 429")
     login_window_s: int = field(900, "login-throttle window, seconds")
     trusted_proxies: str = field(

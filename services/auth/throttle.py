@@ -1,8 +1,12 @@
-"""Login throttling in Redis: failed attempts per account and per client IP in a fixed window.
+"""Login throttling in Redis: failed attempts in a fixed window, per account from one client IP,
+per client IP, and per account from everywhere.
 
-Counting failures (not attempts) keeps legitimate users unaffected; the account counter stops
-online guessing of one password, the IP counter stops spraying many accounts from one place.
-Keys hold a hash of the email, never the address itself.
+Counting failures (not attempts) keeps legitimate users unaffected. The account-and-IP counter
+stops online guessing of one password from one place without letting anyone else lock the
+account's owner out (found by a trial: ten wrong passwords from anywhere locked an agent out
+for the window); the IP counter stops spraying many accounts from one place; the account counter,
+far higher, caps guessing one password from many places. Keys hold a hash of the email, never
+the address itself.
 """
 
 from __future__ import annotations
@@ -20,31 +24,43 @@ class LoginThrottle:
         max_account: int,
         max_ip: int,
         window_s: int,
+        max_account_anywhere: int | None = None,
     ) -> None:
+        """``max_account``: per account from one IP; ``max_account_anywhere``: per account from
+        every IP together (ten times ``max_account`` unless given)."""
         self.redis = redis
         self.prefix = f"{prefix}auth:login-failures:"
-        self.max_account = max_account
-        self.max_ip = max_ip
+        self.limits = (
+            max_account,
+            max_ip,
+            max_account_anywhere if max_account_anywhere is not None else 10 * max_account,
+        )
         self.window_s = window_s
 
-    def _keys(self, email: str, ip: str) -> tuple[str, str]:
+    def _keys(self, email: str, ip: str) -> tuple[str, str, str]:
+        """(account from this IP, this IP, account from everywhere)."""
         account = hashlib.sha256(email.encode()).hexdigest()[:32]
-        return f"{self.prefix}account:{account}", f"{self.prefix}ip:{ip}"
+        return (
+            f"{self.prefix}account-ip:{account}:{ip}",
+            f"{self.prefix}ip:{ip}",
+            f"{self.prefix}account:{account}",
+        )
 
     async def blocked_for(self, email: str, ip: str) -> int:
         """Seconds until another attempt is allowed; 0 if it is allowed now."""
-        acct, addr = self._keys(email, ip)
+        keys = self._keys(email, ip)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(acct)
-        pipe.get(addr)
-        pipe.ttl(acct)
-        pipe.ttl(addr)
-        n_acct, n_ip, ttl_acct, ttl_ip = await pipe.execute()
-        waits = []
-        if int(n_acct or 0) >= self.max_account:
-            waits.append(int(ttl_acct))
-        if int(n_ip or 0) >= self.max_ip:
-            waits.append(int(ttl_ip))
+        for key in keys:
+            pipe.get(key)
+        for key in keys:
+            pipe.ttl(key)
+        got = await pipe.execute()
+        counts, ttls = got[: len(keys)], got[len(keys) :]
+        waits = [
+            int(ttl)
+            for n, ttl, limit in zip(counts, ttls, self.limits, strict=True)
+            if int(n or 0) >= limit
+        ]
         return max([w if w > 0 else 1 for w in waits], default=0)
 
     async def failed(self, email: str, ip: str) -> None:
@@ -55,5 +71,6 @@ class LoginThrottle:
         await pipe.execute()
 
     async def succeeded(self, email: str, ip: str) -> None:
-        """A correct password clears the account's count (not the IP's: sprayers also win)."""
-        await self.redis.delete(self._keys(email, ip)[0])
+        """A correct password clears the account's counts (not the IP's: sprayers also win)."""
+        acct_ip, _, acct = self._keys(email, ip)
+        await self.redis.delete(acct_ip, acct)

@@ -248,6 +248,33 @@ async def test_throttle_gives_429_after_n_failures(
         await limited.redis.aclose()
 
 
+async def test_wrong_passwords_from_elsewhere_do_not_lock_the_owner_out(
+    settings: AuthSettings, seeded: Seeded, svc: AuthService
+) -> None:
+    """Failures count per account from one IP: a stranger's ten wrong passwords locked the
+    agent out for the window (found by a trial). From many IPs, the account's own, higher
+    limit still stops the guessing."""
+    update = {"login_max_failures": 3, "login_max_failures_account": 5}
+    limited = await start(settings.model_copy(update=update), clean=False)
+    transport = httpx.ASGITransport(app=limited.app())
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
+            c.headers["X-Forwarded-For"] = "203.0.113.66"
+            for _ in range(3):
+                assert (await login(c, seeded.email, "wrong")).status_code == 401
+            assert (await login(c, seeded.email)).status_code == 429  # the guesser waits
+            c.headers["X-Forwarded-For"] = "198.51.100.10"  # the agent, at their desk
+            assert (await login(c, seeded.email)).status_code == 302
+            for n in range(5):  # a botnet: one guess from each of many addresses
+                c.headers["X-Forwarded-For"] = f"192.0.2.{n + 1}"
+                assert (await login(c, seeded.email, "wrong")).status_code == 401
+            c.headers["X-Forwarded-For"] = "198.51.100.11"
+            assert (await login(c, seeded.email)).status_code == 429
+    finally:
+        await limited.pool.close()
+        await limited.redis.aclose()
+
+
 async def test_throttle_per_ip(settings: AuthSettings, seeded: Seeded, svc: AuthService) -> None:
     limited = await start(settings.model_copy(update={"login_max_failures_ip": 2}), clean=False)
     transport = httpx.ASGITransport(app=limited.app())
