@@ -26,6 +26,7 @@ from services.gateway import metrics
 from services.gateway.domain.headers import (
     downstream_response_headers,
     header,
+    public_location,
     upstream_request_headers,
 )
 from services.gateway.domain.routing import has_dot_segments, resolve
@@ -121,6 +122,9 @@ class Proxy:
         timeouts: dict[str, float],
     ) -> None:
         self.bases = {name: Origin.of(url) for name, url in upstreams.items()}
+        self.internal = sorted(
+            {o.scheme + b"://" + o.host_header.lower() for o in self.bases.values()}
+        )
         self.pool = pool
         self.verifier = verifier
         self.limiter = limiter
@@ -260,7 +264,9 @@ class Proxy:
                 {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": downstream_response_headers(response.headers),
+                    "headers": public_location(
+                        downstream_response_headers(response.headers), self.internal
+                    ),
                 }
             )
             async for chunk in response.aiter_stream():

@@ -241,6 +241,20 @@ async def test_redirect_and_cookies_pass_through(client: httpx.AsyncClient) -> N
     assert any(c.startswith("sid=s1") and "HttpOnly" in c for c in cookies)
 
 
+async def test_a_location_on_an_upstream_origin_never_reaches_the_client(
+    client: httpx.AsyncClient, good_token: str, rig: Rig
+) -> None:
+    """An upstream's redirect to its own internal URL is made relative (it resolves against the
+    public origin the client used); a Location elsewhere is left alone."""
+    auth = {"Authorization": f"Bearer {good_token}"}
+    r = await client.get("/api/conversations/moved", params={"to": "/api/me?x=1"}, headers=auth)
+    assert r.status_code == 307
+    assert r.headers["location"] == "/api/me?x=1"
+    assert str(rig.ports["threader"]) not in r.text + str(r.headers)
+    r = await client.get("/api/conversations/moved", params={"to": ""}, headers=auth)
+    assert r.headers["location"] == "/"
+
+
 SECURITY = {
     "strict-transport-security": "max-age=63072000; includeSubDomains",
     "x-content-type-options": "nosniff",
