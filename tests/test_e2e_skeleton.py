@@ -229,3 +229,27 @@ async def test_each_service_role_sees_only_its_own_schema(stack: Stack) -> None:
             await conn.close()
     again = stack.run_cmd("threader", "migrate")  # a second migrate is a no-op
     assert again == ""
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/api/me/"),
+        ("GET", "/api/mailboxes/"),
+        ("GET", "/api/conversations/"),
+        ("GET", "/api/push/vapid-key/"),
+        ("POST", "/api/attachments/"),
+        ("GET", "/api/admin/users/"),
+    ],
+)
+async def test_a_trailing_slash_is_404_never_a_redirect_inside(
+    stack: Stack, ca_context: ssl.SSLContext, agent_token: str, method: str, path: str
+) -> None:
+    """The services' apps answered ``/api/me/`` with a 307 to their own internal URL
+    (``https://127.0.0.1:<service port>/api/me``), which the gateway passed on: a client saw
+    where the services listen and was sent past the gateway. It is the contract's JSON 404."""
+    async with httpx.AsyncClient(base_url=stack.origin, verify=ca_context) as http:
+        r = await http.request(method, path, headers={"Authorization": f"Bearer {agent_token}"})
+    assert r.status_code == 404, (r.status_code, r.headers.get("location"))
+    assert "location" not in r.headers
+    assert r.json()["error"]["code"] == "not_found"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -86,6 +87,31 @@ PORT_VARS = {
     "smtp": "CHATFLOW_INGEST_SMTP_PORT",
     "sink": "CHATFLOW_SENDER_RELAY_PORT",
 }
+
+
+class PortsBusy(Exception):
+    """A port the stack would listen on is taken (another stack, most likely)."""
+
+
+def check_ports(ports: Ports, host: str = "127.0.0.1") -> None:
+    """Refuse to start when any port is in use, naming it and the variable that moves it.
+
+    Without this a second ``make run`` reported the first one's services as ready (they
+    answered its readiness URLs) while its own failed to bind.
+    """
+    busy: list[str] = []
+    for name, var in PORT_VARS.items():
+        port = getattr(ports, name)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(f"  {host}:{port} ({name}) is in use: free it or set {var}")
+    if busy:
+        raise PortsBusy(
+            "cannot start: ports in use (is another stack running?)\n" + "\n".join(busy)
+        )
 
 
 @dataclass
@@ -242,11 +268,19 @@ class Stack:
             "gateway": f"https://127.0.0.1:{p.gateway_ops}/readyz",
         }
 
-    def wait_ready(self, timeout: float = 60.0, only: tuple[str, ...] = SERVICES) -> None:
+    def wait_ready(
+        self,
+        timeout: float = 60.0,
+        only: tuple[str, ...] = SERVICES,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Until every service in ``only`` answers ``/readyz``; returns early once ``stop``."""
         ctx = ssl.create_default_context(cafile=str(self.certs / "ca.pem"))
         deadline = time.monotonic() + timeout
         pending = {k: v for k, v in self.ready_urls().items() if k in only}
         while pending and time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return
             for name, url in list(pending.items()):
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is not None:
@@ -260,6 +294,10 @@ class Stack:
             time.sleep(0.1)
         if pending:
             raise TimeoutError(f"not ready after {timeout}s: {sorted(pending)}")
+        # Ready, and by our own processes: one that died meanwhile was not what answered.
+        dead = [n for n in only if (pr := self.procs.get(n)) is not None and pr.poll() is not None]
+        if dead:
+            raise RuntimeError(f"exited while starting: {dead}")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
@@ -282,13 +320,56 @@ class Stack:
         return codes
 
 
+class _Stopped(Exception):
+    """Stopped on purpose before the stack was ready."""
+
+
+def supervise(stack: Stack, stop: threading.Event, seeded: str, ready_timeout: float = 90.0) -> int:
+    """Wait for the started stack, then until ``stop`` or a process exits; stop everything.
+
+    Returns the exit code: 0 only when it started and was stopped on purpose (Ctrl-C).
+    """
+    rc = 0
+    try:
+        stack.wait_ready(ready_timeout, stop=stop)
+        if stop.is_set():  # Ctrl-C while starting
+            raise _Stopped
+        print(
+            "\nChatFLOW is running.\n"
+            f"  web app + API   {stack.origin}  (CA: {stack.certs / 'ca.pem'})\n"
+            f"  inbound SMTP    127.0.0.1:{stack.ports.smtp} (STARTTLS required)\n"
+            f"  outbound sink   127.0.0.1:{stack.ports.sink} -> {stack.sink_dir}\n"
+            f"{seeded.strip()}\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+    except _Stopped:
+        pass
+    except Exception as exc:
+        print(f"stack failed to start: {exc}", file=sys.stderr)
+        rc = 1
+        stop.set()
+    while not stop.is_set():
+        if any(pr.poll() is not None for pr in stack.procs.values()):
+            dead = [n for n, pr in stack.procs.items() if pr.poll() is not None]
+            print(f"service(s) exited: {dead}; stopping", file=sys.stderr)
+            rc = 1
+            break
+        stop.wait(0.5)
+    codes = stack.stop()
+    print("stopped:", ", ".join(f"{k}={v}" for k, v in codes.items()))
+    return rc
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.devstack")
     p.add_argument("cmd", choices=["run", "migrate"])
     a = p.parse_args(argv)
     try:
         stack = Stack(ports=Ports.from_env())
-    except ValueError as exc:
+        if a.cmd == "run":
+            check_ports(stack.ports)
+    except (ValueError, PortsBusy) as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
     try:
@@ -300,32 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "migrate":
         return
     seeded = stack.seed()
-    stack.start()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stack.wait_ready(90)
-        print(
-            "\nChatFLOW is running.\n"
-            f"  web app + API   {stack.origin}  (CA: {stack.certs / 'ca.pem'})\n"
-            f"  inbound SMTP    127.0.0.1:{stack.ports.smtp} (STARTTLS required)\n"
-            f"  outbound sink   127.0.0.1:{stack.ports.sink} -> {stack.sink_dir}\n"
-            f"{seeded.strip()}\n"
-            "Ctrl-C stops everything.\n",
-            flush=True,
-        )
-    except Exception as exc:
-        print(f"stack failed to start: {exc}", file=sys.stderr)
-        stop.set()
-    while not stop.is_set():
-        if any(pr.poll() is not None for pr in stack.procs.values()):
-            dead = [n for n, pr in stack.procs.items() if pr.poll() is not None]
-            print(f"service(s) exited: {dead}; stopping", file=sys.stderr)
-            break
-        stop.wait(0.5)
-    codes = stack.stop()
-    print("stopped:", ", ".join(f"{k}={v}" for k, v in codes.items()))
+    stack.start()
+    sys.exit(supervise(stack, stop, seeded))
 
 
 if __name__ == "__main__":

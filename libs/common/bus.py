@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from libs.common import metrics
 from libs.common.events import Envelope, EventError
@@ -45,6 +49,13 @@ def connect(url: str, ca: str | None = None) -> aioredis.Redis:
         "health_check_interval": 30,
         "socket_timeout": 60,
         "socket_connect_timeout": 5,
+        # A restarted Redis leaves every pooled connection stale, and the pool's check on
+        # checkout does not always see it: without a retry the first command on each one fails
+        # (a trial's first login after a restart answered 500). One retry on a new connection
+        # costs no request; a write retried after a lost reply may land twice, which the
+        # consumers' idempotency absorbs as it does any redelivery.
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
     if url.startswith("rediss://") and ca:
         kwargs["ssl_ca_certs"] = ca

@@ -96,6 +96,10 @@ class Service:
 
     def app(self) -> FastAPI:
         app = self.build_app()
+        # Starlette answers ``/x/`` with a redirect to ``/x`` built from the request's own URL:
+        # behind the gateway that is this service's internal origin, which a client must never
+        # be sent to. A path with a stray slash is a 404 like any other unknown path.
+        app.router.redirect_slashes = False
         web.install_errors(app)
 
         async def pg() -> bool:

@@ -204,3 +204,38 @@ def ehlo_pipelining(session: Any, hostname: str, responses: list[str], on: bool)
     if on:
         responses.insert(-1, "250-PIPELINING")
     return responses
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own that keeps nothing on disk, as the shared one.
+
+    For tests of what a Redis restart does: ``restart`` kills it (SIGKILL, like a crash) and
+    starts it again, empty, on the same port, so clients' pooled connections go stale.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_port(self.port, 10, self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()

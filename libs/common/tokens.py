@@ -2,7 +2,9 @@
 
 The algorithm is pinned (Ed25519), never taken from the token; issuer, audience and expiry are
 checked with a small leeway. Public keys come from the ``auth.jwks`` stream, which the auth
-service republishes on every key change; an unknown ``kid`` triggers a refetch at a bounded rate.
+service republishes on every key change and whenever the stream lost them (a Redis restarted
+empty); an unknown ``kid`` triggers a refetch at a bounded rate, at once while no keys are known,
+so a verifier recovers within seconds. Requests waiting on one refetch share it.
 """
 
 from __future__ import annotations
@@ -72,9 +74,14 @@ class TokenVerifier:
 
     async def _keyset_for(self, kid: str) -> KeySet:
         if kid not in self._kids:
+            asked = time.monotonic()
             async with self._lock:
-                if kid not in self._kids and time.monotonic() - self._fetched_at >= (
-                    self.min_refetch_s if self._keys else 0
+                # A refetch that ran while we waited for the lock answers us too: a burst of
+                # requests before the keys are back costs one XREVRANGE at a time, not one each.
+                if (
+                    kid not in self._kids
+                    and self._fetched_at < asked
+                    and asked - self._fetched_at >= (self.min_refetch_s if self._keys else 0)
                 ):
                     await self.refresh()
         if self._keys is None or kid not in self._kids:

@@ -20,6 +20,7 @@ from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from libs.common import outbox
+from libs.common.bus import Bus
 from libs.common.events import Envelope, JwksPublished
 from libs.common.tokens import ALGORITHM
 from services.auth import storage
@@ -28,6 +29,7 @@ from services.auth.settings import AuthSettings
 
 # RFC 9068 §2.1 media type; explicit typing per RFC 8725 §3.11.
 TOKEN_TYPE = "at+jwt"  # noqa: S105
+JWKS = "auth.jwks"
 LOCK = "SELECT pg_advisory_xact_lock(hashtext('auth.signing_keys'))"
 
 
@@ -71,6 +73,31 @@ async def publish(conn: Any, settings: AuthSettings, correlation_id: str | None 
     any that will sign, and retired ones whose tokens may still be alive."""
     keys = await storage.published_keys(conn, settings.retired_key_grace_s)
     await outbox.add(conn, Envelope.of(JwksPublished(keys=keys), "auth", correlation_id))
+
+
+async def republish_if_missing(pool: Any, bus: Bus, settings: AuthSettings) -> bool:
+    """Queue ``auth.jwks`` again when the stream's newest entry no longer lists the keys
+    verifiers need (Redis restarted empty, or its stream was trimmed); True if it queued one.
+
+    Without this, every verifier that started after such a restart refused every token until
+    auth was restarted: the keys were published only on start and on rotation. Cheap enough to
+    run every few seconds: one XREVRANGE COUNT 1 and one small query. A row already waiting in
+    the outbox (a rotation's) is the relay's to publish: nothing is added then.
+    """
+    entries: Any = await bus.redis.xrevrange(bus.stream(JWKS), count=1)
+    streamed: set[str] = set()
+    if entries:
+        env = Envelope.from_json(entries[0][1][b"e"])
+        streamed = {k["kid"] for k in env.payload_as(JwksPublished).keys}
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval("SELECT 1 FROM outbox WHERE stream_type = $1 LIMIT 1", JWKS):
+            return False
+        current = await storage.published_keys(conn, settings.retired_key_grace_s)
+        if {k["kid"] for k in current} == streamed:
+            return False
+        await conn.execute(LOCK)  # in order with a rotation's own publish
+        await publish(conn, settings)
+    return True
 
 
 def sign(key: OKPKey, claims: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Auth: the OAuth2 authorization server and the user directory.
 
 On start it makes sure a signing key is active and republishes ``auth.jwks`` so every verifier
-(and a freshly flushed Redis) learns the current public keys.
+learns the current public keys; every ``jwks_check_interval_s`` it checks that the stream still
+holds them and publishes them again if not (Redis restarted empty, the stream was trimmed).
 """
 
 from __future__ import annotations
@@ -71,6 +72,23 @@ class AuthService(Service):
         except Exception:
             log.warning("could not publish auth.jwks yet; the relay will retry", exc_info=True)
         self.background.append(self._sweep_loop)
+        self.background.append(self._jwks_loop)
+
+    async def _jwks_loop(self) -> None:
+        """Keep the current keys on ``auth.jwks``: a verifier has no other place to learn them."""
+        while not self.stop_event.is_set():
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), self.settings.jwks_check_interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                if await keys.republish_if_missing(self.pool, self.bus, self.settings):
+                    log.info("auth.jwks lacked the current keys; published them again")
+                    while await self.relay.publish_once():
+                        pass
+            except Exception as exc:  # Redis or PostgreSQL away: the next round tries again
+                log.warning("could not check auth.jwks", extra={"error": repr(exc)})
 
     async def _sweep_loop(self) -> None:
         """Delete long-expired codes and refresh families so the tables stay small."""

@@ -33,6 +33,11 @@ class AuthSettings(ServiceSettings):
         "a rotated key is published this long before it signs; must exceed the verifiers' "
         "minimum JWKS refetch interval (5 s) plus the outbox relay's delay",
     )
+    jwks_check_interval_s: float = field(
+        3.0,
+        "how often auth checks that auth.jwks still holds the current keys (a Redis that "
+        "restarted empty does not) and publishes them again if not, seconds",
+    )
 
     web_client_id: str = field("chatflow-web", "client id of the agent SPA (seed-demo)")
     web_redirect_uri: str = field(

@@ -26,6 +26,7 @@ from services.gateway import metrics
 from services.gateway.domain.headers import (
     downstream_response_headers,
     header,
+    public_location,
     upstream_request_headers,
 )
 from services.gateway.domain.routing import has_dot_segments, resolve
@@ -119,13 +120,23 @@ class Proxy:
         limiter: RateLimiter,
         max_body_bytes: int,
         timeouts: dict[str, float],
+        body_buffer_bytes: int = 1024 * 1024,
+        body_timeout_s: float = 30.0,
+        max_in_flight_per_ip: int = 64,
     ) -> None:
         self.bases = {name: Origin.of(url) for name, url in upstreams.items()}
+        self.internal = sorted(
+            {o.scheme + b"://" + o.host_header.lower() for o in self.bases.values()}
+        )
         self.pool = pool
         self.verifier = verifier
         self.limiter = limiter
         self.max_body = max_body_bytes
         self.timeouts = timeouts
+        self.buffer_bytes = body_buffer_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_in_flight = max_in_flight_per_ip
+        self.in_flight: dict[str, int] = {}  # per client IP: requests holding an upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # a WebSocket on a path other than /ws
@@ -218,17 +229,69 @@ class Proxy:
                 send, status, "request body too large" if status == 413 else "bad length"
             )
             return
+        content: bytes | AsyncIterator[bytes] = b""
+        length = header(raw, b"content-length")
+        if body is not None and (length is None or int(length) <= self.buffer_bytes):
+            # Read a modest body whole before taking an upstream connection, under a deadline
+            # for all of it: a client trickling its body holds no connection of the shared pool
+            # (a trial's 300 anonymous tricklers made every request 503).
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    content = await _prefetch(body, self.buffer_bytes)
+            except TimeoutError:
+                metrics.REQUESTS.labels(upstream=name, status="408").inc()
+                await send_json(
+                    send, 408, "request body not received in time", [(b"connection", b"close")]
+                )
+                return
+            except BodyTooLarge:
+                metrics.REQUESTS.labels(upstream=name, status="413").inc()
+                await send_json(send, 413, "request body too large")
+                return
+            except ClientGone:
+                return
+        elif body is not None:
+            content = body  # an upload over the buffer streams; it counts against the IP's cap
+        if self.max_in_flight and self.in_flight.get(ip, 0) >= self.max_in_flight:
+            metrics.RATE_LIMITED.labels(by="in_flight").inc()
+            await send_json(send, 429, "too many requests at once", [(b"retry-after", b"1")])
+            return
+        self.in_flight[ip] = self.in_flight.get(ip, 0) + 1
+        try:
+            await self._send_upstream(name, origin, target, rid, scope, receive, send, ip, content)
+        finally:
+            left = self.in_flight.pop(ip) - 1
+            if left:
+                self.in_flight[ip] = left
+
+    async def _send_upstream(
+        self,
+        name: str,
+        origin: Origin,
+        target: bytes,
+        rid: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ip: str,
+        content: bytes | AsyncIterator[bytes],
+    ) -> None:
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
         headers = upstream_request_headers(
             raw, client_ip=ip, request_id=rid, host=header(raw, b"host")
         )
         headers.insert(0, (b"host", origin.host_header))
-        if body is not None and header(raw, b"content-length") is None:
-            headers.append((b"transfer-encoding", b"chunked"))
+        if header(raw, b"content-length") is None:
+            if isinstance(content, bytes):
+                if content:  # a chunked body read whole: its length is known now
+                    headers.append((b"content-length", str(len(content)).encode()))
+            else:
+                headers.append((b"transfer-encoding", b"chunked"))
         request = httpcore.Request(
             scope["method"].encode("ascii"),
             httpcore.URL(scheme=origin.scheme, host=origin.host, port=origin.port, target=target),
             headers=headers,
-            content=body if body is not None else b"",
+            content=content,
             extensions={"timeout": self.timeouts},
         )
         started = time.perf_counter()
@@ -260,7 +323,9 @@ class Proxy:
                 {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": downstream_response_headers(response.headers),
+                    "headers": public_location(
+                        downstream_response_headers(response.headers), self.internal
+                    ),
                 }
             )
             async for chunk in response.aiter_stream():
@@ -279,6 +344,26 @@ class Proxy:
         finally:
             gone.cancel()
             await response.aclose()
+
+
+async def _prefetch(body: AsyncIterator[bytes], limit: int) -> bytes | AsyncIterator[bytes]:
+    """The whole body when it ends within ``limit`` bytes; else what was read, then the rest
+    as it comes (a chunked upload larger than the buffer)."""
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in body:
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            return _chain(chunks, body)
+    return b"".join(chunks)
+
+
+async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
 
 
 async def _disconnected(receive: Receive) -> None:

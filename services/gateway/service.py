@@ -138,6 +138,9 @@ class GatewayService(Service):
             limiter,
             s.max_body_bytes,
             upstream_timeouts(s),
+            body_buffer_bytes=s.body_buffer_bytes,
+            body_timeout_s=s.body_timeout_s,
+            max_in_flight_per_ip=s.max_in_flight_per_ip,
         )
         bridge = WsBridge(
             s.notifier_ws_url,

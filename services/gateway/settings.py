@@ -32,6 +32,19 @@ class GatewaySettings(ServiceSettings):
         "origins allowed for CORS and WebSockets (a JSON list in the environment)",
     )
     max_body_bytes: int = field(25 * MIB, "largest request body accepted (413 above)")
+    body_buffer_bytes: int = field(
+        MIB,
+        "a request body up to this size is read whole before an upstream connection is taken, "
+        "so a slow client holds none; larger ones (uploads) stream through",
+    )
+    body_timeout_s: float = field(
+        30.0, "a buffered request body must arrive whole within this, seconds (408 after)"
+    )
+    max_in_flight_per_ip: int = field(
+        64,
+        "requests of one client IP holding an upstream connection at once (429 above; "
+        "0 = off): slow uploads and downloads of one address cannot take the whole pool",
+    )
     hsts_max_age_s: int = field(63_072_000, "Strict-Transport-Security max-age")
 
     token_cache_ttl_s: float = field(60.0, "remember a verified token this long (0 = off)")

@@ -122,8 +122,9 @@ class WsBridge:
                 # Accept first: a browser only sees close codes, never the handshake's status.
                 await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
                 raise Refused(UNAUTHORIZED, 401, problem)
-            await self.limit(ip, identity)
+            # Accepted before the limit too: throttling must reach a browser as 4429.
             await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
+            await self.limit(ip, identity)
         else:
             await websocket.accept(PROTOCOL if PROTOCOL in offered else None)
             token = await self._first_frame_token(websocket)

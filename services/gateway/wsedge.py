@@ -341,7 +341,11 @@ class Session:
             return
         identity: Identity | None
         if token is not None:
-            identity, problem = await self._check(token, ip)
+            try:
+                identity, problem = await self._check(token, ip)
+            except Refused:  # throttled: told the same way as a bad token
+                self._accept(proto, response)
+                raise
             if identity is None:
                 # Accept first: a browser only sees close codes, never the handshake's status.
                 self._accept(proto, response)
@@ -366,7 +370,8 @@ class Session:
         self._go_live()
 
     async def _check(self, token: str, ip: str) -> tuple[Identity | None, str]:
-        """The token and, when it is good, the rate limit; a few upgrades at a time."""
+        """The token and, when it is good, the rate limit (``Refused`` 4429 over it); a few
+        upgrades at a time."""
         async with self.edge.checks:
             identity, problem = await self.bridge.verify(token)
             if identity is not None:

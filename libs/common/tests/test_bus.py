@@ -187,6 +187,30 @@ async def test_a_burst_waits_for_a_redis_connection_instead_of_failing() -> None
         await redis.aclose()
 
 
+async def test_a_restarted_redis_costs_no_request() -> None:
+    """Redis restarts (empty): the pooled connection is stale, yet the next command succeeds.
+
+    The trial's first login after such a restart answered 500 (``Connection closed by
+    server``); the client retries once on a connection error instead.
+    """
+    from libs.common import bus as bus_mod
+
+    server = testing.RedisServer()
+    server.start()
+    redis = bus_mod.connect(server.url)
+    try:
+        await redis.set("k", "1")
+        await redis.pipeline(transaction=False).incr("n").execute()
+        server.restart()
+        assert await redis.get("k") is None  # the first command after the restart
+        assert await redis.pipeline(transaction=False).incr("n").execute() == [1]
+        server.restart()
+        assert await redis.xadd("s", {"e": "x"})
+    finally:
+        await redis.aclose()
+        server.kill()
+
+
 async def test_batch_handler_takes_a_backlog_in_one_call(bus: Bus, pool: asyncpg.Pool) -> None:
     stream = bus.stream("mailbox.changed")
     await bus.ensure_group(stream, "gbatch", "$")

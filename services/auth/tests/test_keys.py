@@ -14,7 +14,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from libs.common.bus import Bus
+from libs.common import testing
+from libs.common.bus import Bus, connect
 from libs.common.events import JwksPublished
 from libs.common.tokens import InvalidToken, TokenVerifier
 from services.auth.domain.keys import Scheduled, signing
@@ -22,10 +23,12 @@ from services.auth.service import AuthService
 from services.auth.settings import AuthSettings
 from services.auth.tests.conftest import (
     add_machine_client,
+    add_user,
     cli,
     machine_token,
     payloads,
     start,
+    tokens_for,
 )
 
 
@@ -235,3 +238,43 @@ async def test_key_rotation_while_a_load_runs_no_request_fails(
     late = TokenVerifier(bus, s.jwt_issuer, s.jwt_audience)
     for token in tokens:
         await late.verify(token)
+
+
+async def test_keys_are_published_again_after_redis_restarts_empty(settings: AuthSettings) -> None:
+    """Redis restarts with nothing in it: auth notices ``auth.jwks`` no longer holds its keys and
+    publishes them again, so a service started after the restart verifies tokens within seconds
+    (the trial's restarted services refused every token until auth itself was restarted), and
+    the first login after the restart does not fail on a stale Redis connection."""
+    server = testing.RedisServer()
+    server.start()
+    s = settings.model_copy(update={"redis_url": server.url, "jwks_check_interval_s": 0.5})
+    svc = AuthService(s)
+    task = asyncio.create_task(svc.run())
+    redis = connect(server.url)
+    try:
+        await testing.eventually(lambda: svc._http is not None and svc._http.started, 15)
+        await add_user(svc, "rita@chatflow.test", ["agent"], "help@chatflow.test")
+        transport = httpx.ASGITransport(app=svc.app())
+        async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
+            before = (await tokens_for(c, "rita@chatflow.test"))["access_token"]
+            server.restart()
+            after = (await tokens_for(c, "rita@chatflow.test"))["access_token"]
+
+        verifier = TokenVerifier(Bus(redis, s.stream_prefix), s.jwt_issuer, s.jwt_audience)
+        started = time.monotonic()
+
+        async def verifies() -> bool:
+            try:
+                await verifier.verify(before)
+            except InvalidToken:
+                return False
+            return True
+
+        await testing.eventually(verifies, timeout=5, interval=0.1)
+        assert time.monotonic() - started < 5
+        await verifier.verify(after)
+    finally:
+        svc.stop_event.set()
+        await asyncio.wait_for(task, 20)
+        await redis.aclose()
+        server.kill()

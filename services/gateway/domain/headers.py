@@ -88,6 +88,27 @@ def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> RawHeader
     return out
 
 
+def public_location(headers: RawHeaders, internal: Iterable[bytes]) -> RawHeaders:
+    """``headers`` with a ``Location`` on one of the ``internal`` origins (``https://host:port``,
+    lower case) made relative, so it resolves against the public origin the client used.
+
+    Where the services listen is nobody's business outside, and a client sent there would
+    bypass the gateway; the services do not redirect to themselves, this makes sure.
+    """
+    prefixes = tuple(internal)
+    out: RawHeaders = []
+    for k, v in headers:
+        if k == b"location":
+            low = v.lower()
+            for p in prefixes:
+                if low.startswith(p) and low[len(p) : len(p) + 1] in (b"", b"/", b"?", b"#"):
+                    rest = v[len(p) :]
+                    v = rest if rest.startswith(b"/") else b"/" + rest
+                    break
+        out.append((k, v))
+    return out
+
+
 def security_headers(hsts_max_age_s: int) -> RawHeaders:
     """Added to every public response; an upstream's own CSP wins (see ``with_security``)."""
     return [

@@ -69,6 +69,12 @@ def echo_app(name: str) -> FastAPI:
         r.set_cookie("csrf", "c1", secure=True)
         return r
 
+    @app.get("/api/conversations/moved")
+    async def moved(request: Request) -> Response:
+        """What Starlette's slash redirect did: a Location on this upstream's own origin."""
+        target = request.query_params.get("to", "/api/conversations/teapot")
+        return RedirectResponse(f"{request.url.scheme}://{request.url.netloc}{target}", 307)
+
     @app.get("/api/conversations/teapot")
     async def teapot() -> JSONResponse:
         return JSONResponse({"error": {"code": "teapot", "message": "short and stout"}}, 418)

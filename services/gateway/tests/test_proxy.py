@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -241,6 +242,20 @@ async def test_redirect_and_cookies_pass_through(client: httpx.AsyncClient) -> N
     assert any(c.startswith("sid=s1") and "HttpOnly" in c for c in cookies)
 
 
+async def test_a_location_on_an_upstream_origin_never_reaches_the_client(
+    client: httpx.AsyncClient, good_token: str, rig: Rig
+) -> None:
+    """An upstream's redirect to its own internal URL is made relative (it resolves against the
+    public origin the client used); a Location elsewhere is left alone."""
+    auth = {"Authorization": f"Bearer {good_token}"}
+    r = await client.get("/api/conversations/moved", params={"to": "/api/me?x=1"}, headers=auth)
+    assert r.status_code == 307
+    assert r.headers["location"] == "/api/me?x=1"
+    assert str(rig.ports["threader"]) not in r.text + str(r.headers)
+    r = await client.get("/api/conversations/moved", params={"to": ""}, headers=auth)
+    assert r.headers["location"] == "/"
+
+
 SECURITY = {
     "strict-transport-security": "max-age=63072000; includeSubDomains",
     "x-content-type-options": "nosniff",
@@ -395,3 +410,98 @@ async def test_head_and_upstream_errors_pass_through(
     r = await client.get("/api/conversations/teapot", headers=auth)
     assert r.status_code == 418
     assert r.json() == {"error": {"code": "teapot", "message": "short and stout"}}
+
+
+async def _trickle(gw: Gateway, rig: Rig, path: str, length: int, first: bytes = b"") -> bytes:
+    """A client that announces ``length`` bytes of body, sends ``first``, then one byte every
+    0.3 s; returns what the gateway answered (up to its close)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.settings.public_port, ssl=rig.ctx, server_hostname="127.0.0.1"
+    )
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n\r\n".encode()
+            + first
+        )
+        sent = len(first)
+
+        async def drip() -> None:
+            nonlocal sent
+            while sent < length:
+                await asyncio.sleep(0.3)
+                writer.write(b"x")
+                await writer.drain()
+                sent += 1
+
+        async def answer() -> bytes:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            return head + await reader.readexactly(int(length.group(1)) if length else 0)
+
+        dripping = asyncio.create_task(drip())
+        try:
+            return await asyncio.wait_for(answer(), 30)
+        finally:
+            dripping.cancel()
+            await asyncio.gather(dripping, return_exceptions=True)
+    finally:
+        writer.close()
+
+
+async def test_slow_request_bodies_hold_no_upstream_connection(
+    start_gateway: StartGateway, rig: Rig, good_token: str
+) -> None:
+    """Anonymous clients trickling bodies (a byte at a time) on more connections than the
+    upstream pool holds: an agent's request still answers at once, and the trickles get 408
+    once the body deadline passes (a trial's 300 such clients made every request 503)."""
+    gw = await start_gateway(
+        upstream_max_connections=4, upstream_pool_timeout_s=1.0, body_timeout_s=4.0
+    )
+    try:
+        slow = [asyncio.create_task(_trickle(gw, rig, "/oauth/token", 1000)) for _ in range(30)]
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=gw.base, verify=rig.ctx, trust_env=False) as c:
+            auth = {"Authorization": f"Bearer {good_token}"}
+            for _ in range(3):
+                r = await c.get("/api/me", headers=auth)
+                assert r.status_code == 200, r.text
+        answers = await asyncio.gather(*slow)
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers[:2]
+        assert b'"code":"request_timeout"' in answers[0].replace(b" ", b"")
+    finally:
+        await stop_gateway(gw)
+
+
+async def test_large_bodies_stream_and_count_against_the_per_ip_cap(
+    start_gateway: StartGateway, rig: Rig, good_token: str
+) -> None:
+    """A body over the buffer goes through as it arrives (an upload may be large and slow),
+    so it holds an upstream connection: those count against the in-flight cap per IP."""
+    gw = await start_gateway(body_buffer_bytes=1024, max_in_flight_per_ip=2, body_timeout_s=2.0)
+    try:
+        auth = {"Authorization": f"Bearer {good_token}"}
+        async with httpx.AsyncClient(base_url=gw.base, verify=rig.ctx, trust_env=False) as c:
+            body = bytes(range(256)) * 400  # 100 KiB: streamed
+            r = await c.post("/api/attachments", headers=auth, content=body)
+            assert r.status_code == 200
+            assert r.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+            # Two slow large uploads take this IP's two slots, well past the body deadline
+            # (which is for the buffered kind only)...
+            first = b"y" * 2000
+            held = [
+                asyncio.create_task(_trickle(gw, rig, "/oauth/token", 2000 + 20, first))
+                for _ in range(2)
+            ]
+            await asyncio.sleep(2.5)
+            r = await c.get("/api/me", headers=auth)
+            assert r.status_code == 429
+            assert r.json()["error"]["code"] == "throttled"
+            # ... and give them back when they end.
+            answers = await asyncio.gather(*held)
+            assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers), answers[:1]
+            r = await c.get("/api/me", headers=auth)
+            assert r.status_code == 200
+    finally:
+        await stop_gateway(gw)

@@ -138,3 +138,33 @@ async def test_first_frame_auth_fragmented_or_binary(
             await ws.send(message)
             await ws.send("after auth")
             assert await ws.recv() == "echo:after auth"
+
+
+async def test_a_throttled_upgrade_is_accepted_then_closed_4429(
+    start_gateway: StartGateway, rig: Rig
+) -> None:
+    """Over the rate limit, an upgrade is answered as a bad token is: accepted, then closed
+    4429, since a browser sees close codes and never the handshake's status (it was HTTP 429
+    when the token came as a subprotocol, which a browser reports as 1006)."""
+    import asyncio
+    import time
+
+    if time.time() % 60 > 55:  # keep the whole test inside one fixed window
+        await asyncio.sleep(60 - time.time() % 60 + 0.1)
+    gw = await start_gateway(rate_limit_per_user=1, rate_limit_per_ip=1000)
+    try:
+        tok = token(rig.key, sub="ws-throttled")
+        async with dial(gw, rig, ["chatflow.v1", f"bearer.{tok}"]) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "echo:hello"
+        before = len(rig.notifier.handshakes)
+        async with dial(gw, rig, ["chatflow.v1", f"bearer.{tok}"]) as ws:
+            assert ws.subprotocol == "chatflow.v1"
+            assert await closed_with(ws) == 4429
+            assert ws.close_reason == "too many requests"
+        async with dial(gw, rig, ["chatflow.v1"]) as ws:  # the first-frame way: the same
+            await ws.send(json.dumps({"type": "auth", "token": tok}))
+            assert await closed_with(ws) == 4429
+        assert len(rig.notifier.handshakes) == before  # the notifier never saw them
+    finally:
+        await stop_gateway(gw)
