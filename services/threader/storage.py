@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,8 +90,9 @@ class Placed:
     # Only the columns ``state`` and ``summary`` read: a placement returned the whole rows before,
     # bodies and the conversation's search vector (as text) included, and decoding them was a
     # good part of the threader's CPU per message.
-    conversation: asyncpg.Record
-    message: asyncpg.Record
+    # Records, or the same columns as a mapping (set-based placement knows them without reading).
+    conversation: Mapping[str, Any]
+    message: Mapping[str, Any]
     merged: list[str]
     text: str  # the message's text, for its snippet (not read back)
 
@@ -547,7 +549,7 @@ async def _merge(conn: asyncpg.Connection, old: uuid.UUID, into: uuid.UUID) -> N
     )
 
 
-def state(conv: asyncpg.Record, token_secret: bytes = b"") -> ConversationState:
+def state(conv: Mapping[str, Any], token_secret: bytes = b"") -> ConversationState:
     return ConversationState(
         id_conversa=str(conv["id_conversa"]),
         mailbox_id=conv["mailbox_id"],
@@ -568,7 +570,7 @@ def snippet(text: str, size: int = 160) -> str:
     return flat if len(flat) <= size else flat[: size - 1] + "…"
 
 
-def summary(msg: asyncpg.Record, text: str | None = None) -> MessageSummary:
+def summary(msg: Mapping[str, Any], text: str | None = None) -> MessageSummary:
     """``text``: the message's text when the record was read without its body."""
     return MessageSummary.model_validate(
         {
@@ -589,7 +591,7 @@ def summary(msg: asyncpg.Record, text: str | None = None) -> MessageSummary:
     )
 
 
-def sent_by_a_machine(msg: asyncpg.Record) -> bool:
+def sent_by_a_machine(msg: Mapping[str, Any]) -> bool:
     """A stored inbound message that ingest flagged automatic (an auto-reply, a bounce)."""
     return bool(msg["direction"] == "in" and is_automatic(msg["flags"]))
 

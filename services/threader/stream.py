@@ -18,7 +18,7 @@ from libs.common.events import (
     MailStatus,
     UserChanged,
 )
-from services.threader import storage
+from services.threader import placement, storage
 
 if TYPE_CHECKING:
     from services.threader.service import ThreaderService
@@ -92,36 +92,43 @@ async def _place_received(
     return [] if placed is None else _announcement(env, placed, svc.token_secret)
 
 
+async def _receive(svc: ThreaderService, envs: list[Envelope]) -> None:
+    """``mail.received`` events in stream order placed in one transaction (one commit): their
+    ids recorded, their mailboxes locked and their events staged in one statement each, the
+    mail itself set-based (``placement``: a few statements per batch, not per message)."""
+    mails = [env.payload_as(MailReceived) for env in envs]
+    async with svc.pool.acquire() as conn, conn.transaction():
+        fresh = await inbox.first_times(conn, CONSUMER, [env.id for env in envs])
+        todo = [(env, mail) for env, mail, new in zip(envs, mails, fresh, strict=True) if new]
+        await storage.lock_mailboxes(conn, [mail.mailbox_id for _, mail in todo])
+
+        async def slow(env: Envelope, mail: MailReceived) -> list[Envelope]:
+            return await _place_received(svc, conn, env, mail)
+
+        events = await placement.place_received(
+            conn,
+            todo,
+            rules=svc.rules,
+            token_secret=svc.token_secret,
+            announce=lambda env, placed: _announcement(env, placed, svc.token_secret),
+            slow=slow,
+        )
+        staged = await outbox.stage(conn, *events)
+    await svc.relay.publish(staged)
+
+
 def received_batch(svc: ThreaderService) -> BatchHandler:
-    """``mail.received`` events in stream order placed in one transaction (one commit), their
-    ids recorded and their events added to the outbox in one statement each."""
+    """A read's ``mail.received`` entries together (``_receive``)."""
 
     async def on_batch(items: list[tuple[Envelope, str]]) -> None:
-        mails = [env.payload_as(MailReceived) for env, _ in items]
-        async with svc.pool.acquire() as conn, conn.transaction():
-            fresh = await inbox.first_times(conn, CONSUMER, [env.id for env, _ in items])
-            todo = [
-                (env, mail) for (env, _), mail, new in zip(items, mails, fresh, strict=True) if new
-            ]
-            await storage.lock_mailboxes(conn, [mail.mailbox_id for _, mail in todo])
-            events: list[Envelope] = []
-            for env, mail in todo:
-                events += await _place_received(svc, conn, env, mail)
-            staged = await outbox.stage(conn, *events)
-        await svc.relay.publish(staged)
+        await _receive(svc, [env for env, _ in items])
 
     return on_batch
 
 
 def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
     async def on_mail_received(env: Envelope, entry_id: str) -> None:
-        async with svc.pool.acquire() as conn, conn.transaction():
-            if not await inbox.first_time(conn, CONSUMER, env.id):
-                return
-            mail = env.payload_as(MailReceived)
-            await storage.lock_mailboxes(conn, [mail.mailbox_id])
-            staged = await outbox.stage(conn, *await _place_received(svc, conn, env, mail))
-        await svc.relay.publish(staged)
+        await _receive(svc, [env])
 
     async def on_mail_status(env: Envelope, entry_id: str) -> None:
         st = env.payload_as(MailStatus)
