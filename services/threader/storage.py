@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import unicodedata
 import uuid
 from collections.abc import Mapping
@@ -59,9 +61,20 @@ _BRACKETS = str.maketrans("<>", "  ")
 
 def fold(text: str) -> str:
     """Lowercase without accents (NFKD, combining marks dropped): the service role cannot create
-    the ``unaccent`` extension, so documents and queries are folded here, the same way."""
-    decomposed = unicodedata.normalize("NFKD", text.lower())
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    the ``unaccent`` extension, so documents and queries are folded here, the same way.
+
+    ASCII text is only lowercased (NFKD leaves it as it is), and the marks are dropped with one
+    ``str.translate``: a generator over every character was most of the threader's own CPU in
+    reading a message."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKD", text.lower()).translate(_combining())
+
+
+@functools.cache
+def _combining() -> dict[int, None]:
+    """Every code point with a combining class, mapped to nothing (built once, ~0.2 s)."""
+    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.combining(chr(cp))}
 
 
 def search_document(subject: str, addrs: list[Address], text: str, html: str = "") -> str:
