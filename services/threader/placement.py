@@ -645,9 +645,14 @@ class _Segment:
         return [e for batch in reversed(events) for e in batch]
 
 
+def prepare(items: Sequence[tuple[Envelope, MailReceived]]) -> list[_Mail]:
+    """What each message brings (keys, subject key, search document...), computed once."""
+    return [_prepare(env, mail) for env, mail in items]
+
+
 async def place_received(
     conn: asyncpg.Connection,
-    items: Sequence[tuple[Envelope, MailReceived]],
+    mails: Sequence[_Mail],
     *,
     rules: storage.Rules,
     token_secret: bytes,
@@ -655,8 +660,8 @@ async def place_received(
     slow: SlowPath,
 ) -> list[Envelope]:
     """Thread new inbound mail in stream order (ids recorded, mailboxes locked by the caller);
-    the events to publish, in order. ``slow`` places one message the per-message way."""
-    mails = [_prepare(env, mail) for env, mail in items]
+    the events to publish, in order (``prepare`` made ``mails``). ``slow`` places one message
+    the per-message way."""
     events: list[Envelope] = []
     i, window = 0, len(mails)
     while i < len(mails):

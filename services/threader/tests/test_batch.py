@@ -7,6 +7,7 @@ stored state, its thread keys and search vector, and the events announced must b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import uuid
@@ -19,7 +20,7 @@ import pytest
 from libs.common import outbox
 from libs.common.events import Envelope, MailReceived
 from services.threader import storage
-from services.threader.stream import _place_received, received_batch
+from services.threader.stream import Turns, _place_received, received_batch
 from services.threader.tests import test_placement as tp
 from services.threader.tests.test_conversations import Env
 
@@ -273,3 +274,82 @@ async def test_fault_cases_grouped_the_same_when_their_mail_comes_in_one_batch(
     expected = frozenset(frozenset(g) for g in case.expected)
     for order in tp.arrival_orders(case.messages, f"batch-{case.name}", want=20):
         assert await _play_in_batches(env, case, order) == expected, [m.label for m in order]
+
+
+async def test_turns_go_in_ticket_order_whoever_is_ready_first() -> None:
+    turns = Turns()
+    order: list[int] = []
+
+    async def batch(ticket: int, ready_after: float, fail: bool = False) -> None:
+        try:
+            await asyncio.sleep(ready_after)
+            if fail:
+                raise RuntimeError("this batch failed before its turn")
+            await turns.wait(ticket)
+            order.append(ticket)
+            await asyncio.sleep(0.01)
+        finally:
+            turns.finish(ticket)
+
+    tickets = [turns.take() for _ in range(5)]
+    results = await asyncio.gather(
+        batch(tickets[0], 0.03),
+        batch(tickets[1], 0.0),
+        batch(tickets[2], 0.0, fail=True),
+        batch(tickets[3], 0.01),
+        batch(tickets[4], 0.0),
+        return_exceptions=True,
+    )
+    assert order == [0, 1, 3, 4]
+    assert isinstance(results[2], RuntimeError)
+    late = turns.take()
+    await asyncio.wait_for(turns.wait(late), 1)  # nobody before it is left: at once
+
+
+class _FirstAcquireLate:
+    """A pool whose first ``acquire`` takes 50 ms longer."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool, self.calls = pool, 0
+
+    def acquire(self) -> Any:
+        self.calls += 1
+        return _Late(self.pool.acquire(), 0.05 if self.calls == 1 else 0.0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+class _Late:
+    def __init__(self, cm: Any, delay: float) -> None:
+        self.cm, self.delay = cm, delay
+
+    async def __aenter__(self) -> Any:
+        await asyncio.sleep(self.delay)
+        return await self.cm.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self.cm.__aexit__(*exc)
+
+
+async def test_two_consumers_batches_are_placed_in_the_order_they_were_read(env: Env) -> None:
+    """The later batch is ready first (the first one's connection comes late), yet is placed
+    second: its events follow the first batch's, as with one consumer."""
+    box = f"mb-{uuid.uuid4().hex[:12]}"
+    specs = _scenario(random.Random("turns"), 61)
+    on_batch = received_batch(env.svc)
+    first = [(Envelope.of(_mail(box, s), producer="ingest"), "0-1") for s in specs[:60]]
+    second = [(Envelope.of(_mail(box, specs[60]), producer="ingest"), "0-2")]
+    pool = env.svc.pool
+    env.svc.pool = _FirstAcquireLate(pool)  # type: ignore[assignment]
+    try:
+        await asyncio.gather(on_batch(first), on_batch(second))
+    finally:
+        env.svc.pool = pool
+    rows = await env.svc.pool.fetch(
+        """SELECT envelope::jsonb -> 'payload' -> 'message' ->> 'message_id' AS mid FROM outbox
+           WHERE stream_type = 'conversation.message_added'
+             AND envelope::jsonb -> 'payload' ->> 'mailbox_id' = $1 ORDER BY id""",
+        box,
+    )
+    assert rows and rows[-1]["mid"] == specs[60]["message_id"]
