@@ -7,11 +7,12 @@ consumer validates what it reads and a producer cannot publish what it could not
 from __future__ import annotations
 
 import builtins
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from libs.common import ids
 
 P = TypeVar("P", bound=BaseModel)
 _REGISTRY: dict[tuple[str, int], type[BaseModel]] = {}
@@ -49,12 +50,12 @@ def now() -> datetime:
 class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = Field(default_factory=lambda: str(ids.uuid4()))
     type: str
     version: int = 1
     occurred_at: datetime = Field(default_factory=now)
     producer: str
-    correlation_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    correlation_id: str = Field(default_factory=lambda: str(ids.uuid4()))
     payload: dict[str, Any]
     _parsed: BaseModel | None = PrivateAttr(default=None)  # the payload as from_json read it
 
@@ -63,15 +64,14 @@ class Envelope(BaseModel):
         type_ = getattr(payload, "event_type", None)
         if type_ is None:
             raise EventError(f"{type(payload).__name__} is not a registered event payload")
-        env = cls(
+        return cls(
             type=type_,
             version=payload.event_version,  # type: ignore[attr-defined]
             producer=producer,
             payload=payload.model_dump(mode="json"),
+            # Given: no id drawn for it only to be replaced.
+            correlation_id=correlation_id or str(ids.uuid4()),
         )
-        if correlation_id:
-            env.correlation_id = correlation_id
-        return env
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg
 
+from libs.common import ids
 from libs.common.events import Envelope, MailReceived
 from services.threader import storage
 from services.threader.domain import tokens
@@ -501,7 +502,7 @@ class _Segment:
     def _new(self, m: _Mail, linked_to: uuid.UUID | None) -> _Conv:
         mail = m.mail
         conv = _Conv(
-            id=uuid.uuid4(),
+            id=ids.uuid4(),
             mailbox_id=mail.mailbox_id,
             channel=mail.channel,
             subject=mail.subject,
@@ -538,7 +539,7 @@ class _Segment:
                 seen.add(p["address"].lower())
                 conv.participants = [*conv.participants, p]
                 conv.people_added.append(p)
-        message_uuid = uuid.uuid4()
+        message_uuid = ids.uuid4()
         conv.message_count += 1
         conv.added += 1
         conv.docs.append(m.doc)
