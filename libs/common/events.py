@@ -7,11 +7,12 @@ consumer validates what it reads and a producer cannot publish what it could not
 from __future__ import annotations
 
 import builtins
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from libs.common import ids
 
 P = TypeVar("P", bound=BaseModel)
 _REGISTRY: dict[tuple[str, int], type[BaseModel]] = {}
@@ -49,28 +50,28 @@ def now() -> datetime:
 class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = Field(default_factory=lambda: str(ids.uuid4()))
     type: str
     version: int = 1
     occurred_at: datetime = Field(default_factory=now)
     producer: str
-    correlation_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    correlation_id: str = Field(default_factory=lambda: str(ids.uuid4()))
     payload: dict[str, Any]
+    _parsed: BaseModel | None = PrivateAttr(default=None)  # the payload as from_json read it
 
     @classmethod
     def of(cls, payload: BaseModel, producer: str, correlation_id: str | None = None) -> Envelope:
         type_ = getattr(payload, "event_type", None)
         if type_ is None:
             raise EventError(f"{type(payload).__name__} is not a registered event payload")
-        env = cls(
+        return cls(
             type=type_,
             version=payload.event_version,  # type: ignore[attr-defined]
             producer=producer,
             payload=payload.model_dump(mode="json"),
+            # Given: no id drawn for it only to be replaced.
+            correlation_id=correlation_id or str(ids.uuid4()),
         )
-        if correlation_id:
-            env.correlation_id = correlation_id
-        return env
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -81,7 +82,9 @@ class Envelope(BaseModel):
             env = cls.model_validate_json(raw)
         except ValidationError as exc:
             raise EventError(f"invalid envelope: {_short(exc)}") from exc
-        env.parsed()  # validates the payload as well
+        # Validates the payload as well, and keeps the result for ``payload_as``: a consumer
+        # validated every payload twice (a tenth of the threader's CPU per message at volume).
+        env._parsed = env.parsed()
         return env
 
     @classmethod
@@ -102,7 +105,7 @@ class Envelope(BaseModel):
             raise EventError(f"invalid {self.type} v{self.version} payload: {_short(exc)}") from exc
 
     def payload_as(self, model: builtins.type[P]) -> P:  # `type` is a field here
-        parsed = self.parsed()
+        parsed = self._parsed if self._parsed is not None else self.parsed()
         if not isinstance(parsed, model):
             raise EventError(f"{self.type} is not {model.__name__}")
         return parsed

@@ -12,7 +12,13 @@ from services.threader.http import router
 from services.threader.outbound import router as outbound_router
 from services.threader.settings import ThreaderSettings
 from services.threader.storage import Rules
-from services.threader.stream import agents_handler, handlers, reads_handler, received_batch
+from services.threader.stream import (
+    Turns,
+    agents_handler,
+    handlers,
+    reads_handler,
+    received_batch,
+)
 
 
 class ThreaderService(Service):
@@ -28,6 +34,7 @@ class ThreaderService(Service):
 
     token_secret: bytes = b""
     rules: Rules = Rules()
+    turns: Turns
 
     async def on_start(self) -> None:
         s = self.settings
@@ -36,10 +43,15 @@ class ThreaderService(Service):
             subject_window=timedelta(hours=s.subject_window_hours),  # type: ignore[attr-defined]
             reopen_max_age=timedelta(days=s.reopen_max_age_days),  # type: ignore[attr-defined]
         )
+        self.turns = Turns()
         on_received, on_status = handlers(self)
-        self.consumer(
-            ["mail.received"], on_received, group="threader", batch_handler=received_batch(self)
-        )
+        for _ in range(max(1, s.received_consumers)):  # type: ignore[attr-defined]
+            self.consumer(
+                ["mail.received"],
+                on_received,
+                group="threader",
+                batch_handler=received_batch(self),
+            )
         self.consumer(["mail.status"], on_status, group="threader-status")
         self.consumer(
             ["membership.changed", "user.changed"], agents_handler(self), group="threader-agents"

@@ -17,6 +17,9 @@ class ThreaderSettings(ServiceSettings):
     # A closed conversation quiet for longer than this many days is not reopened by new mail:
     # the mail starts a new conversation linked to it (0: always reopen).
     reopen_max_age_days: float = 30.0
+    # Consumers of mail.received in the process: with two, a batch's Python work overlaps the
+    # placement of the batch before it in PostgreSQL (placements still go in stream order).
+    received_consumers: int = 2
     # The HMAC key of conversation tokens: the value, or a file holding it (made by make certs).
     thread_token_secret: str = ""
     thread_token_secret_file: Path = ROOT / "var/certs/thread-token.key"

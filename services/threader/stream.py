@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from libs.common.events import (
     MailStatus,
     UserChanged,
 )
-from services.threader import storage
+from services.threader import placement, storage
 
 if TYPE_CHECKING:
     from services.threader.service import ThreaderService
@@ -92,36 +93,90 @@ async def _place_received(
     return [] if placed is None else _announcement(env, placed, svc.token_secret)
 
 
-def received_batch(svc: ThreaderService) -> BatchHandler:
-    """``mail.received`` events in stream order placed in one transaction (one commit), their
-    ids recorded and their events added to the outbox in one statement each."""
+class Turns:
+    """Placements of ``mail.received`` in the order their consumers' reads returned.
 
-    async def on_batch(items: list[tuple[Envelope, str]]) -> None:
-        mails = [env.payload_as(MailReceived) for env, _ in items]
+    The threader runs more than one consumer of ``mail.received`` (``received_consumers``) so
+    that one batch's Python work (reading the events, working out each message's keys,
+    subject key and search document) is done while PostgreSQL works on the batch before it.
+    From its first statement to its publish, a batch waits for its turn: a process places its
+    mail in stream order, as with one consumer. (Replicas still interleave, as ADR 0001 says;
+    the mailbox lock keeps each placement whole.)
+    """
+
+    def __init__(self) -> None:
+        self._taken = 0  # the next ticket
+        self._serving = 0  # whose turn it is
+        self._finished: set[int] = set()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def take(self) -> int:
+        ticket, self._taken = self._taken, self._taken + 1
+        return ticket
+
+    async def wait(self, ticket: int) -> None:
+        if ticket == self._serving:
+            return
+        turn = self._waiting[ticket] = asyncio.get_running_loop().create_future()
+        try:
+            await turn
+        finally:
+            del self._waiting[ticket]
+
+    def finish(self, ticket: int) -> None:
+        """Once per ticket, done or failed (before its turn too)."""
+        self._finished.add(ticket)
+        while self._serving in self._finished:
+            self._finished.remove(self._serving)
+            self._serving += 1
+        turn = self._waiting.get(self._serving)
+        if turn is not None and not turn.done():
+            turn.set_result(None)
+
+
+async def _receive(svc: ThreaderService, envs: list[Envelope]) -> None:
+    """``mail.received`` events in stream order placed in one transaction (one commit): their
+    ids recorded, their mailboxes locked and their events staged in one statement each, the
+    mail itself set-based (``placement``: a few statements per batch, not per message)."""
+    ticket = svc.turns.take()  # before any await: the order the reads returned
+    try:
+        mails = [env.payload_as(MailReceived) for env in envs]
+        prepared = placement.prepare(list(zip(envs, mails, strict=True)))
+        await svc.turns.wait(ticket)
         async with svc.pool.acquire() as conn, conn.transaction():
-            fresh = await inbox.first_times(conn, CONSUMER, [env.id for env, _ in items])
-            todo = [
-                (env, mail) for (env, _), mail, new in zip(items, mails, fresh, strict=True) if new
-            ]
-            await storage.lock_mailboxes(conn, [mail.mailbox_id for _, mail in todo])
-            events: list[Envelope] = []
-            for env, mail in todo:
-                events += await _place_received(svc, conn, env, mail)
+            fresh = await inbox.first_times(conn, CONSUMER, [env.id for env in envs])
+            todo = [m for m, new in zip(prepared, fresh, strict=True) if new]
+            await storage.lock_mailboxes(conn, [m.mail.mailbox_id for m in todo])
+
+            async def slow(env: Envelope, mail: MailReceived) -> list[Envelope]:
+                return await _place_received(svc, conn, env, mail)
+
+            events = await placement.place_received(
+                conn,
+                todo,
+                rules=svc.rules,
+                token_secret=svc.token_secret,
+                announce=lambda env, placed: _announcement(env, placed, svc.token_secret),
+                slow=slow,
+            )
             staged = await outbox.stage(conn, *events)
         await svc.relay.publish(staged)
+    finally:
+        svc.turns.finish(ticket)
+
+
+def received_batch(svc: ThreaderService) -> BatchHandler:
+    """A read's ``mail.received`` entries together (``_receive``)."""
+
+    async def on_batch(items: list[tuple[Envelope, str]]) -> None:
+        await _receive(svc, [env for env, _ in items])
 
     return on_batch
 
 
 def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
     async def on_mail_received(env: Envelope, entry_id: str) -> None:
-        async with svc.pool.acquire() as conn, conn.transaction():
-            if not await inbox.first_time(conn, CONSUMER, env.id):
-                return
-            mail = env.payload_as(MailReceived)
-            await storage.lock_mailboxes(conn, [mail.mailbox_id])
-            staged = await outbox.stage(conn, *await _place_received(svc, conn, env, mail))
-        await svc.relay.publish(staged)
+        await _receive(svc, [env])
 
     async def on_mail_status(env: Envelope, entry_id: str) -> None:
         st = env.payload_as(MailStatus)

@@ -276,3 +276,23 @@ async def test_a_failing_batch_falls_back_to_one_entry_at_a_time(
     assert await effects(pool, poison.id) == []
     pending = await bus.redis.xpending(stream, "gbatchfail")
     assert pending["pending"] == 1  # only the poison entry waits for its retries
+
+
+async def test_publish_raw_adds_every_entry_in_order_to_its_stream(bus: Bus) -> None:
+    """Several entries go in one script call: each lands on its stream, in order, with the ids
+    returned in the order given; one entry is a plain XADD. A stream stays capped."""
+    a, b = bus.stream("t.a"), bus.stream("t.b")
+    entries = [(a if i % 3 else b, json.dumps({"n": i})) for i in range(10)]
+    ids = await bus.publish_raw(entries)
+    assert len(ids) == 10
+    for stream in (a, b):
+        got = await bus.redis.xrange(stream)
+        sent = [(i, d) for i, (s, d) in zip(ids, entries, strict=True) if s == stream]
+        assert [(i.decode(), f[b"e"].decode()) for i, f in got] == sent
+    [one] = await bus.publish_raw([(a, "single")])
+    assert (await bus.redis.xrange(a, min=one, max=one))[0][1] == {b"e": b"single"}
+    assert await bus.publish_raw([]) == []
+    small = Bus(bus.redis, bus.prefix, maxlen=10)
+    for _ in range(30):
+        await small.publish_raw([(bus.stream("t.c"), "x")] * 50)
+    assert await bus.redis.xlen(bus.stream("t.c")) < 1500

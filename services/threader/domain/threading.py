@@ -37,11 +37,16 @@ _WS = re.compile(r"\s+")
 _MAX_ID_LEN = 998  # RFC 5322 line limit; anything longer is garbage, not an id
 
 
+# What an id core may not hold: controls, space, DEL and brackets (one regex search: the
+# character-by-character loop was a tenth of the threader's CPU per message).
+_BAD_CORE = re.compile(r"[\x00-\x20<>\x7f]")
+
+
 def _valid_core(core: str) -> bool:
     """An id core is usable if non-empty, bounded and free of control/bracket chars."""
     if not core or len(core) > _MAX_ID_LEN:
         return False
-    return not any(ord(ch) < 0x21 or ch in "<>" or ord(ch) == 0x7F for ch in core)
+    return _BAD_CORE.search(core) is None
 
 
 def _ids_in(raw: str | None) -> list[str]:

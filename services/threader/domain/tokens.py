@@ -8,7 +8,6 @@ through either, and nobody can name another customer's conversation by guessing 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import re
@@ -21,9 +20,15 @@ _IN_MSGID = re.compile(r"\." + _TOKEN + r"@", re.I)
 _SUBJECT_NUMBER = re.compile(r"\[#(\d{1,18})\]")
 
 
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower-cased
+
+
 def _mac(number: int, secret: bytes) -> str:
-    digest = hmac.new(secret, f"conversation:{number}".encode(), hashlib.sha256).digest()
-    return base64.b32encode(digest).decode().lower()[:_MAC_LEN]
+    """The first _MAC_LEN base32 characters of the HMAC: its first 5 * _MAC_LEN bits, read
+    directly (``base64.b32encode`` of the whole digest is pure Python, 7 us per event)."""
+    digest = hmac.digest(secret, f"conversation:{number}".encode(), hashlib.sha256)
+    bits = int.from_bytes(digest[:7], "big") >> (56 - 5 * _MAC_LEN)
+    return "".join(_B32[(bits >> (5 * (_MAC_LEN - 1 - i))) & 31] for i in range(_MAC_LEN))
 
 
 def sign(number: int, secret: bytes) -> str:

@@ -425,6 +425,9 @@ async def test_list_filters(env: Env) -> None:
 
 def test_fold_drops_accents() -> None:
     assert storage.fold("Ação São Paulo ÉCOLE naïve ﬁ") == "acao sao paulo ecole naive fi"
+    # NFKD first, then the marks: a no-break space becomes a space, ¼ three characters.
+    assert storage.fold("A\u00a0B ¼ e\u0301\u0327 ǅ") == "a b 1\u20444 e dz"
+    assert storage.fold("Plain ASCII, <ana@x.test>") == "plain ascii, <ana@x.test>"
 
 
 async def test_full_text_search(env: Env) -> None:

@@ -23,3 +23,11 @@ def test_subject_number() -> None:
     assert tokens.subject_number("Re: Order late [#1042]") == 1042
     assert tokens.subject_number("Order late") is None
     assert tokens.subject_number("[# 12]") is None
+
+
+def test_tokens_already_in_mail_keep_verifying() -> None:
+    """The mac is the first ten base32 characters of HMAC-SHA256 (values computed with
+    base64.b32encode before it was read from the digest's bits directly)."""
+    assert tokens.sign(1, b"secret") == "1-5a2jct5xom"
+    assert tokens.sign(1042, b"secret") == "1042-2ghzed4pxy"
+    assert tokens.sign(10**17 + 3, b"secret") == "100000000000000003-ylyzsuj4sz"
