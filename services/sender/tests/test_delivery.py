@@ -411,3 +411,127 @@ async def test_commands_read_together_are_stored_and_acked_together(
     assert [d["status"] for d in done] == ["sent"] * 12
     mine = [n for group, n in acks if group == "sender"]
     assert sum(mine) == 12 and len(mine) < 12
+
+
+async def test_a_prepare_pass_takes_only_as_many_commands_as_there_are_free_slots(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """Each command is composed when a slot is free for it, so it begins its attempt in its
+    prepare transaction: none is stored, claimed and read back (three statements instead of one)."""
+    from services.sender import storage
+
+    claimed: list[uuid.UUID] = []
+    real_claim = storage.claim
+
+    async def counting_claim(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+        rows = await real_claim(conn, limit)
+        claimed.extend(r["send_id"] for r in rows)
+        return rows
+
+    sink.handler.delay_s = 0.05
+    await publish_mailbox(bus)
+    conv = await publish_conversation(bus)
+    ids = [await send(bus, conv) for _ in range(12)]  # waiting in the stream before we start
+    # A long poll: no pass composes ahead of the slots because none freed for a poll.
+    s = settings_for(
+        sender_db, bus, sink, delivery_concurrency=2, prepare_batch=5, delivery_poll_ms=3000
+    )
+    with mock.patch.object(storage, "claim", counting_claim):
+        async with running(s) as svc:
+            done = [await final_status(bus, i) for i in ids]
+            counts = dict(svc.delivery.counts)
+    assert [d["status"] for d in done] == ["sent"] * 12
+    assert claimed == []
+    assert counts.get("composed_without_slot", 0) == 0 and counts["started_in_prepare"] == 12
+    assert sink.handler.max_active <= 2
+    assert list(sink.count_by_message_id().values()) == [1] * 12
+
+
+async def test_commands_still_compose_while_a_slow_relay_holds_every_slot(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """A pass that found no free slot for a poll composes anyway (a refusal or a missing
+    conversation is not held up behind the relay); the send waits for the claim."""
+    sink.handler.delay_s = 2.0
+    async with running(settings_for(sender_db, bus, sink, delivery_concurrency=1)):
+        conv = await conversation(bus, sender_pool)
+        first = await send(bus, conv)
+
+        async def sending() -> bool:
+            state = await sender_pool.fetchval(
+                "SELECT state FROM sends WHERE send_id = $1", uuid.UUID(first)
+            )
+            return bool(state == "sending")
+
+        await testing.eventually(sending, timeout=10)
+        second = await send(bus, conv)
+        unknown = await send(bus, "no-such-conversation")
+        started = time.monotonic()
+
+        async def composed() -> bool:
+            return bool(
+                await sender_pool.fetchval(
+                    "SELECT mime IS NOT NULL FROM sends WHERE send_id = $1", uuid.UUID(second)
+                )
+            )
+
+        await testing.eventually(composed, timeout=10)
+        assert time.monotonic() - started < 1.5  # the first send still holds its slot
+        failed = await final_status(bus, unknown)
+        assert time.monotonic() - started < 1.9
+        done = [await final_status(bus, i) for i in (first, second)]
+    assert failed["status"] == "failed" and "unknown conversation" in failed["detail"]
+    assert [d["status"] for d in done] == ["sent", "sent"]
+    assert list(sink.count_by_message_id().values()) == [1, 1]
+
+
+async def test_queued_commands_are_prepared_by_key_without_scanning_the_queue(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """The commands this process queued are handed to its prepare passes by id; the scan of
+    the queue (prepare_candidates) is for the others (a restart, a late conversation)."""
+    from services.sender import storage
+
+    scans: list[int] = []
+    real_scan = storage.prepare_candidates
+
+    async def counting_scan(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
+        found = await real_scan(conn, limit)
+        scans.append(len(found))
+        return found
+
+    with mock.patch.object(storage, "prepare_candidates", counting_scan):
+        async with running(settings_for(sender_db, bus, sink, delivery_poll_ms=5000)):
+            conv = await conversation(bus, sender_pool)
+            ids = [await send(bus, conv) for _ in range(6)]
+            done = [await final_status(bus, i) for i in ids]
+    assert [d["status"] for d in done] == ["sent"] * 6
+    assert sum(scans) == 0 and len(scans) <= 2  # the first pass's, on an empty queue
+
+
+async def test_outcome_events_go_out_directly_without_a_relay_pass(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """``sent`` is published by the attempt once its outcome committed (ADR 0006): no relay pass
+    reads the event back, and its outbox row is deleted after."""
+    from libs.common.outbox import OutboxRelay
+
+    passes: list[int] = []
+    real_pass = OutboxRelay.publish_once
+
+    async def counting_pass(self: OutboxRelay, limit: int = 500) -> int:
+        n = await real_pass(self, limit)
+        passes.append(n)
+        return n
+
+    with mock.patch.object(OutboxRelay, "publish_once", counting_pass):
+        async with running(settings_for(sender_db, bus, sink, outbox_poll_ms=60_000)):
+            conv = await conversation(bus, sender_pool)
+            ids = [await send(bus, conv) for _ in range(3)]
+            done = [await final_status(bus, i, timeout=10) for i in ids]
+            await testing.eventually(
+                lambda: sender_pool.fetchval("SELECT count(*) = 0 FROM outbox"), timeout=5
+            )
+    assert [d["status"] for d in done] == ["sent"] * 3
+    # The relay's passes at start and at stop, with nothing left to publish; none per outcome.
+    assert sum(passes) == 0 and len(passes) <= 2
