@@ -360,18 +360,20 @@ class Delivery:
         self._reserved += reserve
         async with self.svc.pool.acquire() as conn:
             # The database's due sends when wake() says there may be some no hint names (their
-            # conversation arrived, a restart, a hint dropped), while scans find full batches,
-            # and at least every poll (sends that waited for their conversation, another
-            # process's): hinted sends never starve the others. Else only the hinted ones.
+            # conversation arrived, a restart, a hint dropped), at least every poll (sends that
+            # waited for their conversation, another process's: hinted sends never starve the
+            # others), and again while scans find full batches and no hints are left (a
+            # restart's backlog). Else only the hinted ones.
             poll = s.delivery_poll_ms / 1000
             if self._scan_due or time.monotonic() - self._last_scan >= poll:
                 self._last_scan = time.monotonic()
                 self._scan_due = False
                 candidates = await storage.prepare_candidates(conn, take)
-                self._scan_due = len(candidates) >= take
+                self._scan_due = len(candidates) >= take and not self._hints
                 self.counts["prepare_scans"] += 1
             else:
                 candidates = self._take_hints(take)
+                self.counts["prepare_hinted"] += 1
             if not candidates:
                 return 0
             async with conn.transaction():

@@ -509,6 +509,23 @@ async def test_queued_commands_are_prepared_by_key_without_scanning_the_queue(
     assert sum(scans) == 0 and len(scans) <= 2  # the first pass's, on an empty queue
 
 
+async def test_a_poll_scan_in_a_backlog_does_not_turn_every_later_pass_into_a_scan(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """The scan of each poll finds a full batch of sends that are hinted too; the passes after
+    it go on with the hints (a first version kept scanning while scans came back full)."""
+    sink.handler.delay_s = 0.03
+    await publish_mailbox(bus)
+    conv = await publish_conversation(bus)
+    ids = [await send(bus, conv) for _ in range(40)]
+    s = settings_for(sender_db, bus, sink, delivery_concurrency=2, delivery_poll_ms=100)
+    async with running(s) as svc:
+        done = [await final_status(bus, i) for i in ids]
+        counts = dict(svc.delivery.counts)
+    assert [d["status"] for d in done] == ["sent"] * 40
+    assert counts["prepare_hinted"] > 2 * counts["prepare_scans"], counts
+
+
 async def test_outcome_events_go_out_directly_without_a_relay_pass(
     bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
 ) -> None:
