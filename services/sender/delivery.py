@@ -321,10 +321,11 @@ class Delivery:
     def _prepare_quota(self) -> tuple[int, int]:
         """``(commands, slots)`` a prepare pass takes now: as many commands as there are free
         attempt slots (up to ``prepare_batch``), each of them to begin its first attempt in the
-        pass's own transaction. While attempts are in flight, a pass waits until half a batch of
-        slots is free (they free one at a time: passes of one or two sends cost a transaction
-        each). If no slot frees for ``delivery_poll_ms`` (a relay that hangs), a pass composes
-        a whole batch anyway, as before, and the sends it cannot start wait for claim_once.
+        pass's own transaction. While attempts are in flight, a pass waits until a batch, or half
+        the slots, is free (they free one at a time: passes of one or two sends cost a
+        transaction each). If no slot frees for ``delivery_poll_ms`` (a relay that hangs), a
+        pass composes a whole batch anyway, as before, and the sends it cannot start wait for
+        claim_once.
         """
         s = self.svc.settings
         batch = max(1, s.prepare_batch)
@@ -375,7 +376,9 @@ class Delivery:
                 candidates = self._take_hints(take)
                 self.counts["prepare_hinted"] += 1
             if not candidates:
-                return 0
+                # A scan that found nothing (the rows locked by another pass) leaves the hints
+                # to the next pass at once, not a poll later.
+                return 1 if self._hints else 0
             async with conn.transaction():
                 rows = await storage.lock_for_prepare(conn, candidates)
                 if not rows:

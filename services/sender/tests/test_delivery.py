@@ -567,3 +567,20 @@ async def test_outcome_events_go_out_directly_without_a_relay_pass(
     # The relay's passes (at start, at stop: one per turn while it deletes what was published
     # directly) found nothing to publish; there was no pass per outcome.
     assert sum(passes) == 0
+
+
+async def test_a_scan_that_finds_nothing_leaves_the_hints_to_the_next_pass_at_once(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """A poll's scan can find nothing while hints wait (their rows locked by another pass):
+    the prepare loop goes on with them at once instead of waiting a poll."""
+    from services.sender.service import SenderService
+
+    svc = SenderService(settings_for(sender_db, bus, sink, delivery_poll_ms=10_000))
+    svc.pool = sender_pool
+    d = svc.delivery
+    d.hint([uuid.uuid4()])  # no row: as a hint whose row another pass took
+    assert await d.prepare_once() == 1  # the scan (due at start) found nothing; hints wait
+    assert await d.prepare_once() == 1  # the hint, tried and found taken: go on
+    assert await d.prepare_once() == 0  # nothing left: wait
+    assert d.counts["prepare_scans"] == 1 and d.counts["prepare_hinted"] == 2
