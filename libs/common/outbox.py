@@ -69,6 +69,17 @@ async def stage(conn: asyncpg.Connection, *envelopes: Envelope) -> Staged:
     return Staged(tuple(r["id"] for r in rows), entries)
 
 
+# A relay pass's batch. Staged rows are their writer's to publish, until they are older than the
+# grace. ``= ANY(ARRAY(...))``, not ``IN (...)``: the ids are known before the DELETE looks for
+# them, by key. With IN the planner, on a table without statistics, hashed the ids and read the
+# whole table to find them (0.35 ms a pass with a few thousand rows).
+BATCH_SQL = """DELETE FROM outbox WHERE id = ANY(ARRAY(
+                  SELECT id FROM outbox
+                  WHERE NOT direct OR created_at < clock_timestamp() - make_interval(secs => $2)
+                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
+              RETURNING id, stream_type, envelope, created_at"""
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -219,13 +230,8 @@ class OutboxRelay:
 
     async def publish_once(self, limit: int = 500) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
-            # Staged rows are their writer's to publish, until they are older than the grace.
             rows = await conn.fetch(
-                """DELETE FROM outbox WHERE id IN (
-                       SELECT id FROM outbox
-                       WHERE NOT direct OR created_at < clock_timestamp() - make_interval(secs => $2)
-                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-                   RETURNING id, stream_type, envelope, created_at""",
+                BATCH_SQL,
                 limit,
                 self.direct_grace_s,
             )

@@ -7,10 +7,14 @@ Stages (one row of ``sends`` each, state in brackets):
 2. *prepare* composes it from our view of the conversation, signs it (DKIM) and stores the exact
    bytes [queued, mime]; or fails it with the reason [failed]. A command whose conversation (or
    mailbox) has not reached us waits up to ``unknown_conversation_wait_s`` without blocking the
-   stream (its events wake it).
+   stream (its events wake it). A pass takes the commands this process has just queued (their
+   ids handed over in memory, ``hint``), or else, and at least every ``delivery_poll_ms``, the
+   ones the database says are due; and only as many as there are free attempt slots.
 3. *claim*: attempt ``n`` is recorded and committed [sending, attempts = n] before any SMTP.
    A send composed while attempt slots are free is claimed by the prepare transaction itself
-   (the same state and lock, taken before that transaction commits).
+   (the same state and lock, taken before that transaction commits): with prepare passes sized
+   to the free slots that is every send but a retry, not one write to store the bytes, one to
+   claim them and a read of them back.
 4. The SMTP transaction runs on a pooled relay connection. Just before the terminating ``.`` of
    the message we commit ``smtp_dot_at`` (end of data is being sent).
 5. The outcome is committed with its ``mail.status`` event (outbox, same transaction):
@@ -63,6 +67,7 @@ Duplicated commands: the same ``send_id``, or the same ``(user_id, client_id)``,
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import multiprocessing
@@ -186,10 +191,33 @@ class Delivery:
         self._reserved = 0
         self._starting: set[uuid.UUID] = set()
         self._workers: ProcessPoolExecutor | None = None
+        # Sends this process has just queued, for its prepare passes to lock by key (hint):
+        # found without prepare_candidates' scan of the queue. Only a shortcut: a send whose
+        # hint is lost (full, a restart, another replica took it) is found by that scan.
+        self._hints: collections.deque[uuid.UUID] = collections.deque()
+        self._scan_due = True  # wake(): sends may be due that no hint names
+        self._last_scan = 0.0
+        # Since when prepare passes have waited for free attempt slots (see _prepare_quota).
+        self._starved_since: float | None = None
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    MAX_HINTS = 20_000
 
     def wake(self) -> None:
         self._claim_due = True
+        self._scan_due = True
         self._wake.set()
+        self._wake_preparers()
+
+    def hint(self, send_ids: list[uuid.UUID]) -> None:
+        """Sends just queued here: the next prepare passes take them by key, in this order."""
+        room = max(0, self.MAX_HINTS - len(self._hints))
+        self._hints.extend(send_ids[:room])
+        if len(send_ids) > room:
+            self._scan_due = True  # the scan finds the sends without a hint
+        self._wake_preparers()
+
+    def _wake_preparers(self) -> None:
         for event in self._prepare_wakes:
             event.set()
 
@@ -277,29 +305,84 @@ class Delivery:
 
     # ---- prepare ---------------------------------------------------------------------------
     async def prepare_once(self) -> int:
-        """Compose and sign a batch of new commands; returns how many left the prepare stage."""
+        """Compose and sign a batch of new commands; how many it took (0: nothing to do now)."""
         locked: set[uuid.UUID] = set()
         slots = [0]  # attempt slots this pass holds until its tasks start (see _free_slots)
         try:
             return await self._prepare(locked, slots)
         except BaseException:
+            self._scan_due = True  # what the pass took (hints) is found again by a scan
             self._starting -= locked
             await self._unlock_many(locked)  # their transaction did not commit: not ours to send
             raise
         finally:
             self._reserved -= slots[0]
 
+    def _prepare_quota(self) -> tuple[int, int]:
+        """``(commands, slots)`` a prepare pass takes now: as many commands as there are free
+        attempt slots (up to ``prepare_batch``), each of them to begin its first attempt in the
+        pass's own transaction. While attempts are in flight, a pass waits until a batch, or half
+        the slots, is free (they free one at a time: passes of one or two sends cost a
+        transaction each). If no slot frees for ``delivery_poll_ms`` (a relay that hangs), a
+        pass composes a whole batch anyway, as before, and the sends it cannot start wait for
+        claim_once.
+        """
+        s = self.svc.settings
+        batch = max(1, s.prepare_batch)
+        free = max(0, self._free_slots())
+        if self._stopping:
+            return 0, 0
+        if free >= self._enough_slots() or not (self._inflight or self._reserved):
+            self._starved_since = None
+            return min(batch, free), min(batch, free)
+        now = time.monotonic()
+        if self._starved_since is None:
+            self._starved_since = now
+        if now - self._starved_since < s.delivery_poll_ms / 1000:
+            return 0, 0
+        return batch, free
+
+    def _enough_slots(self) -> int:
+        s = self.svc.settings
+        return min(max(1, s.prepare_batch), max(1, s.delivery_concurrency // 2))
+
+    def _take_hints(self, n: int) -> list[uuid.UUID]:
+        take = min(n, len(self._hints))
+        return [self._hints.popleft() for _ in range(take)]
+
     async def _prepare(self, locked: set[uuid.UUID], slots: list[int]) -> int:
         s = self.svc.settings
         wait = timedelta(seconds=s.unknown_conversation_wait_s)
+        take, reserve = self._prepare_quota()
+        if take <= 0:
+            return 0
+        # Other prepare passes and the claim loop count these slots as taken from here on.
+        slots[0] = reserve
+        self._reserved += reserve
         async with self.svc.pool.acquire() as conn:
-            candidates = await storage.prepare_candidates(conn, s.prepare_batch)
+            # The database's due sends when wake() says there may be some no hint names (their
+            # conversation arrived, a restart, a hint dropped), at least every poll (sends that
+            # waited for their conversation, another process's: hinted sends never starve the
+            # others), and again while scans find full batches and no hints are left (a
+            # restart's backlog). Else only the hinted ones.
+            poll = s.delivery_poll_ms / 1000
+            if self._scan_due or time.monotonic() - self._last_scan >= poll:
+                self._last_scan = time.monotonic()
+                self._scan_due = False
+                candidates = await storage.prepare_candidates(conn, take)
+                self._scan_due = len(candidates) >= take and not self._hints
+                self.counts["prepare_scans"] += 1
+            else:
+                candidates = self._take_hints(take)
+                self.counts["prepare_hinted"] += 1
             if not candidates:
-                return 0
+                # A scan that found nothing (the rows locked by another pass) leaves the hints
+                # to the next pass at once, not a poll later.
+                return 1 if self._hints else 0
             async with conn.transaction():
                 rows = await storage.lock_for_prepare(conn, candidates)
                 if not rows:
-                    return 0
+                    return len(candidates)  # taken meanwhile (stale hints): go on
                 cmds = {r["send_id"]: MailSend.model_validate(r["command"]) for r in rows}
                 boxes, threads = await storage.views_for(
                     conn,
@@ -323,8 +406,10 @@ class Delivery:
                     jobs.append((row, job, missing))
                 results = await asyncio.gather(*(self._render(job, now) for _, job, _ in jobs))
                 ready = []
+                refused = 0
                 for (row, _, missing), result in zip(jobs, results, strict=True):
                     if isinstance(result, Refusal):
+                        refused += 1
                         detail = result.detail
                         if missing:
                             detail += f" (not seen within {s.unknown_conversation_wait_s:g} s)"
@@ -334,13 +419,10 @@ class Delivery:
                         )
                     else:
                         ready.append((row["send_id"], result))
-                # As many as there are free attempt slots begin their first attempt now, in this
+                # As many as the pass reserved slots for begin their first attempt now, in this
                 # transaction (no second UPDATE and claim round trip for them, and their bytes need
                 # not come back from the database); the others wait for claim_once as before.
-                now_ready = ready[: max(0, self._free_slots())]
-                # Other prepare passes and the claim loop count these slots as taken from here on.
-                slots[0] = len(now_ready)
-                self._reserved += slots[0]
+                now_ready = ready[: slots[0]]
                 if now_ready:
                     got = await self.locks.run(storage.try_locks, [sid for sid, _ in now_ready])
                     locked |= got
@@ -357,6 +439,8 @@ class Delivery:
         missed = locked - {r["send_id"] for r in started}
         self._starting -= locked
         locked.clear()
+        self.counts["started_in_prepare"] += len(started)
+        self.counts["composed_without_slot"] += len(ready) - len(started)
         rendered = dict(now_ready)
         for record in started:
             row = dict(record)
@@ -367,8 +451,9 @@ class Delivery:
             self._claim_due = True  # composed without a slot: claim_once takes them
             self._wake.set()
         await self._unlock_many(missed)
-        self.svc.relay.wake()
-        return len(jobs)
+        if refused:  # their 'failed' events are outbox rows for the relay
+            self.svc.relay.wake()
+        return max(len(jobs), 1)
 
     def _free_slots(self) -> int:
         if self._stopping:
@@ -417,6 +502,7 @@ class Delivery:
             self._reserved -= free
         for row in rows:
             self._start(row)
+        self.counts["claimed"] += len(rows)
         if len(rows) >= free:
             self._claim_due = True  # the limit, not the queue, ended it: there may be more
         return len(rows)
@@ -430,6 +516,8 @@ class Delivery:
     def _done(self, send_id: uuid.UUID, _task: object = None) -> None:
         self._inflight.pop(send_id, None)
         self._wake.set()
+        if self._starved_since is not None and self._free_slots() >= self._enough_slots():
+            self._wake_preparers()  # a pass waits for these slots (see _prepare_quota)
 
     async def attempt(self, row: Any) -> None:
         send_id, n = row["send_id"], row["attempts"]
@@ -487,14 +575,15 @@ class Delivery:
 
     async def _write_outcomes(self, items: list[tuple[storage.Outcome, Any]]) -> list[Any]:
         """The outcomes, their events and the unlocks of their sends: one statement, on the lock
-        session (``finish_many`` unlocks each send only once its row is updated)."""
+        session (``finish_many`` unlocks each send only once its row is updated). The events go
+        out on the outbox's direct path once it committed (ADR 0006)."""
         outcomes, events = [o for o, _ in items], [e for _, e in items]
 
         async def write(conn: Any) -> Any:
             return await storage.finish_many(conn, outcomes, events, unlock=True)
 
-        done = await self.locks.run(write)
-        self.svc.relay.wake()
+        done, staged = await self.locks.run(write)
+        await self.svc.relay.publish(staged)
         return [done.get((o[0], o[1])) for o in outcomes]
 
     async def _write_unlocks(self, send_ids: list[uuid.UUID]) -> list[None]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,78 @@ class _OpenSSLDKIM(dkim.DKIM):
         return bytes(dkim.fold(header_value, namelen=len(header_name), linesep=self.linesep))
 
 
+_NAME_CHARS = bytes(range(0x21, 0x7F))  # a header field name's characters (dkimpy's parser)
+_SIG_NAME = b"DKIM-Signature"
+_PROTO = dkim.DKIM()
+_PROTO.add_frozen(_OVERSIGN)
+_SIGNED = frozenset(_PROTO.should_sign | _PROTO.frozen_sign)  # what dkimpy signs by default
+_TWICE = frozenset(_PROTO.frozen_sign)  # ...and once more
+
+
+def _header_fields(message: bytes) -> tuple[list[list[bytes]], bytes] | None:
+    """dkimpy's ``rfc822_parse`` for a message as we compose it (CRLF only, names of printable
+    characters, no continuation first); None for anything else (dkimpy parses it then)."""
+    end = message.find(b"\r\n\r\n")
+    if end <= 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
+        return None
+    headers: list[list[bytes]] = []
+    for line in message[:end].split(b"\r\n"):
+        if line[:1] in (b"\t", b" "):
+            if not headers:
+                return None
+            headers[-1][1] += line + b"\r\n"
+            continue
+        colon = line.find(b":")
+        if colon <= 0 or line[:colon].translate(None, _NAME_CHARS):
+            return None
+        headers.append([line[:colon], line[colon + 1 :] + b"\r\n"])
+    return headers, message[end + 4 :]
+
+
+def _sign_openssl(message: bytes, k: DkimKey, key: rsa.RSAPrivateKey) -> bytes | None:
+    """The DKIM-Signature dkimpy's ``DKIM.sign`` makes (rsa-sha256, relaxed/relaxed, its
+    default headers with ours oversigned, ``i=@domain``, ``t=`` now), byte for byte (a test
+    compares them), with the RSA in OpenSSL; None when the message is not one we composed.
+
+    dkimpy spent ~155 µs of Python per 5 KB message around its 250 µs of RSA (a DKIM object, a
+    canonicalization policy, a regular expression per header line); this spends ~90.
+    """
+    parsed = _header_fields(message)
+    if parsed is None:
+        return None
+    headers, body = parsed
+    names = [name for name, _ in headers if name.lower() in _SIGNED]
+    names += [name for name in names if name.lower() in _TWICE]
+    include = tuple(name.lower() for name in names)
+    if b"from" not in include:
+        return None  # dkimpy refuses it, with its own error
+    relaxed = dkim.canonicalization.Relaxed
+    body_hash = base64.b64encode(hashlib.sha256(relaxed.canonicalize_body(body)).digest())
+    domain = k.domain.encode()
+    fields = [
+        (b"v", b"1"),
+        (b"a", b"rsa-sha256"),
+        (b"c", b"relaxed/relaxed"),
+        (b"d", domain),
+        (b"i", b"@" + domain),
+        (b"q", b"dns/txt"),
+        (b"s", k.selector.encode()),
+        (b"t", str(int(time.time())).encode("ascii")),
+        (b"h", b" : ".join(include)),
+        (b"bh", body_hash),
+        (b"b", b"0" * 60),  # as dkimpy: b= folds onto its own line
+    ]
+    value = dkim.fold(b"; ".join(b"=".join(f) for f in fields), len(_SIG_NAME), b"\r\n")
+    value = dkim.RE_BTAG.sub(b"\\1", value)
+    h = hashlib.sha256()
+    canonical = relaxed.canonicalize_headers(headers)
+    dkim.hash_headers(h, relaxed, canonical, include, (_SIG_NAME, b" " + value), dict(fields))
+    signature = key.sign(h.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    fields[-1] = (b"b", base64.b64encode(signature))
+    value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
+    return _SIG_NAME + b": " + dkim.fold(value, len(_SIG_NAME), b"\r\n")
+
+
 class Signer:
     """Signs outgoing messages for the domains it has keys for; passes the others through."""
 
@@ -251,6 +325,9 @@ class Signer:
             return message, None
         d: Any
         if k.domain in self._openssl:
+            fast = _sign_openssl(message, k, self._openssl[k.domain])
+            if fast is not None:
+                return fast + message, k.domain
             d = _OpenSSLDKIM(message, linesep=b"\r\n")
             d.openssl_key = self._openssl[k.domain]
         else:

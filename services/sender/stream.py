@@ -101,6 +101,7 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler, BatchHandle
     async def accept_many(items: list[tuple[Envelope, MailSend]]) -> list[None]:
         """Store a group of commands and their ``queued`` events in one transaction."""
         events: list[Envelope] = []
+        queued: list[uuid.UUID] = []
         async with svc.pool.acquire() as conn, conn.transaction():
             fresh: list[tuple[Envelope, MailSend, uuid.UUID]] = []
             firsts = await inbox.first_times(conn, CONSUMER, [env.id for env, _ in items])
@@ -143,9 +144,10 @@ def handlers(svc: SenderService) -> tuple[Handler, Handler, Handler, BatchHandle
                     continue
                 await storage.mark_used(conn, list(cmd.attachments), cmd.mailbox_id)
                 events.append(storage.status_event(row, "queued", "queued"))
+                queued.append(send_id)
             staged = await outbox.stage(conn, *events)
         await svc.relay.publish(staged)
-        svc.delivery.wake()
+        svc.delivery.hint(queued)  # no scan of the queue for them, no claim pass
         return [None] * len(items)
 
     # Several readers of mail.send (send_consumers) hand their commands here at once; what

@@ -120,6 +120,10 @@ _INJECTION = frozenset("\r\n\x00")
 # subject with a stray U+0085 (cp1252 "…" decoded as latin-1) must still be
 # repliable.
 _OTHER_BREAKS = frozenset("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# The same sets as one regular expression search each (a Python loop over every character of
+# every header value was ~10% of composing a reply).
+_INJECTION_RE = re.compile("[" + "".join(sorted(_INJECTION)) + "]")
+_OTHER_BREAKS_RE = re.compile("[" + "".join(sorted(_OTHER_BREAKS)) + "]")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # SMTP policy (CRLF, 78-column folding, RFC 2047 for non-ASCII) restricted to
@@ -145,9 +149,9 @@ def _reject_raw(value: str, field: str, *, free_text: bool = False) -> None:
     """
     if not isinstance(value, str):
         raise InvalidDraft(f"{field}: expected str, got {type(value).__name__}")
-    if any(ch in _INJECTION for ch in value):
+    if _INJECTION_RE.search(value):
         raise HeaderInjection(f"{field}: CR, LF or NUL in header value")
-    if not free_text and any(ch in _OTHER_BREAKS for ch in value):
+    if not free_text and _OTHER_BREAKS_RE.search(value):
         raise HeaderInjection(f"{field}: line break in header value")
     if not free_text and _CONTROL_RE.search(value.replace("\t", "")):
         raise InvalidDraft(f"{field}: control character in header value")

@@ -797,3 +797,12 @@ def _intended_headers(draft: Draft, thread: ThreadContext) -> list[tuple[str, ob
     if draft.auto_generated:
         headers.append(("Auto-Submitted", "auto-generated"))
     return headers
+
+
+def test_the_header_checks_refuse_exactly_the_characters_of_their_sets() -> None:
+    """``_reject_raw`` searches with one regular expression per set, not a loop per character."""
+    from services.sender.domain import compose as c
+
+    for ch in map(chr, range(0x10000)):
+        assert bool(c._INJECTION_RE.search(ch)) == (ch in c._INJECTION), repr(ch)
+        assert bool(c._OTHER_BREAKS_RE.search(ch)) == (ch in c._OTHER_BREAKS), repr(ch)

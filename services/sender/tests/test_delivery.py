@@ -4,6 +4,7 @@ DKIM, relay replies and failures, the connection pool, refusals and duplicate co
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from email import message_from_bytes, policy
@@ -411,3 +412,175 @@ async def test_commands_read_together_are_stored_and_acked_together(
     assert [d["status"] for d in done] == ["sent"] * 12
     mine = [n for group, n in acks if group == "sender"]
     assert sum(mine) == 12 and len(mine) < 12
+
+
+async def test_a_prepare_pass_takes_only_as_many_commands_as_there_are_free_slots(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """Each command is composed when a slot is free for it, so it begins its attempt in its
+    prepare transaction: none is stored, claimed and read back (three statements instead of one)."""
+    from services.sender import storage
+
+    claimed: list[uuid.UUID] = []
+    real_claim = storage.claim
+
+    async def counting_claim(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+        rows = await real_claim(conn, limit)
+        claimed.extend(r["send_id"] for r in rows)
+        return rows
+
+    sink.handler.delay_s = 0.05
+    await publish_mailbox(bus)
+    conv = await publish_conversation(bus)
+    ids = [await send(bus, conv) for _ in range(12)]  # waiting in the stream before we start
+    # A long poll: no pass composes ahead of the slots because none freed for a poll.
+    s = settings_for(
+        sender_db, bus, sink, delivery_concurrency=2, prepare_batch=5, delivery_poll_ms=3000
+    )
+    with mock.patch.object(storage, "claim", counting_claim):
+        async with running(s) as svc:
+            done = [await final_status(bus, i) for i in ids]
+            counts = dict(svc.delivery.counts)
+    assert [d["status"] for d in done] == ["sent"] * 12
+    assert claimed == []
+    assert counts.get("composed_without_slot", 0) == 0 and counts["started_in_prepare"] == 12
+    assert sink.handler.max_active <= 2
+    assert list(sink.count_by_message_id().values()) == [1] * 12
+
+
+async def test_commands_still_compose_while_a_slow_relay_holds_every_slot(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """A pass that found no free slot for a poll composes anyway (a refusal or a missing
+    conversation is not held up behind the relay); the send waits for the claim."""
+    sink.handler.delay_s = 3.0
+    async with running(settings_for(sender_db, bus, sink, delivery_concurrency=1)):
+        conv = await conversation(bus, sender_pool)
+        first = await send(bus, conv)
+
+        async def sending() -> bool:
+            state = await sender_pool.fetchval(
+                "SELECT state FROM sends WHERE send_id = $1", uuid.UUID(first)
+            )
+            return bool(state == "sending")
+
+        await testing.eventually(sending, timeout=10)
+        second = await send(bus, conv)
+        unknown = await send(bus, "no-such-conversation")
+
+        async def composed() -> bool:
+            return bool(
+                await sender_pool.fetchval(
+                    "SELECT mime IS NOT NULL FROM sends WHERE send_id = $1", uuid.UUID(second)
+                )
+            )
+
+        await testing.eventually(composed, timeout=10)
+        assert await sending()  # the first send still holds the slot
+        failed = await final_status(bus, unknown)
+        assert await sending()
+        done = [await final_status(bus, i) for i in (first, second)]
+    assert failed["status"] == "failed" and "unknown conversation" in failed["detail"]
+    assert [d["status"] for d in done] == ["sent", "sent"]
+    assert list(sink.count_by_message_id().values()) == [1, 1]
+
+
+async def test_queued_commands_are_prepared_by_key_without_scanning_the_queue(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """The commands this process queued are handed to its prepare passes by id; the scan of
+    the queue (prepare_candidates) is for the others (a restart, a late conversation)."""
+    from services.sender import storage
+
+    scans: list[int] = []
+    real_scan = storage.prepare_candidates
+
+    async def counting_scan(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
+        found = await real_scan(conn, limit)
+        scans.append(len(found))
+        return found
+
+    with mock.patch.object(storage, "prepare_candidates", counting_scan):
+        async with running(settings_for(sender_db, bus, sink, delivery_poll_ms=5000)):
+            conv = await conversation(bus, sender_pool)
+            ids = [await send(bus, conv) for _ in range(6)]
+            done = [await final_status(bus, i) for i in ids]
+    assert [d["status"] for d in done] == ["sent"] * 6
+    assert sum(scans) == 0 and len(scans) <= 2  # the first pass's, on an empty queue
+
+
+async def test_a_poll_scan_in_a_backlog_does_not_turn_every_later_pass_into_a_scan(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """The scan of each poll finds a full batch of sends that are hinted too; the passes after
+    it go on with the hints, and the next scan waits for the next poll (a first version kept
+    scanning, pass after pass, while scans came back full)."""
+    from services.sender import storage
+
+    scanned_at: list[float] = []
+    real_scan = storage.prepare_candidates
+
+    async def timed_scan(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
+        scanned_at.append(time.monotonic())
+        return await real_scan(conn, limit)
+
+    sink.handler.delay_s = 0.03
+    await publish_mailbox(bus)
+    conv = await publish_conversation(bus)
+    ids = [await send(bus, conv) for _ in range(40)]
+    s = settings_for(sender_db, bus, sink, delivery_concurrency=2, delivery_poll_ms=200)
+    with mock.patch.object(storage, "prepare_candidates", timed_scan):
+        async with running(s) as svc:
+            done = [await final_status(bus, i) for i in ids]
+            counts = dict(svc.delivery.counts)
+    assert [d["status"] for d in done] == ["sent"] * 40
+    assert counts["prepare_hinted"] > 0, counts
+    # After the first few (the start, while the commands are being queued), a poll apart.
+    gaps = [b - a for a, b in itertools.pairwise(scanned_at[3:])]
+    assert all(gap >= 0.15 for gap in gaps), (gaps, counts)
+
+
+async def test_outcome_events_go_out_directly_without_a_relay_pass(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """``sent`` is published by the attempt once its outcome committed (ADR 0006): no relay pass
+    reads the event back, and its outbox row is deleted after."""
+    from libs.common.outbox import OutboxRelay
+
+    passes: list[int] = []
+    real_pass = OutboxRelay.publish_once
+
+    async def counting_pass(self: OutboxRelay, limit: int = 500) -> int:
+        n = await real_pass(self, limit)
+        passes.append(n)
+        return n
+
+    with mock.patch.object(OutboxRelay, "publish_once", counting_pass):
+        async with running(settings_for(sender_db, bus, sink, outbox_poll_ms=60_000)):
+            conv = await conversation(bus, sender_pool)
+            ids = [await send(bus, conv) for _ in range(3)]
+            done = [await final_status(bus, i, timeout=10) for i in ids]
+            await testing.eventually(
+                lambda: sender_pool.fetchval("SELECT count(*) = 0 FROM outbox"), timeout=5
+            )
+    assert [d["status"] for d in done] == ["sent"] * 3
+    # The relay's passes (at start, at stop: one per turn while it deletes what was published
+    # directly) found nothing to publish; there was no pass per outcome.
+    assert sum(passes) == 0
+
+
+async def test_a_scan_that_finds_nothing_leaves_the_hints_to_the_next_pass_at_once(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """A poll's scan can find nothing while hints wait (their rows locked by another pass):
+    the prepare loop goes on with them at once instead of waiting a poll."""
+    from services.sender.service import SenderService
+
+    svc = SenderService(settings_for(sender_db, bus, sink, delivery_poll_ms=10_000))
+    svc.pool = sender_pool
+    d = svc.delivery
+    d.hint([uuid.uuid4()])  # no row: as a hint whose row another pass took
+    assert await d.prepare_once() == 1  # the scan (due at start) found nothing; hints wait
+    assert await d.prepare_once() == 1  # the hint, tried and found taken: go on
+    assert await d.prepare_once() == 0  # nothing left: wait
+    assert d.counts["prepare_scans"] == 1 and d.counts["prepare_hinted"] == 2

@@ -114,7 +114,7 @@ async def test_grouped_writes_touch_only_current_attempts(sender_pool: Any) -> N
             "SELECT bool_and(pg_try_advisory_lock(send_lock_key(id))) FROM unnest($1::uuid[]) id",
             ids,
         )
-        done = await storage.finish_many(conn, outcomes, events, unlock=True)
+        done, staged = await storage.finish_many(conn, outcomes, events, unlock=True)
         assert set(done) == set(current)
         held = await conn.fetch(
             """SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"""
@@ -130,10 +130,14 @@ async def test_grouped_writes_touch_only_current_attempts(sender_pool: Any) -> N
         (ids[3], "deferred"),
     }
     assert all(r["dot_at"] is not None for r in attempts)
-    published = [
-        json.loads(r["envelope"])
-        for r in await sender_pool.fetch("SELECT envelope FROM outbox ORDER BY id")
-    ]
+    stored = await sender_pool.fetch("SELECT id, envelope, direct FROM outbox ORDER BY id")
+    published = [json.loads(r["envelope"]) for r in stored]
+    # Staged for the direct path (ADR 0006): the caller publishes exactly these rows after the
+    # commit, each id with its own event, and no relay pass reads them back.
+    assert all(r["direct"] for r in stored)
+    assert staged.ids == tuple(r["id"] for r in stored)
+    assert [json.loads(e) for _, e in staged.entries] == published
+    assert {t for t, _ in staged.entries} == {"mail.status"}
     assert [(e["type"], e["payload"]["send_id"], e["payload"]["status"]) for e in published] == [
         ("mail.status", str(ids[0]), "sent"),
         ("mail.status", str(ids[1]), "failed"),

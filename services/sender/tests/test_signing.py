@@ -130,3 +130,51 @@ def test_signatures_are_the_same_as_with_dkimpy_s_own_canonicalization(dkim_key:
             slow = [Signer(keys).sign(m, "chatflow.test")[0] for m in (MESSAGE, message)]
     assert fast == slow
     assert all(dkim.verify(m, dnsfunc=dkim_key.dns) for m in fast)
+
+
+def test_the_header_parse_of_the_fast_signature_is_dkimpy_s_where_it_applies() -> None:
+    original = signing.ORIGINALS["rfc822_parse"]
+    taken = 0
+    for data in [*_random_inputs(3000), b"A: b\r\n\tc\r\nFrom x: y\r\n\r\nbody", b"::x\r\n\r\n"]:
+        got = signing._header_fields(data)
+        if got is not None:
+            taken += 1
+            assert list(got) == list(original(data)), data
+    assert taken > 500  # most of the well-formed half
+
+
+def test_the_fast_signature_is_dkimpy_s_byte_for_byte(dkim_key: DkimKey) -> None:
+    """``Signer.sign``'s own signing (OpenSSL, no dkimpy object) and dkimpy's, for messages
+    as we compose them and for the awkward ones; the rest fall back to dkimpy."""
+    keys = load_keys(dkim_key.folder, {})
+    signer = Signer(keys)
+    k = keys["chatflow.test"]
+    rng = random.Random(7)
+    words = [b"a", b"Re:", b" ", b"  ", b"\t", b"\xc3\xa9", b"x" * 80, b";", b"=?UTF-8?Q?a?="]
+    messages = [MESSAGE, MESSAGE.replace(b"It ships", b"It\tships  today\r\n\r\nand  more \t\r\n")]
+    for _ in range(200):
+        extra = b"".join(rng.choices(words, k=rng.randint(1, 30)))
+        fold = b"\r\n " if rng.random() < 0.5 else b" "
+        messages.append(
+            MESSAGE.replace(b"Subject: Re:", b"Subject: Re:" + extra + fold + b"x")
+            .replace(b"To: zoe", b"X-Other: 1\r\nTo: zoe" if rng.random() < 0.3 else b"To: zoe")
+            .replace(b"It ships", extra + b"\r\n\r\n" + extra)
+        )
+    with mock.patch("time.time", return_value=1_715_949_000):
+        for m in messages:
+            fast = signing._sign_openssl(m, k, signer._openssl["chatflow.test"])
+            d = signing._OpenSSLDKIM(m, linesep=b"\r\n")
+            d.openssl_key = signer._openssl["chatflow.test"]
+            d.add_frozen(signing._OVERSIGN)
+            slow = d.sign(
+                k.selector.encode(), k.domain.encode(), k.pem, canonicalize=(b"relaxed", b"relaxed")
+            )
+            assert fast == bytes(slow), m
+        assert signing._sign_openssl(b"A: b\nbare LF\r\n\r\n", k, signer._openssl[k.domain]) is None
+        assert signing._sign_openssl(b"To: x\r\n\r\nno From", k, signer._openssl[k.domain]) is None
+        bare = b"From: a@chatflow.test\nTo: b@x.test\n\nbody\n"
+        signed, domain = signer.sign(bare, "chatflow.test")  # dkimpy's path, still signed
+    assert domain == "chatflow.test" and dkim.verify(signed, dnsfunc=dkim_key.dns)
+    assert all(
+        dkim.verify(signer.sign(m, "chatflow.test")[0], dnsfunc=dkim_key.dns) for m in messages
+    )
