@@ -459,7 +459,12 @@ class AddressIn(BaseModel):
     failed send later."""
 
     name: OneLine = Field("", max_length=200)
-    address: OneLine = Field(min_length=3, max_length=254)
+    address: OneLine = Field(
+        min_length=3,
+        max_length=254,
+        description="local@domain: a dot-atom ASCII local part (no SMTPUTF8) and a domain of two"
+        " or more labels, IDN allowed; anything else is a 422",
+    )
 
     @field_validator("address")
     @classmethod
