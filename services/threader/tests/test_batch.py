@@ -220,24 +220,7 @@ async def test_batches_place_mail_as_one_message_at_a_time_does(env: Env, seed: 
 
 
 def _inbound(mailbox: str, m: tp.M, by_label: dict[str, tp.M]) -> Envelope:
-    date = tp.BASE + m.at
-    payload = {
-        "ingest_id": uuid.uuid4().hex,
-        "mailbox_id": mailbox,
-        "mailbox_address": tp.SUPPORT,
-        "message_id": m.message_id,
-        "in_reply_to": tp._ids(m.irt, by_label),
-        "references": tp._ids(m.refs, by_label),
-        "from": {"address": m.sender},
-        "to": [{"address": a} for a in m.to],
-        "cc": [{"address": a} for a in m.cc],
-        "subject": m.subject,
-        "date": date,
-        "received_at": date,
-        "text": f"body of {m.label}",
-        "thread_index": m.thread_index,
-        "thread_topic": m.thread_topic,
-    }
+    payload = tp.inbound_payload(mailbox, m, by_label)
     return Envelope.of(MailReceived.model_validate(payload), producer="ingest")
 
 

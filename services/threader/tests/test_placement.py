@@ -75,6 +75,28 @@ def _ids(labels: Sequence[str], by_label: dict[str, M]) -> list[str]:
     return [x if x.startswith("<") else by_label[x].message_id for x in labels]
 
 
+def inbound_payload(mailbox: str, m: M, by_label: dict[str, M]) -> dict[str, object]:
+    """The ``mail.received`` payload of an inbound message of a case."""
+    date = BASE + m.at
+    return {
+        "ingest_id": uuid.uuid4().hex,
+        "mailbox_id": mailbox,
+        "mailbox_address": SUPPORT,
+        "message_id": m.message_id,
+        "in_reply_to": _ids(m.irt, by_label),
+        "references": _ids(m.refs, by_label),
+        "from": {"address": m.sender},
+        "to": [{"address": a} for a in m.to],
+        "cc": [{"address": a} for a in m.cc],
+        "subject": m.subject,
+        "date": date,
+        "received_at": date,
+        "text": f"body of {m.label}",
+        "thread_index": m.thread_index,
+        "thread_topic": m.thread_topic,
+    }
+
+
 async def deliver(
     env: Env, mailbox: str, m: M, by_label: dict[str, M], convs: dict[str, str]
 ) -> None:
@@ -101,25 +123,7 @@ async def deliver(
         )
         await on_status(Envelope.of(status, producer="sender"), "0-1")
         return
-    payload = MailReceived.model_validate(
-        {
-            "ingest_id": uuid.uuid4().hex,
-            "mailbox_id": mailbox,
-            "mailbox_address": SUPPORT,
-            "message_id": m.message_id,
-            "in_reply_to": _ids(m.irt, by_label),
-            "references": _ids(m.refs, by_label),
-            "from": {"address": m.sender},
-            "to": [{"address": a} for a in m.to],
-            "cc": [{"address": a} for a in m.cc],
-            "subject": m.subject,
-            "date": date,
-            "received_at": date,
-            "text": f"body of {m.label}",
-            "thread_index": m.thread_index,
-            "thread_topic": m.thread_topic,
-        }
-    )
+    payload = MailReceived.model_validate(inbound_payload(mailbox, m, by_label))
     await on_received(Envelope.of(payload, producer="ingest"), "0-1")
 
 
