@@ -4,9 +4,11 @@ DKIM, relay replies and failures, the connection pool, refusals and duplicate co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
+from collections.abc import Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from unittest import mock
@@ -351,11 +353,9 @@ async def test_an_attachment_by_id_is_sent(
     assert part.get_filename() == "fatura março.pdf" and part.get_content() == data
 
 
-async def test_a_send_composed_with_a_free_slot_begins_in_its_prepare_transaction(
-    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
-) -> None:
-    """No separate claim for it; with every slot taken the others wait for the claim, and each
-    is sent once either way."""
+@contextlib.contextmanager
+def counting_claims() -> Iterator[list[uuid.UUID]]:
+    """The send ids ``storage.claim`` hands out while the block runs."""
     from services.sender import storage
 
     claimed: list[uuid.UUID] = []
@@ -367,6 +367,15 @@ async def test_a_send_composed_with_a_free_slot_begins_in_its_prepare_transactio
         return rows
 
     with mock.patch.object(storage, "claim", counting_claim):
+        yield claimed
+
+
+async def test_a_send_composed_with_a_free_slot_begins_in_its_prepare_transaction(
+    bus: Bus, sender_db: str, sender_pool: asyncpg.Pool, sink: Sink
+) -> None:
+    """No separate claim for it; with every slot taken the others wait for the claim, and each
+    is sent once either way."""
+    with counting_claims() as claimed:
         async with running(settings_for(sender_db, bus, sink)):
             conv = await conversation(bus, sender_pool)
             first = await send(bus, conv)
@@ -419,16 +428,6 @@ async def test_a_prepare_pass_takes_only_as_many_commands_as_there_are_free_slot
 ) -> None:
     """Each command is composed when a slot is free for it, so it begins its attempt in its
     prepare transaction: none is stored, claimed and read back (three statements instead of one)."""
-    from services.sender import storage
-
-    claimed: list[uuid.UUID] = []
-    real_claim = storage.claim
-
-    async def counting_claim(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
-        rows = await real_claim(conn, limit)
-        claimed.extend(r["send_id"] for r in rows)
-        return rows
-
     sink.handler.delay_s = 0.05
     await publish_mailbox(bus)
     conv = await publish_conversation(bus)
@@ -437,7 +436,7 @@ async def test_a_prepare_pass_takes_only_as_many_commands_as_there_are_free_slot
     s = settings_for(
         sender_db, bus, sink, delivery_concurrency=2, prepare_batch=5, delivery_poll_ms=3000
     )
-    with mock.patch.object(storage, "claim", counting_claim):
+    with counting_claims() as claimed:
         async with running(s) as svc:
             done = [await final_status(bus, i) for i in ids]
             counts = dict(svc.delivery.counts)

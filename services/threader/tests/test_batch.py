@@ -240,14 +240,7 @@ async def _play_in_batches(env: Env, case: tp.Case, order: Sequence[tp.M]) -> tp
             run = []
         if m is not None:
             await tp.deliver(env, mailbox, m, by_label, convs)
-    rows = await env.svc.pool.fetch(
-        "SELECT message_id, id_conversa FROM messages WHERE mailbox_id = $1", mailbox
-    )
-    label = {m.message_id: m.label for m in case.messages}
-    groups: dict[str, set[str]] = {}
-    for r in rows:
-        groups.setdefault(str(r["id_conversa"]), set()).add(label[r["message_id"]])
-    return frozenset(frozenset(g) for g in groups.values())
+    return await tp.grouping(env, mailbox, case)
 
 
 @pytest.mark.parametrize("case", tp.CASES, ids=[c.name for c in tp.CASES])

@@ -151,6 +151,11 @@ async def play(env: Env, case: Case, order: Sequence[M], mailbox: str | None = N
     convs = await precreate(env, mailbox, case.conversations)
     for m in order:
         await deliver(env, mailbox, m, by_label, convs)
+    return await grouping(env, mailbox, case)
+
+
+async def grouping(env: Env, mailbox: str, case: Case) -> Partition:
+    """The case's messages as the mailbox grouped them, each stored once."""
     rows = await env.svc.pool.fetch(
         "SELECT message_id, id_conversa FROM messages WHERE mailbox_id = $1", mailbox
     )
