@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -56,9 +57,13 @@ class Staged:
 
 async def stage(conn: asyncpg.Connection, *envelopes: Envelope) -> Staged:
     """``add`` for the direct path: pass the result to ``OutboxRelay.publish`` after the commit."""
-    if not envelopes:
+    return await stage_entries(conn, [(e.type, e.to_json()) for e in envelopes])
+
+
+async def stage_entries(conn: asyncpg.Connection, entries: Sequence[tuple[str, str]]) -> Staged:
+    """``stage`` for events already serialized: (stream type, envelope JSON) each."""
+    if not entries:
         return Staged()
-    entries = tuple((e.type, e.to_json()) for e in envelopes)
     rows = await conn.fetch(
         """INSERT INTO outbox (stream_type, envelope, direct)
            SELECT t, e, true FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u (t, e, n)
@@ -66,7 +71,7 @@ async def stage(conn: asyncpg.Connection, *envelopes: Envelope) -> Staged:
         [t for t, _ in entries],
         [e for _, e in entries],
     )
-    return Staged(tuple(r["id"] for r in rows), entries)
+    return Staged(tuple(r["id"] for r in rows), tuple(entries))
 
 
 # A relay pass's batch. Staged rows are their writer's to publish, until they are older than the

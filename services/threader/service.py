@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from libs.common.service import Service
 from services.threader.http import router
 from services.threader.outbound import router as outbound_router
+from services.threader.placement import Carried
 from services.threader.settings import ThreaderSettings
 from services.threader.storage import Rules
 from services.threader.stream import (
@@ -35,6 +36,7 @@ class ThreaderService(Service):
     token_secret: bytes = b""
     rules: Rules = Rules()
     turns: Turns
+    carried: Carried | None = None  # the last batch placed, for the next one's prefetch
 
     async def on_start(self) -> None:
         s = self.settings

@@ -202,16 +202,29 @@ async def _subject_candidates(
     ]
 
 
-async def lock_mailboxes(conn: asyncpg.Connection, mailbox_ids: list[str]) -> None:
+async def lock_mailboxes(conn: asyncpg.Connection, mailbox_ids: list[str]) -> dict[str, int]:
     """The placement lock of these mailboxes until the transaction ends, taken in one order
-    (sorted), so two replicas placing batches of the same mailboxes cannot deadlock."""
+    (sorted), so two replicas placing batches of the same mailboxes cannot deadlock; and each
+    mailbox's ``placement_seq`` bumped, as it was before (0: never placed in).
+
+    Every transaction that places mail takes it, so the bump counts them: a read made before
+    the lock is still good when nothing was placed since (``placement.prefetch``)."""
     if not mailbox_ids:
-        return
-    await conn.execute(
-        """SELECT pg_advisory_xact_lock(hashtext('thread:' || m))
-           FROM (SELECT DISTINCT m FROM unnest($1::text[]) AS m ORDER BY m) AS ms""",
-        mailbox_ids,
+        return {}
+    boxes = sorted(set(mailbox_ids))
+    # One statement: the locks (an InitPlan, run before the first row) and then the bumps,
+    # which read the rows' latest versions (ON CONFLICT DO UPDATE), not the statement's snapshot.
+    rows = await conn.fetch(
+        """WITH l AS MATERIALIZED (
+               SELECT pg_advisory_xact_lock(hashtext('thread:' || m)) FROM unnest($1::text[]) m)
+           INSERT INTO placement_seq AS p (mailbox_id, seq)
+           SELECT m, 1 FROM unnest($1::text[]) AS m WHERE (SELECT count(*) FROM l) > 0
+           ORDER BY m
+           ON CONFLICT (mailbox_id) DO UPDATE SET seq = p.seq + 1
+           RETURNING mailbox_id, seq - 1 AS before""",
+        boxes,
     )
+    return {r["mailbox_id"]: r["before"] for r in rows}
 
 
 async def place_message(

@@ -11,51 +11,20 @@ import asyncpg
 from libs.common import inbox, outbox, roster
 from libs.common.bus import BatchHandler, Handler
 from libs.common.events import (
-    ConversationMerged,
-    ConversationMessageAdded,
     ConversationRead,
     Envelope,
     MailReceived,
     MailStatus,
     UserChanged,
 )
-from services.threader import placement, storage
+from services.threader import announcements, placement, storage
 
 if TYPE_CHECKING:
     from services.threader.service import ThreaderService
 
 CONSUMER = "threader"
-
-
-def _announcement(env: Envelope, placed: storage.Placed, token_secret: bytes) -> list[Envelope]:
-    """``conversation.message_added`` carries the conversation's new state, so a placement is
-    not also a ``conversation.updated`` (that one is for changes without a message: status,
-    assignee): one event per mail for every consumer instead of two."""
-    conv = storage.state(placed.conversation, token_secret)
-    events = [
-        Envelope.of(
-            ConversationMessageAdded(
-                id_conversa=conv.id_conversa,
-                mailbox_id=conv.mailbox_id,
-                channel=conv.channel,
-                message=storage.summary(placed.message, placed.text),
-                conversation=conv,
-            ),
-            producer="threader",
-            correlation_id=env.correlation_id,
-        ),
-    ]
-    if placed.merged:
-        events.append(
-            Envelope.of(
-                ConversationMerged(
-                    mailbox_id=conv.mailbox_id, into=conv.id_conversa, merged=placed.merged
-                ),
-                producer="threader",
-                correlation_id=env.correlation_id,
-            )
-        )
-    return events
+# Messages prepared between two turns of the loop (~60 us each).
+PREPARE_SLICE = 16
 
 
 async def _place_received(
@@ -90,7 +59,7 @@ async def _place_received(
         own_address=mail.mailbox_address,
         locked=True,
     )
-    return [] if placed is None else _announcement(env, placed, svc.token_secret)
+    return [] if placed is None else announcements.announcement(env, placed, svc.token_secret)
 
 
 class Turns:
@@ -137,34 +106,55 @@ class Turns:
 async def _receive(svc: ThreaderService, envs: list[Envelope]) -> None:
     """``mail.received`` events in stream order placed in one transaction (one commit): their
     ids recorded, their mailboxes locked and their events staged in one statement each, the
-    mail itself set-based (``placement``: a few statements per batch, not per message)."""
+    mail itself set-based (``placement``: a few statements per batch, not per message).
+
+    A batch of several reads ahead of its turn (``placement.prefetch``), on another connection,
+    while the batch before it is written: under the lock, the placement counts tell whether that
+    read stands, with the effects of the batch before laid over it (``svc.carried``)."""
     ticket = svc.turns.take()  # before any await: the order the reads returned
+    carried: placement.Carried | None = None
     try:
-        mails = [env.payload_as(MailReceived) for env in envs]
-        prepared = placement.prepare(list(zip(envs, mails, strict=True)))
+        items = [(env, env.payload_as(MailReceived)) for env in envs]
+        prepared: list[placement.Prepared] = []
+        for i in range(0, len(items), PREPARE_SLICE):
+            if i:
+                # Let the batch in PostgreSQL go on as soon as its answer is in: it holds the
+                # mailbox's placement lock, and every batch waits for it.
+                await asyncio.sleep(0)
+            prepared += placement.prepare(items[i : i + PREPARE_SLICE])
+        ahead = None
+        if len(prepared) > 1:
+            ahead = await placement.prefetch(svc.pool, prepared, svc.rules)
         await svc.turns.wait(ticket)
+        # Only the batch of the ticket before this one left it, and it is ours to replace.
+        before_us, svc.carried = svc.carried, None
         async with svc.pool.acquire() as conn, conn.transaction():
             fresh = await inbox.first_times(conn, CONSUMER, [env.id for env in envs])
-            todo = [m for m, new in zip(prepared, fresh, strict=True) if new]
-            await storage.lock_mailboxes(conn, [m.mail.mailbox_id for m in todo])
+            todo = (
+                prepared if all(fresh) else [m for m, n in zip(prepared, fresh, strict=True) if n]
+            )
+            before = await storage.lock_mailboxes(conn, [m.mail.mailbox_id for m in todo])
 
-            async def slow(env: Envelope, mail: MailReceived) -> list[Envelope]:
-                return await _place_received(svc, conn, env, mail)
+            async def slow(env: Envelope, mail: MailReceived) -> list[announcements.Entry]:
+                return announcements.entries(await _place_received(svc, conn, env, mail))
 
             if len(todo) == 1:
                 # One mail alone (the real-time case: at tens a second each comes by itself):
                 # the per-message statements cost PostgreSQL less than the set-based ones.
                 events = await slow(todo[0].env, todo[0].mail)
             else:
-                events = await placement.place_received(
+                events, carried = await placement.place_received(
                     conn,
                     todo,
                     rules=svc.rules,
                     token_secret=svc.token_secret,
-                    announce=lambda env, placed: _announcement(env, placed, svc.token_secret),
                     slow=slow,
+                    ahead=ahead,
+                    before=before,
+                    carried=before_us,
                 )
-            staged = await outbox.stage(conn, *events)
+            staged = await outbox.stage_entries(conn, events)
+        svc.carried = carried
         await svc.relay.publish(staged)
     finally:
         svc.turns.finish(ticket)
@@ -227,7 +217,9 @@ def handlers(svc: ThreaderService) -> tuple[Handler, Handler]:
             )
             if placed is None:
                 return
-            staged = await outbox.stage(conn, *_announcement(env, placed, svc.token_secret))
+            staged = await outbox.stage(
+                conn, *announcements.announcement(env, placed, svc.token_secret)
+            )
         await svc.relay.publish(staged)
 
     return on_mail_received, on_mail_status

@@ -19,7 +19,7 @@ import pytest
 
 from libs.common import outbox
 from libs.common.events import Envelope, MailReceived
-from services.threader import storage
+from services.threader import placement, storage
 from services.threader.stream import Turns, _place_received, received_batch
 from services.threader.tests import test_placement as tp
 from services.threader.tests.test_conversations import Env
@@ -45,15 +45,29 @@ async def _reference(env: Env, mailbox: str, specs: Sequence[dict[str, Any]]) ->
 
 
 async def _batched(
-    env: Env, mailbox: str, specs: Sequence[dict[str, Any]], rng: random.Random
+    env: Env, mailbox: str, specs: Sequence[dict[str, Any]], rng: random.Random, depth: int = 1
 ) -> None:
+    """In batches of random sizes; ``depth`` of them in flight at once, as the service's
+    consumers run them (each reads ahead while the one before it is placed)."""
     on_batch = received_batch(env.svc)
+    chunks = []
     i = 0
     while i < len(specs):
         size = rng.choice([1, 2, 3, 5, 8, 13, 40])
-        chunk = specs[i : i + size]
-        await on_batch([(Envelope.of(_mail(mailbox, s), producer="ingest"), "0-1") for s in chunk])
+        chunks.append(
+            [
+                (Envelope.of(_mail(mailbox, s), producer="ingest"), "0-1")
+                for s in specs[i : i + size]
+            ]
+        )
         i += size
+    slots = asyncio.Semaphore(depth)
+
+    async def one(chunk: list[tuple[Envelope, str]]) -> None:
+        async with slots:  # taken in creation order: the batches' tickets are in stream order
+            await on_batch(chunk)
+
+    await asyncio.gather(*(one(c) for c in chunks))
 
 
 def _scenario(rng: random.Random, count: int, start: int = 0) -> list[dict[str, Any]]:
@@ -113,6 +127,12 @@ async def _snapshot(env: Env, mailbox: str) -> dict[str, Any]:
         " 'mailbox_id' = $1 ORDER BY id",
         mailbox,
     )
+    numbers = {
+        str(r["id_conversa"]): r["number"]
+        for r in await pool.fetch(
+            "SELECT id_conversa, number FROM conversations WHERE mailbox_id = $1", mailbox
+        )
+    }
     name: dict[str, str] = {}
     announced = []
     for r in events:
@@ -124,6 +144,8 @@ async def _snapshot(env: Env, mailbox: str) -> dict[str, Any]:
         p = json.loads(r["envelope"])["payload"]
         if r["stream_type"] == "conversation.message_added":
             conv = dict(p["conversation"])
+            # Numbers differ between the mailboxes; each must be its conversation's own.
+            assert conv["number"] == numbers[conv["id_conversa"]], conv
             conv["id_conversa"] = name[conv.pop("id_conversa")]
             conv.pop("number")
             conv.pop("token")
@@ -194,20 +216,19 @@ async def _close_some(env: Env, mailbox: str) -> None:
             )
 
 
-@pytest.mark.parametrize("seed", range(6))
-async def test_batches_place_mail_as_one_message_at_a_time_does(env: Env, seed: int) -> None:
+async def _same_as_one_at_a_time(env: Env, seed: int, depth: int) -> None:
     env.svc.rules = storage.Rules(reopen_max_age=timedelta(days=30))
     rng = random.Random(f"batch-{seed}")
     first, second = _scenario(rng, 60), _scenario(rng, 60, start=60)
     ref, box = f"mb-ref-{uuid.uuid4().hex[:8]}", f"mb-bat-{uuid.uuid4().hex[:8]}"
     await _reference(env, ref, first)
-    await _batched(env, box, first, random.Random(seed))
+    await _batched(env, box, first, random.Random(seed), depth)
     assert await _snapshot(env, box) == await _snapshot(env, ref)
     # Then some closed, some past the reopen age: later mail reopens or starts linked ones.
     await _close_some(env, ref)
     await _close_some(env, box)
     await _reference(env, ref, second)
-    await _batched(env, box, second, random.Random(seed + 100))
+    await _batched(env, box, second, random.Random(seed + 100), depth)
     got, want = await _snapshot(env, box), await _snapshot(env, ref)
     assert got["messages"] == want["messages"]
     assert got["keys"] == want["keys"]
@@ -217,6 +238,29 @@ async def test_batches_place_mail_as_one_message_at_a_time_does(env: Env, seed: 
     for c in (*got["conversations"].values(), *want["conversations"].values()):
         c.pop("last_message_at")
     assert got["conversations"] == want["conversations"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_batches_place_mail_as_one_message_at_a_time_does(env: Env, seed: int) -> None:
+    await _same_as_one_at_a_time(env, seed, depth=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_batches_read_ahead_of_their_turn_place_mail_the_same(
+    env: Env, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches in flight: the second's prefetch reads before the first is stored, and
+    the first's effects are laid over it (or it reads again). Same result."""
+    taken: list[bool] = []
+    take = placement._Segment.take
+
+    def counted(seg: Any, rows: Any, after: Any = None, boxes: Any = frozenset()) -> None:
+        taken.append(after is not None)
+        take(seg, rows, after, boxes)
+
+    monkeypatch.setattr(placement._Segment, "take", counted)
+    await _same_as_one_at_a_time(env, seed, depth=2)
+    assert any(taken), "no prefetch had the batch before it laid over"
 
 
 def _inbound(mailbox: str, m: tp.M, by_label: dict[str, tp.M]) -> Envelope:
@@ -329,3 +373,81 @@ async def test_two_consumers_batches_are_placed_in_the_order_they_were_read(env:
         box,
     )
     assert rows and rows[-1]["mid"] == specs[60]["message_id"]
+
+
+async def test_a_read_ahead_follows_the_thread_the_batch_before_moved(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply to a conversation closed past the reopen age starts a new one, which takes the
+    old one's thread keys. The next batch read ahead before that was stored: its reply to
+    another message of the old conversation must still join the new one."""
+    env.svc.rules = storage.Rules(reopen_max_age=timedelta(days=30))
+    box = f"mb-move-{uuid.uuid4().hex[:8]}"
+    zoe = {"name": "Zoe", "address": "zoe@customer.test"}
+
+    def spec(mid: str, refs: list[str], subject: str) -> dict[str, Any]:
+        return {
+            "ingest_id": uuid.uuid4().hex,
+            "message_id": mid,
+            "in_reply_to": refs[-1:],
+            "references": refs,
+            "from": zoe,
+            "to": [{"address": SUPPORT}],
+            "subject": subject,
+            "date": NOW,
+            "received_at": NOW,
+            "text": "hello",
+        }
+
+    def batch(*specs: dict[str, Any]) -> list[tuple[Envelope, str]]:
+        return [(Envelope.of(_mail(box, s), producer="ingest"), "0-1") for s in specs]
+
+    on_batch = received_batch(env.svc)
+    await on_batch(
+        batch(
+            spec("<m1@c.test>", [], "Printer"), spec("<m2@c.test>", ["<m1@c.test>"], "Re: Printer")
+        )
+    )
+    old = await env.svc.pool.fetchval(
+        "SELECT id_conversa FROM messages WHERE message_id = '<m1@c.test>'"
+    )
+    await env.svc.pool.execute(
+        "UPDATE conversations SET status = 'closed', last_message_at = now() - interval '40 days'"
+        " WHERE id_conversa = $1",
+        old,
+    )
+    laid_over: list[bool] = []
+    take = placement._Segment.take
+
+    def counted(seg: Any, rows: Any, after: Any = None, boxes: Any = frozenset()) -> None:
+        laid_over.append(after is not None)
+        take(seg, rows, after, boxes)
+
+    monkeypatch.setattr(placement._Segment, "take", counted)
+    # Connections open in the pool, as in a running service (a new one takes longer than the
+    # first batch's whole placement).
+    held = [await env.svc.pool.acquire() for _ in range(3)]
+    for conn in held:
+        await env.svc.pool.release(conn)
+    await asyncio.gather(
+        on_batch(
+            batch(
+                spec("<a@c.test>", ["<m1@c.test>"], "Re: Printer"), spec("<x@o.test>", [], "Other")
+            )
+        ),
+        on_batch(
+            batch(
+                spec("<b@c.test>", ["<m2@c.test>"], "Re: Printer"), spec("<y@o.test>", [], "More")
+            )
+        ),
+    )
+    assert laid_over == [False, True]  # the second batch's prefetch predates the first's write
+    rows = await env.svc.pool.fetch(
+        "SELECT m.message_id, m.id_conversa, c.linked_to FROM messages m"
+        " JOIN conversations c USING (id_conversa) WHERE m.mailbox_id = $1",
+        box,
+    )
+    conv = {r["message_id"]: r["id_conversa"] for r in rows}
+    assert conv["<a@c.test>"] != old
+    assert conv["<b@c.test>"] == conv["<a@c.test>"]
+    assert {r["linked_to"] for r in rows if r["message_id"] == "<a@c.test>"} == {old}
