@@ -67,6 +67,7 @@ class Service:
         handler: Handler,
         group: str | None = None,
         batch_handler: BatchHandler | None = None,
+        batch: int = 100,
     ) -> Consumer:
         s = self.settings
         c = Consumer(
@@ -78,6 +79,7 @@ class Service:
             claim_idle_ms=s.consumer_claim_idle_ms,
             claim_interval_ms=s.consumer_claim_interval_ms,
             max_deliveries=s.consumer_max_deliveries,
+            batch=batch,
             batch_handler=batch_handler,
         )
         self.consumers.append(c)

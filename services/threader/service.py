@@ -53,6 +53,7 @@ class ThreaderService(Service):
                 on_received,
                 group="threader",
                 batch_handler=received_batch(self),
+                batch=s.received_batch,  # type: ignore[attr-defined]
             )
         self.consumer(["mail.status"], on_status, group="threader-status")
         self.consumer(

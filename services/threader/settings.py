@@ -20,6 +20,10 @@ class ThreaderSettings(ServiceSettings):
     # Consumers of mail.received in the process: with two, a batch's Python work overlaps the
     # placement of the batch before it in PostgreSQL (placements still go in stream order).
     received_consumers: int = 2
+    # Entries each of them reads at once: under a backlog, a batch's fixed costs (its round
+    # trips, the lock, the commit) shared by more mail; a quiet stream still gives batches of
+    # one. 200 threaded ~10 % more than 100 on the bench; 400 no more than 200.
+    received_batch: int = 200
     # The HMAC key of conversation tokens: the value, or a file holding it (made by make certs).
     thread_token_secret: str = ""
     thread_token_secret_file: Path = ROOT / "var/certs/thread-token.key"
