@@ -72,6 +72,8 @@ def entries(events: Sequence[Envelope]) -> list[Entry]:
 
 
 def _address(a: Address | Mapping[str, Any]) -> dict[str, str]:
+    if type(a) is dict:  # the common case first: isinstance of a model goes through ABCMeta
+        return {"name": a.get("name") or "", "address": a["address"]}
     if isinstance(a, Address):
         return {"name": a.name, "address": a.address}
     return {"name": a.get("name") or "", "address": a["address"]}

@@ -375,6 +375,96 @@ async def test_two_consumers_batches_are_placed_in_the_order_they_were_read(env:
     assert rows and rows[-1]["mid"] == specs[60]["message_id"]
 
 
+ZOE = {"name": "Zoe", "address": "zoe@customer.test"}
+
+
+def _spec(mid: str, refs: list[str], subject: str) -> dict[str, Any]:
+    return {
+        "ingest_id": uuid.uuid4().hex,
+        "message_id": mid,
+        "in_reply_to": refs[-1:],
+        "references": refs,
+        "from": ZOE,
+        "to": [{"address": SUPPORT}],
+        "subject": subject,
+        "date": NOW,
+        "received_at": NOW,
+        "text": "hello",
+    }
+
+
+def _batch(box: str, *specs: dict[str, Any]) -> list[tuple[Envelope, str]]:
+    return [(Envelope.of(_mail(box, s), producer="ingest"), "0-1") for s in specs]
+
+
+async def _closed_long_ago(env: Env, box: str) -> uuid.UUID:
+    """<m1> and its reply <m2> in one conversation, then closed and quiet for 40 days."""
+    await received_batch(env.svc)(
+        _batch(
+            box,
+            _spec("<m1@c.test>", [], "Printer"),
+            _spec("<m2@c.test>", ["<m1@c.test>"], "Re: Printer"),
+        )
+    )
+    old: uuid.UUID = await env.svc.pool.fetchval(
+        "SELECT id_conversa FROM messages WHERE mailbox_id = $1 AND message_id = '<m1@c.test>'",
+        box,
+    )
+    await env.svc.pool.execute(
+        "UPDATE conversations SET status = 'closed', last_message_at = now() - interval '40 days'"
+        " WHERE id_conversa = $1",
+        old,
+    )
+    return old
+
+
+async def _conversations(env: Env, box: str) -> dict[str, tuple[uuid.UUID, uuid.UUID | None]]:
+    rows = await env.svc.pool.fetch(
+        "SELECT m.message_id, m.id_conversa, c.linked_to FROM messages m"
+        " JOIN conversations c USING (id_conversa) WHERE m.mailbox_id = $1",
+        box,
+    )
+    return {r["message_id"]: (r["id_conversa"], r["linked_to"]) for r in rows}
+
+
+async def test_replies_in_one_batch_to_a_conversation_closed_long_ago_start_one_new(
+    env: Env,
+) -> None:
+    """The first reply starts a new conversation that takes the old one's thread; the second,
+    in the same batch, to another message of the old one, joins it; so does later mail that
+    answers the first reply (its key was registered for the new conversation)."""
+    env.svc.rules = storage.Rules(reopen_max_age=timedelta(days=30))
+    box = f"mb-move-{uuid.uuid4().hex[:8]}"
+    old = await _closed_long_ago(env, box)
+    on_batch = received_batch(env.svc)
+    auto = _spec("<auto@c.test>", ["<m1@c.test>"], "Out of office")
+    auto["flags"] = {"auto_submitted": True}  # joins the old conversation, reopens nothing
+    await on_batch(
+        _batch(
+            box,
+            auto,
+            _spec("<a@c.test>", ["<m1@c.test>"], "Re: Printer"),
+            _spec("<x@o.test>", [], "Other"),
+            _spec("<b@c.test>", ["<m2@c.test>"], "Re: Printer"),
+            _spec("<c@c.test>", ["<ghost@c.test>", "<m1@c.test>"], "Re: Printer"),
+        )
+    )
+    await on_batch(
+        _batch(
+            box,
+            _spec("<d@c.test>", ["<ghost@c.test>"], "Re: Printer"),
+            _spec("<e@c.test>", ["<auto@c.test>"], "Re: Out of office"),
+            _spec("<y@o.test>", [], "More"),
+        )
+    )
+    conv = await _conversations(env, box)
+    new, linked = conv["<a@c.test>"]
+    assert new != old and linked == old
+    assert conv["<b@c.test>"][0] == conv["<c@c.test>"][0] == conv["<d@c.test>"][0] == new
+    assert conv["<m1@c.test>"][0] == conv["<auto@c.test>"][0] == old
+    assert conv["<e@c.test>"][0] == new  # the key the auto-reply brought moved with the thread
+
+
 async def test_a_read_ahead_follows_the_thread_the_batch_before_moved(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -383,39 +473,7 @@ async def test_a_read_ahead_follows_the_thread_the_batch_before_moved(
     another message of the old conversation must still join the new one."""
     env.svc.rules = storage.Rules(reopen_max_age=timedelta(days=30))
     box = f"mb-move-{uuid.uuid4().hex[:8]}"
-    zoe = {"name": "Zoe", "address": "zoe@customer.test"}
-
-    def spec(mid: str, refs: list[str], subject: str) -> dict[str, Any]:
-        return {
-            "ingest_id": uuid.uuid4().hex,
-            "message_id": mid,
-            "in_reply_to": refs[-1:],
-            "references": refs,
-            "from": zoe,
-            "to": [{"address": SUPPORT}],
-            "subject": subject,
-            "date": NOW,
-            "received_at": NOW,
-            "text": "hello",
-        }
-
-    def batch(*specs: dict[str, Any]) -> list[tuple[Envelope, str]]:
-        return [(Envelope.of(_mail(box, s), producer="ingest"), "0-1") for s in specs]
-
-    on_batch = received_batch(env.svc)
-    await on_batch(
-        batch(
-            spec("<m1@c.test>", [], "Printer"), spec("<m2@c.test>", ["<m1@c.test>"], "Re: Printer")
-        )
-    )
-    old = await env.svc.pool.fetchval(
-        "SELECT id_conversa FROM messages WHERE message_id = '<m1@c.test>'"
-    )
-    await env.svc.pool.execute(
-        "UPDATE conversations SET status = 'closed', last_message_at = now() - interval '40 days'"
-        " WHERE id_conversa = $1",
-        old,
-    )
+    old = await _closed_long_ago(env, box)
     laid_over: list[bool] = []
     take = placement._Segment.take
 
@@ -429,25 +487,25 @@ async def test_a_read_ahead_follows_the_thread_the_batch_before_moved(
     held = [await env.svc.pool.acquire() for _ in range(3)]
     for conn in held:
         await env.svc.pool.release(conn)
+    on_batch = received_batch(env.svc)
     await asyncio.gather(
         on_batch(
-            batch(
-                spec("<a@c.test>", ["<m1@c.test>"], "Re: Printer"), spec("<x@o.test>", [], "Other")
+            _batch(
+                box,
+                _spec("<a@c.test>", ["<m1@c.test>"], "Re: Printer"),
+                _spec("<x@o.test>", [], "Other"),
             )
         ),
         on_batch(
-            batch(
-                spec("<b@c.test>", ["<m2@c.test>"], "Re: Printer"), spec("<y@o.test>", [], "More")
+            _batch(
+                box,
+                _spec("<b@c.test>", ["<m2@c.test>"], "Re: Printer"),
+                _spec("<y@o.test>", [], "More"),
             )
         ),
     )
     assert laid_over == [False, True]  # the second batch's prefetch predates the first's write
-    rows = await env.svc.pool.fetch(
-        "SELECT m.message_id, m.id_conversa, c.linked_to FROM messages m"
-        " JOIN conversations c USING (id_conversa) WHERE m.mailbox_id = $1",
-        box,
-    )
-    conv = {r["message_id"]: r["id_conversa"] for r in rows}
-    assert conv["<a@c.test>"] != old
-    assert conv["<b@c.test>"] == conv["<a@c.test>"]
-    assert {r["linked_to"] for r in rows if r["message_id"] == "<a@c.test>"} == {old}
+    conv = await _conversations(env, box)
+    new, linked = conv["<a@c.test>"]
+    assert new != old and linked == old
+    assert conv["<b@c.test>"][0] == new
