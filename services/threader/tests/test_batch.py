@@ -240,6 +240,20 @@ async def _same_as_one_at_a_time(env: Env, seed: int, depth: int) -> None:
     assert got["conversations"] == want["conversations"]
 
 
+def _overlays(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Per read a segment took (under the lock or ahead of it): whether the batch before it
+    was laid over it."""
+    taken: list[bool] = []
+    take = placement._Segment.take
+
+    def counted(seg: Any, rows: Any, after: Any = None, boxes: Any = frozenset()) -> None:
+        taken.append(after is not None)
+        take(seg, rows, after, boxes)
+
+    monkeypatch.setattr(placement._Segment, "take", counted)
+    return taken
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_batches_place_mail_as_one_message_at_a_time_does(env: Env, seed: int) -> None:
     await _same_as_one_at_a_time(env, seed, depth=1)
@@ -251,14 +265,7 @@ async def test_batches_read_ahead_of_their_turn_place_mail_the_same(
 ) -> None:
     """Two batches in flight: the second's prefetch reads before the first is stored, and
     the first's effects are laid over it (or it reads again). Same result."""
-    taken: list[bool] = []
-    take = placement._Segment.take
-
-    def counted(seg: Any, rows: Any, after: Any = None, boxes: Any = frozenset()) -> None:
-        taken.append(after is not None)
-        take(seg, rows, after, boxes)
-
-    monkeypatch.setattr(placement._Segment, "take", counted)
+    taken = _overlays(monkeypatch)
     await _same_as_one_at_a_time(env, seed, depth=2)
     assert any(taken), "no prefetch had the batch before it laid over"
 
@@ -474,14 +481,7 @@ async def test_a_read_ahead_follows_the_thread_the_batch_before_moved(
     env.svc.rules = storage.Rules(reopen_max_age=timedelta(days=30))
     box = f"mb-move-{uuid.uuid4().hex[:8]}"
     old = await _closed_long_ago(env, box)
-    laid_over: list[bool] = []
-    take = placement._Segment.take
-
-    def counted(seg: Any, rows: Any, after: Any = None, boxes: Any = frozenset()) -> None:
-        laid_over.append(after is not None)
-        take(seg, rows, after, boxes)
-
-    monkeypatch.setattr(placement._Segment, "take", counted)
+    laid_over = _overlays(monkeypatch)
     # Connections open in the pool, as in a running service (a new one takes longer than the
     # first batch's whole placement).
     held = [await env.svc.pool.acquire() for _ in range(3)]
