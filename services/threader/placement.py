@@ -296,11 +296,14 @@ CROSS JOIN LATERAL (
     ORDER BY m.date DESC LIMIT 500) AS x
 """
 
+# Kind 3 rows also carry the database's clock (as ``date``), which ``stale`` was read at.
 _PREFETCH = (
     _READ
     + f"""UNION ALL
-SELECT 3, s.seq, s.mailbox_id, NULL, {_NO_CONV_SQL}, {_NO_MSG_SQL}
-FROM placement_seq s WHERE s.mailbox_id = ANY($13::text[])
+SELECT 3, s.seq, s.mailbox_id, NULL, {_NO_CONV_SQL}, NULL::jsonb, NULL::jsonb, NULL::jsonb,
+       clock_timestamp(), NULL::boolean, NULL::boolean
+FROM (SELECT mb, p.seq FROM unnest($13::text[]) AS mb
+      LEFT JOIN placement_seq p ON p.mailbox_id = mb) AS s (mailbox_id, seq)
 """
 )
 
@@ -465,14 +468,25 @@ class _Segment:
         rows: Sequence[asyncpg.Record],
         after: Carried | None = None,
         boxes: set[str] | frozenset[str] = frozenset(),
+        clock: datetime | None = None,
     ) -> None:
         """The read's rows; ``after``: the batch this process placed since the read, whose
-        effects in ``boxes`` are laid over the rows (it made them stale)."""
+        effects in ``boxes`` are laid over the rows (it made them stale); ``clock``: the
+        database's when it read."""
         if after is not None:
-            # Its conversations as it stored them (the rows hold their earlier state).
+            # Its conversations as it stored them (the rows hold their earlier state), their
+            # ``stale`` decided again at the read's time, as for the rows (it depends on the
+            # time: a copy carried from batch to batch kept the first one's; found by a review).
+            age = self.rules.reopen_max_age
             for cid, c in after.convs.items():
                 if c.mailbox_id in boxes:
-                    self.convs[cid] = c.stored_copy()
+                    copy = self.convs[cid] = c.stored_copy()
+                    copy.stale = (
+                        copy.status == "closed"
+                        and age > timedelta(0)
+                        and clock is not None
+                        and clock - copy.last_message_at > age
+                    )
         for r in rows:
             kind = r["kind"]
             if kind == 0:
@@ -783,6 +797,7 @@ class Prefetched:
     mails: Sequence[Prepared]
     rows: list[asyncpg.Record]
     seqs: dict[str, int]
+    clock: datetime  # the database's, when it read (what ``stale`` was decided at)
 
 
 @dataclass
@@ -806,8 +821,10 @@ async def prefetch(
     seg = _Segment(mails, rules, b"")
     boxes = sorted({m.mail.mailbox_id for m in mails})
     rows = await pool.fetch(_PREFETCH, *seg.read_args(), boxes)
-    seqs = {r["mailbox_id"]: r["n"] for r in rows if r["kind"] == 3}
-    return Prefetched(mails, rows, {mb: seqs.get(mb, 0) for mb in boxes})
+    counts = [r for r in rows if r["kind"] == 3]
+    return Prefetched(
+        mails, rows, {r["mailbox_id"]: r["n"] or 0 for r in counts}, counts[0]["date"]
+    )
 
 
 def _prefetch_stands(
@@ -860,7 +877,7 @@ async def place_received(
             stands, over = _prefetch_stands(ahead, before, carried)
         if stands:
             assert ahead is not None
-            seg.take(ahead.rows, carried if over else None, over)
+            seg.take(ahead.rows, carried if over else None, over, ahead.clock)
         else:
             await seg.read(conn)
         first = False

@@ -202,6 +202,12 @@ async def _subject_candidates(
     ]
 
 
+# Each mailbox's placement count, plus one ($1: the mailboxes, sorted: rows locked in order).
+_BUMP = """INSERT INTO placement_seq AS p (mailbox_id, seq)
+           SELECT m, 1 FROM unnest($1::text[]) AS m WHERE {0} ORDER BY m
+           ON CONFLICT (mailbox_id) DO UPDATE SET seq = p.seq + 1"""
+
+
 async def lock_mailboxes(conn: asyncpg.Connection, mailbox_ids: list[str]) -> dict[str, int]:
     """The placement lock of these mailboxes until the transaction ends, taken in one order
     (sorted), so two replicas placing batches of the same mailboxes cannot deadlock; and each
@@ -215,16 +221,19 @@ async def lock_mailboxes(conn: asyncpg.Connection, mailbox_ids: list[str]) -> di
     # One statement: the locks (an InitPlan, run before the first row) and then the bumps,
     # which read the rows' latest versions (ON CONFLICT DO UPDATE), not the statement's snapshot.
     rows = await conn.fetch(
-        """WITH l AS MATERIALIZED (
-               SELECT pg_advisory_xact_lock(hashtext('thread:' || m)) FROM unnest($1::text[]) m)
-           INSERT INTO placement_seq AS p (mailbox_id, seq)
-           SELECT m, 1 FROM unnest($1::text[]) AS m WHERE (SELECT count(*) FROM l) > 0
-           ORDER BY m
-           ON CONFLICT (mailbox_id) DO UPDATE SET seq = p.seq + 1
-           RETURNING mailbox_id, seq - 1 AS before""",
+        "WITH l AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtext('thread:' || m))"
+        " FROM unnest($1::text[]) m) "
+        + _BUMP.format("(SELECT count(*) FROM l) > 0")
+        + " RETURNING mailbox_id, seq - 1 AS before",
         boxes,
     )
     return {r["mailbox_id"]: r["before"] for r in rows}
+
+
+async def count_placement(conn: asyncpg.Connection, mailbox_ids: list[str]) -> None:
+    """Bump these mailboxes' placement counts without the placement lock: for a change that
+    a placement's decisions read (a conversation's status), made outside one."""
+    await conn.execute(_BUMP.format("true"), sorted(set(mailbox_ids)))
 
 
 async def place_message(
@@ -818,8 +827,17 @@ async def update_state(
 ) -> tuple[asyncpg.Record, bool] | None:
     """Apply a status/assignee change; (row, changed), or None when it was merged meanwhile.
 
-    The row lock orders this against a placement reopening the same conversation.
+    The row lock orders this against a placement reopening the same conversation. The
+    mailbox's placement count is bumped first (and so in the placements' lock order: count,
+    then conversation rows): a placement that read ahead of its lock decided on the status
+    it read, and the count tells it to read again (found by a review).
     """
+    mailbox_id = await conn.fetchval(
+        "SELECT mailbox_id FROM conversations WHERE id_conversa = $1", id_conversa
+    )
+    if mailbox_id is None:
+        return None
+    await count_placement(conn, [mailbox_id])
     row = await conn.fetchrow(
         f"SELECT {_CONV_COLUMNS} FROM conversations"
         " WHERE id_conversa = $1 AND merged_into IS NULL FOR UPDATE",

@@ -246,9 +246,9 @@ def _overlays(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     taken: list[bool] = []
     take = placement._Segment.take
 
-    def counted(seg: Any, rows: Any, after: Any = None, boxes: Any = frozenset()) -> None:
+    def counted(seg: Any, rows: Any, after: Any = None, *rest: Any) -> None:
         taken.append(after is not None)
-        take(seg, rows, after, boxes)
+        take(seg, rows, after, *rest)
 
     monkeypatch.setattr(placement._Segment, "take", counted)
     return taken
