@@ -196,9 +196,10 @@ async def _snapshot(env: Env, mailbox: str) -> dict[str, Any]:
     }
 
 
-async def _close_some(env: Env, mailbox: str) -> None:
+async def _close_some(env: Env, mailbox: str, at: datetime | None = None) -> None:
     """Close a third of the conversations, half of those past the reopen age (the same ones,
-    by their least Message-ID, in both mailboxes)."""
+    by their least Message-ID, in both mailboxes): quiet since ``at`` (default now) less 40 or
+    2 days."""
     rows = await env.svc.pool.fetch(
         """SELECT id_conversa, min(message_id) AS message_id FROM messages
            WHERE mailbox_id = $1 GROUP BY id_conversa""",
@@ -209,10 +210,12 @@ async def _close_some(env: Env, mailbox: str) -> None:
         if pick < 0.33:
             age = timedelta(days=40) if pick < 0.16 else timedelta(days=2)
             await env.svc.pool.execute(
-                """UPDATE conversations SET status = 'closed', last_message_at = now() - $2::interval
+                """UPDATE conversations SET status = 'closed',
+                          last_message_at = coalesce($3::timestamptz, now()) - $2::interval
                    WHERE id_conversa = $1""",
                 r["id_conversa"],
                 age,
+                at,
             )
 
 

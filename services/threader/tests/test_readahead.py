@@ -18,8 +18,10 @@ from libs.common.events import Envelope, MailReceived
 from services.threader import placement, storage
 from services.threader.stream import received_batch
 from services.threader.tests.test_batch import (
+    _close_some,
     _conversations,
     _mail,
+    _overlays,
     _reference,
     _scenario,
     _snapshot,
@@ -48,6 +50,25 @@ def _hook_after_prefetch(monkeypatch: pytest.MonkeyPatch, hook: Hook) -> list[bo
 
     monkeypatch.setattr(placement, "prefetch", patched)
     return ran
+
+
+async def _placed_after(
+    env: Env,
+    monkeypatch: pytest.MonkeyPatch,
+    way: str,
+    box: str,
+    batch: Sequence[dict[str, Any]],
+    change: Hook,
+) -> None:
+    """``batch`` placed after ``change``: one message at a time (``way`` "reference"), or as
+    one batch whose read ahead was made before the change."""
+    if way == "reference":
+        await change()
+        await _reference(env, box, batch)
+        return
+    ran = _hook_after_prefetch(monkeypatch, change)
+    await received_batch(env.svc)(_envs(box, batch))
+    assert ran
 
 
 async def _two_messages(env: Env, box: str) -> uuid.UUID:
@@ -106,17 +127,34 @@ async def test_a_status_change_before_the_lock_is_seen_by_the_read_ahead(
         async def change(old: uuid.UUID = old) -> None:
             await _rest_status(env, old, after)
 
-        if way == "reference":
-            await change()
-            await _reference(env, box, batch)
-        else:
-            ran = _hook_after_prefetch(monkeypatch, change)
-            await received_batch(env.svc)(_envs(box, batch))
-            assert ran
+        await _placed_after(env, monkeypatch, way, box, batch, change)
         conv = await _conversations(env, box)
         results[way] = (conv["<a@c.test>"][0] == old, conv["<a@c.test>"][1] == old)
     # closed + 40 days quiet: a new conversation linked to the old one; open: joins it
     assert results["batched"] == results["reference"], results
+
+
+class _EarlyReads:
+    """Reads ahead made early on purpose: ``make`` reads for a batch now, and when the batch
+    runs its prefetch hands that read back instead of making its own."""
+
+    def __init__(self, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.env = env
+        self.real = placement.prefetch
+        self.saved: dict[str, placement.Prefetched] = {}
+        monkeypatch.setattr(placement, "prefetch", self._prefetch)
+
+    async def make(self, chunk: list[tuple[Envelope, str]]) -> None:
+        prepared = placement.prepare([(e, e.payload_as(MailReceived)) for e, _ in chunk])
+        self.saved[chunk[0][0].id] = await self.real(
+            self.env.svc.pool, prepared, self.env.svc.rules
+        )
+
+    async def _prefetch(self, pool: Any, mails: Any, rules: Any) -> placement.Prefetched:
+        got = self.saved.pop(mails[0].env.id, None)
+        if got is None:
+            return await self.real(pool, mails, rules)
+        return placement.Prefetched(mails, got.rows, got.seqs, got.clock)
 
 
 async def _forced_overlay(
@@ -125,7 +163,7 @@ async def _forced_overlay(
     specs: Sequence[tuple[int, dict[str, Any]]],
     rng: random.Random,
     monkeypatch: pytest.MonkeyPatch,
-) -> list[bool]:
+) -> None:
     """Batches one after the other, each one's read ahead made before the batch before it was
     placed (the overlay every time the batch before was clean)."""
     chunks: list[list[tuple[Envelope, str]]] = []
@@ -139,53 +177,12 @@ async def _forced_overlay(
             ]
         )
         i += size
-    real = placement.prefetch
-    saved: dict[Any, placement.Prefetched] = {}
-
-    async def patched(pool: Any, mails: Any, rules: Any) -> placement.Prefetched:
-        got = saved.pop(mails[0].env.id, None)
-        if got is None:
-            return await real(pool, mails, rules)
-        return placement.Prefetched(mails, got.rows, got.seqs, got.clock)
-
-    monkeypatch.setattr(placement, "prefetch", patched)
-    taken: list[bool] = []
-    take = placement._Segment.take
-
-    def counted(seg: Any, rows: Any, after: Any = None, *rest: Any) -> None:
-        taken.append(after is not None)
-        take(seg, rows, after, *rest)
-
-    monkeypatch.setattr(placement._Segment, "take", counted)
+    early = _EarlyReads(env, monkeypatch)
     on_batch = received_batch(env.svc)
     for n, chunk in enumerate(chunks):
         if n + 1 < len(chunks):
-            nxt = chunks[n + 1]
-            prepared = placement.prepare([(e, e.payload_as(MailReceived)) for e, _ in nxt])
-            saved[nxt[0][0].id] = await real(env.svc.pool, prepared, env.svc.rules)
+            await early.make(chunks[n + 1])
         await on_batch(chunk)
-    monkeypatch.setattr(placement, "prefetch", real)
-    monkeypatch.setattr(placement._Segment, "take", take)
-    return taken
-
-
-async def _close_same(env: Env, mailbox: str, at: datetime) -> None:
-    """``_close_some`` with fixed times (its now() differs between the two mailboxes)."""
-    rows = await env.svc.pool.fetch(
-        """SELECT id_conversa, min(message_id) AS message_id FROM messages
-           WHERE mailbox_id = $1 GROUP BY id_conversa""",
-        mailbox,
-    )
-    for r in sorted(rows, key=lambda r: r["message_id"]):
-        pick = random.Random(f"{r['message_id']}").random()
-        if pick < 0.33:
-            age = timedelta(days=40) if pick < 0.16 else timedelta(days=2)
-            await env.svc.pool.execute(
-                """UPDATE conversations SET status = 'closed', last_message_at = $2
-                   WHERE id_conversa = $1""",
-                r["id_conversa"],
-                at - age,
-            )
 
 
 def _compare(got: dict[str, Any], want: dict[str, Any]) -> None:
@@ -221,17 +218,18 @@ async def test_every_batch_laid_over_the_one_before_places_mail_the_same(
     bats = [f"mb-bat-{uuid.uuid4().hex[:8]}" for _ in range(mailboxes)]
     for b in range(mailboxes):
         await _reference(env, refs[b], [s for s, w in zip(first, which_1, strict=True) if w == b])
-    taken = await _forced_overlay(
+    taken = _overlays(monkeypatch)
+    await _forced_overlay(
         env, bats, list(zip(which_1, first, strict=True)), random.Random(seed), monkeypatch
     )
     for b in range(mailboxes):
         _compare(await _snapshot(env, bats[b]), await _snapshot(env, refs[b]))
     at = datetime.now(UTC)
     for b in range(mailboxes):
-        await _close_same(env, refs[b], at)
-        await _close_same(env, bats[b], at)
+        await _close_some(env, refs[b], at)
+        await _close_some(env, bats[b], at)
         await _reference(env, refs[b], [s for s, w in zip(second, which_2, strict=True) if w == b])
-    taken += await _forced_overlay(
+    await _forced_overlay(
         env, bats, list(zip(which_2, second, strict=True)), random.Random(seed + 100), monkeypatch
     )
     for b in range(mailboxes):
@@ -257,13 +255,7 @@ async def test_events_of_automatic_mail_after_a_close_the_read_ahead_missed(
         async def change(old: uuid.UUID = old) -> None:
             await _rest_status(env, old, "closed")
 
-        if way == "reference":
-            await change()
-            await _reference(env, box, batch)
-        else:
-            ran = _hook_after_prefetch(monkeypatch, change)
-            await received_batch(env.svc)(_envs(box, batch))
-            assert ran
+        await _placed_after(env, monkeypatch, way, box, batch, change)
         events = (await _snapshot(env, box))["events"]
         statuses[way] = [e[1]["status"] for e in events if e[0] == "added"][-2:]
     assert statuses["batched"] == statuses["reference"] == ["closed", "closed"], statuses
@@ -286,7 +278,6 @@ async def test_a_carried_conversation_keeps_a_stale_flag_older_than_the_read(
         _spec("<b@c.test>", ["<m1@c.test>"], "Re: Printer"),
         _spec("<x@o.test>", [], "Other"),
     ]
-    real = placement.prefetch
 
     async def one(way: str) -> tuple[bool, bool]:
         box = f"mb-{way[:3]}-{uuid.uuid4().hex[:8]}"
@@ -303,19 +294,7 @@ async def test_a_carried_conversation_keeps_a_stale_flag_older_than_the_read(
             await _reference(env, box, b_batch)
         else:
             za, aa, ba = _envs(box, z), _envs(box, a_batch), _envs(box, b_batch)
-            saved: dict[Any, placement.Prefetched] = {}
-
-            async def ahead_of(chunk: list[tuple[Envelope, str]]) -> None:
-                prepared = placement.prepare([(e, e.payload_as(MailReceived)) for e, _ in chunk])
-                saved[chunk[0][0].id] = await real(env.svc.pool, prepared, env.svc.rules)
-
-            async def patched(pool: Any, mails: Any, rules: Any) -> placement.Prefetched:
-                got = saved.pop(mails[0].env.id, None)
-                if got is None:
-                    return await real(pool, mails, rules)
-                return placement.Prefetched(mails, got.rows, got.seqs, got.clock)
-
-            monkeypatch.setattr(placement, "prefetch", patched)
+            early = _EarlyReads(env, monkeypatch)
             laid: list[bool] = []
             take = placement._Segment.take
 
@@ -329,13 +308,12 @@ async def test_a_carried_conversation_keeps_a_stale_flag_older_than_the_read(
 
             monkeypatch.setattr(placement._Segment, "take", counted)
             on_batch = received_batch(env.svc)
-            await ahead_of(aa)  # A reads ahead while Z is placed
+            await early.make(aa)  # A reads ahead while Z is placed
             await on_batch(za)
             await asyncio.sleep(4)  # past the reopen age now
-            await ahead_of(ba)  # B reads ahead while A is placed: its rows say stale
+            await early.make(ba)  # B reads ahead while A is placed: its rows say stale
             await on_batch(aa)  # laid over Z
             await on_batch(ba)  # laid over A
-            monkeypatch.setattr(placement, "prefetch", real)
             monkeypatch.setattr(placement._Segment, "take", take)
             # Z read under the lock; A laid over Z; B laid over A, its own row: stale
             assert laid == [False, ([False], False), ([True], False)], laid
@@ -363,16 +341,7 @@ async def test_a_batch_that_fails_after_its_write_leaves_nothing_to_lay_over(
     on_batch = received_batch(env.svc)
     await on_batch(_envs(box, warm))
     aa, ba = _envs(box, a_specs), _envs(box, b_specs)
-    real = placement.prefetch
-    prepared = placement.prepare([(e, e.payload_as(MailReceived)) for e, _ in ba])
-    early = await real(env.svc.pool, prepared, env.svc.rules)
-
-    async def patched(pool: Any, mails: Any, rules: Any) -> placement.Prefetched:
-        if mails[0].env.id == ba[0][0].id:
-            return placement.Prefetched(mails, early.rows, early.seqs, early.clock)
-        return await real(pool, mails, rules)
-
-    monkeypatch.setattr(placement, "prefetch", patched)
+    await _EarlyReads(env, monkeypatch).make(ba)  # B reads ahead of A
     stage = stream.outbox.stage_entries
     calls = {"n": 0}
 
@@ -427,13 +396,7 @@ async def test_an_outbound_placement_after_the_read_ahead_is_seen(
             _spec("<r@c.test>", ["<out1@chatflow.test>"], "Thanks"),
             _spec("<x@o.test>", [], "Other"),
         ]
-        if way == "reference":
-            await change()
-            await _reference(env, box, batch)
-        else:
-            ran = _hook_after_prefetch(monkeypatch, change)
-            await received_batch(env.svc)(_envs(box, batch))
-            assert ran
+        await _placed_after(env, monkeypatch, way, box, batch, change)
         conv = await _conversations(env, box)
         return bool(conv["<r@c.test>"][0] == old)
 
