@@ -9,6 +9,7 @@ dead-letter stream with its error, so nothing is dropped in silence.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -166,6 +167,80 @@ class _ReadLoop:
         self._stopping.set()
 
 
+class Turns:
+    """Handler calls run their ordered part in the order of their tickets.
+
+    The threader runs more than one consumer of ``mail.received`` so that one batch's Python
+    work (reading the events, working out each message's keys, subject key and search document,
+    reading ahead) is done while PostgreSQL works on the batch before it. From its first
+    statement to its publish, a batch waits for its turn (``wait``): a process places its mail
+    in stream order, as with one consumer. (Replicas still interleave, as ADR 0001 says; the
+    mailbox lock keeps each placement whole.) ``Ordered`` consumers take the tickets as their
+    reads return, one read at a time.
+    """
+
+    def __init__(self) -> None:
+        self._taken = 0  # the next ticket
+        self._serving = 0  # whose turn it is
+        self._finished: set[int] = set()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def take(self) -> int:
+        ticket, self._taken = self._taken, self._taken + 1
+        return ticket
+
+    async def wait(self, ticket: int) -> None:
+        if ticket <= self._serving:
+            return
+        turn = self._waiting[ticket] = asyncio.get_running_loop().create_future()
+        try:
+            await turn
+        finally:
+            del self._waiting[ticket]
+
+    def finish(self, ticket: int) -> None:
+        """Done or failed (before its turn too); again is nothing (the consumer that took a
+        ticket finishes it after its handler, which may have)."""
+        if ticket < self._serving or ticket in self._finished:
+            return
+        self._finished.add(ticket)
+        while self._serving in self._finished:
+            self._finished.remove(self._serving)
+            self._serving += 1
+        turn = self._waiting.get(self._serving)
+        if turn is not None and not turn.done():
+            turn.set_result(None)
+
+
+@dataclass
+class Ordered:
+    """Shared by a process's consumers of one stream whose handlers need stream order for part
+    of their work: they read one at a time, and each handler call's ticket is taken as its read
+    returns, before the next read (``take_turn`` hands it to the handler).
+
+    The order the handlers started in was not enough: of two consumers blocked on the stream,
+    a burst gives the first the first ``batch`` entries and the other the rest, and the shorter
+    answer is read first; a yield in the parse let a later read overtake too (found by a
+    review, with a test each).
+    """
+
+    turns: Turns = field(default_factory=Turns)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+_TURN: contextvars.ContextVar[int | None] = contextvars.ContextVar("chatflow_turn", default=None)
+
+
+def take_turn(turns: Turns) -> int:
+    """The ticket an ``Ordered`` consumer took for the call being handled (once: a batch's
+    entries handled again one by one after it failed take new ones), else a new one."""
+    ticket = _TURN.get()
+    if ticket is None:
+        return turns.take()
+    _TURN.set(None)
+    return ticket
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -196,6 +271,7 @@ class Consumer(_ReadLoop):
     max_deliveries: int = 5
     start: str = "0"
     batch_handler: BatchHandler | None = None
+    ordered: Ordered | None = None
 
     def __post_init__(self) -> None:
         self._init_loop()
@@ -218,13 +294,25 @@ class Consumer(_ReadLoop):
             self.last_loop_at = time.monotonic()
             new_only = all(c == ">" for c in cursor.values())
             try:
-                resp: Any = await redis.xreadgroup(
-                    self.group,
-                    self.name,
-                    cursor,  # type: ignore[arg-type]
-                    count=self.batch,
-                    block=self.block_ms if new_only else None,
-                )
+                if self.ordered is None:
+                    resp: Any = await redis.xreadgroup(
+                        self.group,
+                        self.name,
+                        cursor,  # type: ignore[arg-type]
+                        count=self.batch,
+                        block=self.block_ms if new_only else None,
+                    )
+                    calls = self._calls(resp, None)
+                else:
+                    async with self.ordered.lock:
+                        resp = await redis.xreadgroup(
+                            self.group,
+                            self.name,
+                            cursor,  # type: ignore[arg-type]
+                            count=self.batch,
+                            block=self.block_ms if new_only else None,
+                        )
+                        calls = self._calls(resp, self.ordered.turns)
             except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
                 log.warning("redis read failed, retrying", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
@@ -237,18 +325,41 @@ class Consumer(_ReadLoop):
                 raise
             last: dict[str, str] = {}
             for stream_b, entries in resp or []:
-                stream = stream_b.decode()
                 if entries:
-                    last[stream] = entries[-1][0].decode()
-                if self.batch_handler is not None and len(entries) > 1:
-                    await self._handle_batch(stream, entries)
-                    continue
-                for entry_id_b, fields in entries:
-                    await self._handle(stream, entry_id_b.decode(), fields)
+                    last[stream_b.decode()] = entries[-1][0].decode()
+            for i, (stream, entries, ticket) in enumerate(calls):
+                token = _TURN.set(ticket)
+                try:
+                    if len(entries) > 1:
+                        await self._handle_batch(stream, entries)
+                    else:
+                        entry_id_b, fields = entries[0]
+                        await self._handle(stream, entry_id_b.decode(), fields)
+                except BaseException:
+                    if self.ordered is not None:  # the later calls' turns must not wait for ever
+                        for _, _, later in calls[i + 1 :]:
+                            self.ordered.turns.finish(later)  # type: ignore[arg-type]
+                    raise
+                finally:
+                    _TURN.reset(token)
+                    if ticket is not None and self.ordered is not None:
+                        self.ordered.turns.finish(ticket)
             for s in self.streams:
                 if cursor[s] != ">":
                     # Page through our own backlog once; failures there wait for the reclaimer.
                     cursor[s] = last.get(s, ">")
+
+    def _calls(self, resp: Any, turns: Turns | None) -> list[tuple[str, list[Any], int | None]]:
+        """The handler calls a read makes, in order: a stream's entries together (a batch
+        handler) or one by one, each with its ticket when ``turns``."""
+        calls: list[tuple[str, list[Any], int | None]] = []
+        for stream_b, entries in resp or []:
+            stream = stream_b.decode()
+            if self.batch_handler is not None and len(entries) > 1:
+                calls.append((stream, entries, turns.take() if turns else None))
+            else:
+                calls += [(stream, [e], turns.take() if turns else None) for e in entries]
+        return calls
 
     async def _handle_batch(self, stream: str, entries: list[Any]) -> None:
         assert self.batch_handler is not None

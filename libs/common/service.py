@@ -21,7 +21,15 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from libs.common import db, gcpause, logs, web
-from libs.common.bus import BatchHandler, BroadcastReader, Bus, Consumer, Handler, connect
+from libs.common.bus import (
+    BatchHandler,
+    BroadcastReader,
+    Bus,
+    Consumer,
+    Handler,
+    Ordered,
+    connect,
+)
 from libs.common.outbox import OutboxRelay
 from libs.common.settings import ServiceSettings
 from libs.common.tokens import TokenVerifier
@@ -68,6 +76,7 @@ class Service:
         group: str | None = None,
         batch_handler: BatchHandler | None = None,
         batch: int = 100,
+        ordered: Ordered | None = None,
     ) -> Consumer:
         s = self.settings
         c = Consumer(
@@ -81,6 +90,7 @@ class Service:
             max_deliveries=s.consumer_max_deliveries,
             batch=batch,
             batch_handler=batch_handler,
+            ordered=ordered,
         )
         self.consumers.append(c)
         return c

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from libs.common.bus import Ordered, Turns
 from libs.common.service import Service
 from services.threader.http import router
 from services.threader.outbound import router as outbound_router
@@ -14,7 +15,6 @@ from services.threader.placement import Carried
 from services.threader.settings import ThreaderSettings
 from services.threader.storage import Rules
 from services.threader.stream import (
-    Turns,
     agents_handler,
     handlers,
     reads_handler,
@@ -45,7 +45,8 @@ class ThreaderService(Service):
             subject_window=timedelta(hours=s.subject_window_hours),  # type: ignore[attr-defined]
             reopen_max_age=timedelta(days=s.reopen_max_age_days),  # type: ignore[attr-defined]
         )
-        self.turns = Turns()
+        ordered = Ordered()  # the consumers of mail.received read one at a time, in turns
+        self.turns = ordered.turns
         on_received, on_status = handlers(self)
         for _ in range(max(1, s.received_consumers)):  # type: ignore[attr-defined]
             self.consumer(
@@ -54,6 +55,7 @@ class ThreaderService(Service):
                 group="threader",
                 batch_handler=received_batch(self),
                 batch=s.received_batch,  # type: ignore[attr-defined]
+                ordered=ordered,
             )
         self.consumer(["mail.status"], on_status, group="threader-status")
         self.consumer(

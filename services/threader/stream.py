@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from libs.common import inbox, outbox, roster
-from libs.common.bus import BatchHandler, Handler
+from libs.common.bus import BatchHandler, Handler, take_turn
 from libs.common.events import (
     ConversationRead,
     Envelope,
@@ -62,47 +62,6 @@ async def _place_received(
     return [] if placed is None else announcements.announcement(env, placed, svc.token_secret)
 
 
-class Turns:
-    """Placements of ``mail.received`` in the order their consumers' reads returned.
-
-    The threader runs more than one consumer of ``mail.received`` (``received_consumers``) so
-    that one batch's Python work (reading the events, working out each message's keys,
-    subject key and search document) is done while PostgreSQL works on the batch before it.
-    From its first statement to its publish, a batch waits for its turn: a process places its
-    mail in stream order, as with one consumer. (Replicas still interleave, as ADR 0001 says;
-    the mailbox lock keeps each placement whole.)
-    """
-
-    def __init__(self) -> None:
-        self._taken = 0  # the next ticket
-        self._serving = 0  # whose turn it is
-        self._finished: set[int] = set()
-        self._waiting: dict[int, asyncio.Future[None]] = {}
-
-    def take(self) -> int:
-        ticket, self._taken = self._taken, self._taken + 1
-        return ticket
-
-    async def wait(self, ticket: int) -> None:
-        if ticket == self._serving:
-            return
-        turn = self._waiting[ticket] = asyncio.get_running_loop().create_future()
-        try:
-            await turn
-        finally:
-            del self._waiting[ticket]
-
-    def finish(self, ticket: int) -> None:
-        """Once per ticket, done or failed (before its turn too)."""
-        self._finished.add(ticket)
-        while self._serving in self._finished:
-            self._finished.remove(self._serving)
-            self._serving += 1
-        turn = self._waiting.get(self._serving)
-        if turn is not None and not turn.done():
-            turn.set_result(None)
-
-
 async def _receive(svc: ThreaderService, envs: list[Envelope]) -> None:
     """``mail.received`` events in stream order placed in one transaction (one commit): their
     ids recorded, their mailboxes locked and their events staged in one statement each, the
@@ -111,7 +70,7 @@ async def _receive(svc: ThreaderService, envs: list[Envelope]) -> None:
     A batch of several reads ahead of its turn (``placement.prefetch``), on another connection,
     while the batch before it is written: under the lock, the placement counts tell whether that
     read stands, with the effects of the batch before laid over it (``svc.carried``)."""
-    ticket = svc.turns.take()  # before any await: the order the reads returned
+    ticket = take_turn(svc.turns)  # the read's, in stream order (before any await)
     carried: placement.Carried | None = None
     try:
         items = [(env, env.payload_as(MailReceived)) for env in envs]

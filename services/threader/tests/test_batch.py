@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from libs.common import outbox
+from libs.common.bus import Turns
 from libs.common.events import Envelope, MailReceived
 from services.threader import placement, storage
-from services.threader.stream import Turns, _place_received, received_batch
+from services.threader.stream import _place_received, received_batch
 from services.threader.tests import test_placement as tp
 from services.threader.tests.test_conversations import Env
 
