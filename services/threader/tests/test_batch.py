@@ -63,6 +63,12 @@ async def _batched(
         )
         i += size
     slots = asyncio.Semaphore(depth)
+    if depth > 1:
+        # Connections open in the pool, as in a running service: a batch's read ahead waiting
+        # for a new one came after the batch before it was stored (never laid over).
+        held = [await env.svc.pool.acquire() for _ in range(depth + 1)]
+        for conn in held:
+            await env.svc.pool.release(conn)
 
     async def one(chunk: list[tuple[Envelope, str]]) -> None:
         async with slots:  # taken in creation order: the batches' tickets are in stream order
