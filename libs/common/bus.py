@@ -9,6 +9,7 @@ dead-letter stream with its error, so nothing is dropped in silence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -294,7 +295,7 @@ class Consumer(_ReadLoop):
             self.last_loop_at = time.monotonic()
             new_only = all(c == ">" for c in cursor.values())
             try:
-                if self.ordered is None:
+                async with self.ordered.lock if self.ordered else contextlib.nullcontext():
                     resp: Any = await redis.xreadgroup(
                         self.group,
                         self.name,
@@ -302,17 +303,7 @@ class Consumer(_ReadLoop):
                         count=self.batch,
                         block=self.block_ms if new_only else None,
                     )
-                    calls = self._calls(resp, None)
-                else:
-                    async with self.ordered.lock:
-                        resp = await redis.xreadgroup(
-                            self.group,
-                            self.name,
-                            cursor,  # type: ignore[arg-type]
-                            count=self.batch,
-                            block=self.block_ms if new_only else None,
-                        )
-                        calls = self._calls(resp, self.ordered.turns)
+                    calls = self._calls(resp, self.ordered.turns if self.ordered else None)
             except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
                 log.warning("redis read failed, retrying", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
@@ -336,9 +327,9 @@ class Consumer(_ReadLoop):
                         entry_id_b, fields = entries[0]
                         await self._handle(stream, entry_id_b.decode(), fields)
                 except BaseException:
-                    if self.ordered is not None:  # the later calls' turns must not wait for ever
-                        for _, _, later in calls[i + 1 :]:
-                            self.ordered.turns.finish(later)  # type: ignore[arg-type]
+                    for _, _, later in calls[i + 1 :]:  # their turns must not wait for ever
+                        if later is not None and self.ordered is not None:
+                            self.ordered.turns.finish(later)
                     raise
                 finally:
                     _TURN.reset(token)

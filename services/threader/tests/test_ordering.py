@@ -5,8 +5,10 @@ replicas placing one mailbox at once, and a REST change beside a merging placeme
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -48,6 +50,33 @@ async def _added_order(env: Env, box: str) -> list[str]:
     return [r["mid"] for r in rows]
 
 
+@contextlib.asynccontextmanager
+async def _replica(env: Env) -> AsyncIterator[ThreaderService]:
+    """A second threader on the same database and streams, both with the same rules."""
+    other = ThreaderService(env.svc.settings)
+    await other.connect()
+    await other.on_start()
+    env.svc.rules = other.rules = storage.Rules(reopen_max_age=timedelta(days=30))
+    try:
+        yield other
+    finally:
+        await other.pool.close()
+        await other.redis.aclose()
+
+
+def _sizes(specs: list[dict[str, Any]], rng: random.Random) -> list[list[dict[str, Any]]]:
+    """The specs in batches of 2 to 13 (a last one of 1 joins the one before: it would go the
+    per-message way)."""
+    chunks, i = [], 0
+    while i < len(specs):
+        size = rng.choice([2, 3, 5, 8, 13])
+        chunks.append(specs[i : i + size])
+        i += size
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    return chunks
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("early", [1, 2])
 async def test_two_replicas_interleaving_batches_of_one_mailbox(
@@ -56,26 +85,15 @@ async def test_two_replicas_interleaving_batches_of_one_mailbox(
     """Two ThreaderService instances on one database take turns at one mailbox's batches; each
     batch's read ahead is made ``early`` batches before its turn. Same as one at a time in
     the order the batches were placed."""
-    other = ThreaderService(env.svc.settings)
-    await other.connect()
-    await other.on_start()
-    try:
-        rules = storage.Rules(reopen_max_age=timedelta(days=30))
-        env.svc.rules = other.rules = rules
+    async with _replica(env) as other:
         rng = random.Random(f"replicas-{seed}")
         specs = _scenario(rng, 120)
         ref, box = f"mb-ref-{uuid.uuid4().hex[:8]}", f"mb-bat-{uuid.uuid4().hex[:8]}"
         await _reference(env, ref, specs)
-        chunks, i = [], 0
-        while i < len(specs):
-            size = rng.choice([2, 3, 5, 8, 13])
-            chunks.append(
-                [
-                    (Envelope.of(_mail(box, s), producer="ingest"), "0-1")
-                    for s in specs[i : i + size]
-                ]
-            )
-            i += size
+        chunks = [
+            [(Envelope.of(_mail(box, s), producer="ingest"), "0-1") for s in c]
+            for c in _sizes(specs, rng)
+        ]
         owners = [rng.choice([env.svc, other]) for _ in chunks]
         handlers = {id(env.svc): received_batch(env.svc), id(other): received_batch(other)}
         reads = _EarlyReads(env, monkeypatch)
@@ -86,9 +104,6 @@ async def test_two_replicas_interleaving_batches_of_one_mailbox(
                 await reads.make(chunks[n + early])
             await handlers[id(owners[n])](chunk)
         _compare(await _snapshot(env, box), await _snapshot(env, ref))
-    finally:
-        await other.pool.close()
-        await other.redis.aclose()
 
 
 async def _two_convs(env: Env, box: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -161,22 +176,11 @@ async def test_two_replicas_placing_one_mailbox_concurrently(
     """Two ThreaderService instances, each with its batches in flight at once (reads ahead
     really concurrent with the other batches): the same as one message at a time in the order
     the batches took the lock."""
-    other = ThreaderService(env.svc.settings)
-    await other.connect()
-    await other.on_start()
-    try:
-        rules = storage.Rules(reopen_max_age=timedelta(days=30))
-        env.svc.rules = other.rules = rules
+    async with _replica(env) as other:
         rng = random.Random(f"conc-{seed}")
         specs = _scenario(rng, 150)
         box = f"mb-bat-{uuid.uuid4().hex[:8]}"
-        chunks, i = [], 0
-        while i < len(specs):
-            size = rng.choice([2, 3, 5, 8, 13])
-            chunks.append(specs[i : i + size])
-            i += size
-        if len(chunks[-1]) == 1:  # a batch of one goes the per-message way: not recorded
-            chunks[-2:] = [chunks[-2] + chunks[-1]]
+        chunks = _sizes(specs, rng)
         envs = [[(Envelope.of(_mail(box, s), producer="ingest"), "0-1") for s in c] for c in chunks]
         first_id = {e[0][0].id: n for n, e in enumerate(envs)}
         order: list[int] = []
@@ -208,9 +212,6 @@ async def test_two_replicas_placing_one_mailbox_concurrently(
         ref = f"mb-ref-{uuid.uuid4().hex[:8]}"
         await _reference(env, ref, [s for n in order for s in chunks[n]])
         _compare(await _snapshot(env, box), await _snapshot(env, ref))
-    finally:
-        await other.pool.close()
-        await other.redis.aclose()
 
 
 @pytest.mark.parametrize(("batch", "parse_slice"), [(200, 16), (100, 10**9)])
