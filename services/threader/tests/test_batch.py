@@ -414,19 +414,26 @@ def _batch(box: str, *specs: dict[str, Any]) -> list[tuple[Envelope, str]]:
     return [(Envelope.of(_mail(box, s), producer="ingest"), "0-1") for s in specs]
 
 
-async def _closed_long_ago(env: Env, box: str) -> uuid.UUID:
-    """<m1> and its reply <m2> in one conversation, then closed and quiet for 40 days."""
-    await received_batch(env.svc)(
-        _batch(
-            box,
+async def _two_messages(env: Env, box: str) -> uuid.UUID:
+    """<m1> and its reply <m2> in one conversation (one message at a time)."""
+    await _reference(
+        env,
+        box,
+        [
             _spec("<m1@c.test>", [], "Printer"),
             _spec("<m2@c.test>", ["<m1@c.test>"], "Re: Printer"),
-        )
+        ],
     )
-    old: uuid.UUID = await env.svc.pool.fetchval(
+    cid: uuid.UUID = await env.svc.pool.fetchval(
         "SELECT id_conversa FROM messages WHERE mailbox_id = $1 AND message_id = '<m1@c.test>'",
         box,
     )
+    return cid
+
+
+async def _closed_long_ago(env: Env, box: str) -> uuid.UUID:
+    """``_two_messages``, then closed and quiet for 40 days."""
+    old = await _two_messages(env, box)
     await env.svc.pool.execute(
         "UPDATE conversations SET status = 'closed', last_message_at = now() - interval '40 days'"
         " WHERE id_conversa = $1",

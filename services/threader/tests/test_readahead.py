@@ -26,6 +26,7 @@ from services.threader.tests.test_batch import (
     _scenario,
     _snapshot,
     _spec,
+    _two_messages,
 )
 from services.threader.tests.test_conversations import Env
 
@@ -69,23 +70,6 @@ async def _placed_after(
     ran = _hook_after_prefetch(monkeypatch, change)
     await received_batch(env.svc)(_envs(box, batch))
     assert ran
-
-
-async def _two_messages(env: Env, box: str) -> uuid.UUID:
-    """<m1> and its reply <m2> in one conversation (one message at a time)."""
-    await _reference(
-        env,
-        box,
-        [
-            _spec("<m1@c.test>", [], "Printer"),
-            _spec("<m2@c.test>", ["<m1@c.test>"], "Re: Printer"),
-        ],
-    )
-    cid: uuid.UUID = await env.svc.pool.fetchval(
-        "SELECT id_conversa FROM messages WHERE mailbox_id = $1 AND message_id = '<m1@c.test>'",
-        box,
-    )
-    return cid
 
 
 async def _rest_status(env: Env, cid: uuid.UUID, status: str) -> None:
